@@ -1,0 +1,51 @@
+"""The `edgeweave` command: one Typer app composed from the node's and the coordinator's commands.
+
+It lives above `node` and `coordinator` so that neither has to import the other.
+Each area registers its commands from its own module (`register(app)`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+
+app = typer.Typer(
+    name="edgeweave",
+    help="Run one model across several small devices on a LAN.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
+) -> None:
+    level = logging.DEBUG if verbose else getattr(logging, os.environ.get("EDGEWEAVE_LOG", "INFO").upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _register_all() -> None:
+    from edgeweave.coordinator import cli_cluster
+    from edgeweave.node import cli as node_cli
+
+    node_cli.register(app)
+    cli_cluster.register(app)
+    for module in ("cli_llm", "cli_split", "cli_serve", "cli_security", "cli_demo"):
+        try:
+            mod = __import__(f"edgeweave.coordinator.{module}", fromlist=["register"])
+        except ModuleNotFoundError as exc:  # an area not built yet in this checkout
+            if exc.name != f"edgeweave.coordinator.{module}":
+                raise
+            continue
+        mod.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    app()

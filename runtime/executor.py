@@ -1,0 +1,80 @@
+"""What a node runs for a job: the executor interface and the registry of built-in kinds.
+
+A node never runs code it was sent; it picks one of these classes by name and feeds it
+shard files (safetensors / ONNX) and tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from edgeweave.runtime.codec import Quantized
+
+TensorLike = torch.Tensor | Quantized
+
+
+class ExecutorInputError(ValueError):
+    """The request is wrong (bad op, layer, shape, session): the node answers INVALID_ARGUMENT."""
+
+
+class ExecutorStateError(RuntimeError):
+    """The request is valid but not now (e.g. out of order): the node answers FAILED_PRECONDITION."""
+
+
+class Executor:
+    """Base class of node-side executors. Subclasses set `kind` and implement `forward`."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, config: dict[str, Any], shards: dict[str, Path], memory_budget: int) -> None:
+        self.config = config
+        self.shards = shards
+        self.memory_budget = memory_budget
+
+    def details(self) -> dict[str, Any]:
+        """What the executor decided at load time (reported in LoadReply)."""
+        return {}
+
+    def forward(
+        self, op: str, layer: int, position: int, session: str, tensors: list[TensorLike]
+    ) -> list[TensorLike]:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for JobStats/Unload (peak RSS, bytes read, stall time, ...)."""
+        return {}
+
+    def close(self) -> None:
+        """Release memory and files; called on Unload and node shutdown."""
+
+
+class EchoExecutor(Executor):
+    """Returns what it receives: lets the demo and tests round-trip tensors through any node."""
+
+    kind = "echo"
+
+    def forward(self, op, layer, position, session, tensors):
+        if op != "echo":
+            raise ExecutorInputError(f"the echo executor only knows op 'echo', not {op!r}")
+        return list(tensors)
+
+
+#: kind -> "module:Class"; imported lazily so a node only loads what its jobs use.
+EXECUTOR_KINDS: dict[str, str] = {
+    "echo": "edgeweave.runtime.executor:EchoExecutor",
+    "tp_llm": "edgeweave.runtime.tp_executor:TensorParallelExecutor",
+    "onnx": "edgeweave.runtime.onnx_executor:OnnxExecutor",
+}
+
+
+def executor_class(kind: str) -> type[Executor]:
+    """The executor class for a job kind; ExecutorInputError for an unknown kind."""
+    target = EXECUTOR_KINDS.get(kind)
+    if target is None:
+        raise ExecutorInputError(f"unknown job kind {kind!r}; this node runs {', '.join(sorted(EXECUTOR_KINDS))}")
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
