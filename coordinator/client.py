@@ -1,0 +1,267 @@
+"""Talking to one node: a long-lived gRPC channel, deadline-bound unary calls, shard upload,
+and the pipelined Forward stream that carries 2 x layers round trips per token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from edgeweave.proto import pb, pb_grpc
+from edgeweave.runtime.codec import Quantized, decode, decode_quantized, encode
+from edgeweave.runtime.shard_files import CHUNK_BYTES, check_shard_name, sha256_file
+
+MAX_MESSAGE_BYTES = 1 << 30
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),  # notice a vanished node on an idle stream
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+Progress = Callable[[int, int], None]  # (bytes sent, total bytes)
+
+
+class NodeError(RuntimeError):
+    """A node refused or failed a call; `.code` is the gRPC status, the text says what happened."""
+
+    def __init__(self, address: str, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"node {address}: {code.name}: {message}")
+        self.address = address
+        self.code = code
+        self.message = message
+
+
+def make_channel(
+    address: str, credentials: grpc.ChannelCredentials | None = None, extra_options: tuple = ()
+) -> grpc.Channel:
+    """The one place channels to nodes are created (TLS plugs in through `credentials`)."""
+    options = CHANNEL_OPTIONS + list(extra_options)
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=options)
+    return grpc.insecure_channel(address, options=options)
+
+
+def _error(address: str, exc: grpc.RpcError) -> NodeError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        details = f"{details} (is the node running and reachable?)"
+    return NodeError(address, code, details or "no details")
+
+
+class NodeClient:
+    def __init__(
+        self, address: str, *, timeout: float = 10.0, credentials: grpc.ChannelCredentials | None = None,
+        extra_options: tuple = (),
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = make_channel(address, credentials, extra_options)
+        self.stub = pb_grpc.NodeStub(self.channel)
+
+    def _call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(self.address, exc) from None
+
+    # -- resources ---------------------------------------------------------------------------
+    def info(self) -> pb.InfoReply:
+        return self._call(self.stub.Info, pb.InfoRequest())
+
+    def health(self) -> pb.HealthReply:
+        return self._call(self.stub.Health, pb.HealthRequest())
+
+    def profile(self, matmul_size: int = 0, budget_s: float = 0.0) -> pb.ProfileReply:
+        return self._call(self.stub.Profile, pb.ProfileRequest(matmul_size=matmul_size, budget_s=budget_s),
+                          timeout=self.timeout + 2 * (budget_s or 1.0))
+
+    def echo(self, data: bytes) -> bytes:
+        return self._call(self.stub.Echo, pb.EchoMessage(data=data)).data
+
+    # -- shards ------------------------------------------------------------------------------
+    def has_shards(self, digests: list[str]) -> set[str]:
+        return set(self._call(self.stub.HasShards, pb.HasShardsRequest(sha256=list(digests))).present)
+
+    def put_shard(
+        self, path: str | Path, name: str, sha256: str | None = None, progress: Progress | None = None
+    ) -> pb.PutShardReply:
+        """Upload one file in 1 MiB chunks straight from disk; skipped if the node already holds it."""
+        path = Path(path)
+        check_shard_name(name)
+        sha256 = sha256 or sha256_file(path)
+        size = path.stat().st_size
+        if sha256 in self.has_shards([sha256]):
+            if progress:
+                progress(size, size)
+            return pb.PutShardReply(sha256=sha256, size=size, already_present=True)
+
+        def chunks() -> Iterator[pb.ShardChunk]:
+            with open(path, "rb") as f:
+                offset = 0
+                while True:
+                    data = f.read(CHUNK_BYTES)
+                    if offset == 0:
+                        yield pb.ShardChunk(name=name, sha256=sha256, size=size, offset=0, data=data)
+                    elif data:
+                        yield pb.ShardChunk(offset=offset, data=data)
+                    offset += len(data)
+                    if progress:
+                        progress(offset, size)
+                    if not data or offset >= size:
+                        return
+
+        # generous deadline: at least 2 MB/s on top of the usual call budget
+        return self._call(self.stub.PutShard, chunks(), timeout=self.timeout + size / 2e6)
+
+    def ensure_shards(self, files: dict[str, str | Path], progress: Progress | None = None) -> dict[str, str]:
+        """Make the node hold every file (name -> path); sends only what it lacks. Returns name -> sha256."""
+        digests = {name: sha256_file(path) for name, path in files.items()}
+        present = self.has_shards(list(digests.values()))
+        for name, path in files.items():
+            if digests[name] not in present:
+                self.put_shard(path, name, digests[name], progress)
+                present.add(digests[name])
+        return digests
+
+    # -- jobs --------------------------------------------------------------------------------
+    def load(
+        self, job_id: str, kind: str, config: dict[str, Any], shards: dict[str, str], memory_budget: int = 0,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        request = pb.LoadRequest(
+            job_id=job_id, kind=kind, config_json=json.dumps(config), memory_budget=memory_budget,
+            shards=[pb.ShardRef(name=n, sha256=d) for n, d in shards.items()],
+        )
+        return json.loads(self._call(self.stub.Load, request, timeout=timeout or max(self.timeout, 60.0)).details_json or "{}")
+
+    def unload(self, job_id: str) -> dict[str, Any]:
+        return json.loads(self._call(self.stub.Unload, pb.UnloadRequest(job_id=job_id)).stats_json or "{}")
+
+    def job_stats(self, job_id: str) -> dict[str, Any]:
+        return json.loads(self._call(self.stub.JobStats, pb.JobStatsRequest(job_id=job_id)).stats_json or "{}")
+
+    # -- streams -----------------------------------------------------------------------------
+    def open_stream(self, reply_timeout: float | None = None) -> ForwardStream:
+        return ForwardStream(self, reply_timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> NodeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_CLOSE = object()
+
+
+class ForwardStream:
+    """One long-lived Forward stream. `send` queues without waiting (pipelining); `recv` returns
+    replies in order. No thread is created per message: gRPC pulls requests from a queue, and
+    replies are read in the caller's thread."""
+
+    def __init__(self, client: NodeClient, reply_timeout: float | None = None) -> None:
+        self.address = client.address
+        self.reply_timeout = reply_timeout
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._seq = itertools.count(1)
+        self._expected: list[int] = []
+        self._call = client.stub.Forward(self._request_iter())
+        self._replies = iter(self._call)
+        self._deadline: float | None = None
+        self._timed_out = False
+        self._watchdog: threading.Thread | None = None
+        self._closed = False
+
+    def _request_iter(self) -> Iterator[pb.ForwardRequest]:
+        get = self._requests.get
+        while (item := get()) is not _CLOSE:
+            yield item
+
+    def send(
+        self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int = 0, position: int = 0,
+        session: str = "",
+    ) -> int:
+        """Queue one request; returns its sequence number."""
+        if self._closed:
+            raise NodeError(self.address, grpc.StatusCode.CANCELLED, "this Forward stream is closed")
+        seq = next(self._seq)
+        self._requests.put(pb.ForwardRequest(
+            job_id=job_id, seq=seq, op=op, layer=layer, position=position, session=session,
+            tensors=[pb.Tensor(**encode(t)) for t in tensors],
+        ))
+        self._expected.append(seq)
+        return seq
+
+    def recv(self, timeout: float | None = None, raw: bool = False) -> tuple[list[torch.Tensor | Quantized], pb.ForwardReply]:
+        """The next reply, decoded (quantized tensors dequantized unless raw=True)."""
+        timeout = timeout if timeout is not None else self.reply_timeout
+        if timeout is not None:
+            self._arm(timeout)
+        try:
+            reply = next(self._replies)
+        except StopIteration:
+            raise NodeError(self.address, grpc.StatusCode.UNAVAILABLE, "the node closed the Forward stream") from None
+        except grpc.RpcError as exc:
+            self._closed = True
+            if self._timed_out:
+                raise NodeError(self.address, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no Forward reply within {timeout} s; the stream was cancelled") from None
+            raise _error(self.address, exc) from None
+        finally:
+            self._deadline = None
+        expected = self._expected.pop(0) if self._expected else None
+        if reply.seq != expected:
+            raise NodeError(self.address, grpc.StatusCode.INTERNAL, f"reply seq {reply.seq} but expected {expected}")
+        if raw:
+            tensors = [decode_quantized(t) if t.quantized else decode(t) for t in reply.tensors]
+        else:
+            tensors = [decode(t) for t in reply.tensors]
+        return tensors, reply
+
+    def call(self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int = 0,
+             position: int = 0, session: str = "", timeout: float | None = None,
+             raw: bool = False) -> tuple[list[torch.Tensor | Quantized], pb.ForwardReply]:
+        self.send(job_id, op, tensors, layer, position, session)
+        return self.recv(timeout, raw)
+
+    def _arm(self, timeout: float) -> None:
+        """Set a reply deadline, watched by one lazily started thread (cancels the stream when missed)."""
+        self._deadline = time.monotonic() + timeout
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch, name=f"forward-watchdog-{self.address}", daemon=True)
+            self._watchdog.start()
+
+    def _watch(self) -> None:
+        while not self._closed:
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self._timed_out = True
+                self._call.cancel()
+                return
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._requests.put(_CLOSE)
+        self._call.cancel()
+
+    def __enter__(self) -> ForwardStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,44 @@
+"""`edgeweave node`: run a node daemon on this device."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import typer
+
+from edgeweave.config import load_settings, pick
+from edgeweave.node.daemon import NodeOptions, serve
+from edgeweave.runtime.resources import parse_memory_budget
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("node")
+    def node(
+        name: str = typer.Option(None, help="Node name shown in discovery (default: host name)."),
+        host: str = typer.Option(None, help="Address to bind the gRPC server to (default 0.0.0.0)."),
+        port: int = typer.Option(None, help="gRPC port (default 50551; 0 picks a free one)."),
+        data_dir: Path = typer.Option(None, help="Shard store and node id (default ~/.local/share/edgeweave/NAME)."),
+        interface: str = typer.Option(None, help="IPv4 address to announce on with mDNS (default: --host, else all)."),
+        memory_budget: str = typer.Option(None, help="Memory for weights: 2GiB, 512MB, 0.5 (of free RAM), bytes; 0 = unlimited."),
+        no_advertise: bool = typer.Option(False, "--no-advertise", help="Do not announce with mDNS (static --peer setups)."),
+        ready_file: Path = typer.Option(None, help="Write {address, port, pid, name} as JSON here once serving."),
+    ) -> None:
+        """Serve this device's compute to a coordinator until Ctrl-C / SIGTERM."""
+        cfg = load_settings().node
+        name = pick(name, cfg.name) or socket.gethostname().split(".")[0]
+        try:
+            budget = parse_memory_budget(pick(memory_budget, cfg.memory_budget))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
+        default_dir = Path.home() / ".local" / "share" / "edgeweave" / name
+        serve(NodeOptions(
+            name=name,
+            host=pick(host, cfg.host),
+            port=pick(port, cfg.port),
+            data_dir=Path(pick(data_dir, cfg.data_dir) or default_dir).expanduser(),
+            interface=pick(interface, cfg.interface) or None,
+            memory_budget=budget,
+            advertise=not no_advertise and cfg.advertise,
+            ready_file=ready_file,
+        ))

@@ -1,0 +1,74 @@
+"""Runs one node: gRPC server + optional mDNS advertiser, until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+import edgeweave
+from edgeweave.node.advertiser import Advertiser, choose_interfaces
+from edgeweave.node.server import NodeServicer, build_server
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeOptions:
+    name: str
+    host: str = "0.0.0.0"
+    port: int = 50551
+    data_dir: Path = Path(".")
+    interface: str | None = None
+    memory_budget: int = 0
+    advertise: bool = True
+    ready_file: Path | None = None
+    credentials: grpc.ServerCredentials | None = None
+
+
+def write_ready_file(path: Path, info: dict) -> None:
+    """Atomically publish the bound address, so a launcher never reads half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, path)
+
+
+def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
+    """Serve until `stop` is set or a SIGINT/SIGTERM arrives; then withdraw, drain and close."""
+    stop = stop or threading.Event()
+    servicer = NodeServicer(opts.name, opts.data_dir, opts.memory_budget, secure=opts.credentials is not None)
+    server, port = build_server(servicer, opts.host, opts.port, opts.credentials)
+    server.start()
+    interfaces = choose_interfaces(opts.host, opts.interface)
+    advertiser = None
+    if opts.advertise:
+        r = servicer.resources()
+        advertiser = Advertiser(opts.name, port, interfaces, {
+            "name": opts.name, "node_id": servicer.node_id, "version": edgeweave.__version__,
+            "mem_total": str(r.total_memory), "mem_avail": str(r.available_memory), "cores": str(r.cpu_count),
+            "arch": r.arch, "accel": ",".join(r.accelerators), "backends": ",".join(r.backends),
+            "budget": str(opts.memory_budget), "secure": "1" if servicer.secure else "0",
+        })
+        advertiser.start()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    address = f"{interfaces[0]}:{port}"
+    if opts.ready_file:
+        write_ready_file(Path(opts.ready_file), {"address": address, "port": port, "pid": os.getpid(), "name": opts.name})
+    log.info("node %s serving on %s:%d", opts.name, opts.host, port)
+    try:
+        stop.wait()
+    finally:
+        log.info("node %s stopping", opts.name)
+        if advertiser:
+            advertiser.close()
+        server.stop(grace=2.0).wait()
+        servicer.close()

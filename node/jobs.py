@@ -1,0 +1,129 @@
+"""The jobs a node runs: executor instances keyed by job_id, with their lifecycle and counters."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeweave.node.shard_store import ShardStore
+from edgeweave.runtime.executor import Executor, ExecutorInputError, executor_class
+
+log = logging.getLogger(__name__)
+
+
+class JobNotFound(KeyError):
+    """No job with this id is loaded; the node answers NOT_FOUND."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class MissingShard(RuntimeError):
+    """A job names a shard this node does not hold; the node answers FAILED_PRECONDITION."""
+
+
+@dataclass
+class Job:
+    job_id: str
+    kind: str
+    config: dict[str, Any]
+    shards: dict[str, str]  # logical name -> sha256
+    executor: Executor
+    shard_bytes: int
+    loaded_at: float = field(default_factory=time.time)
+    #: serializes calls into one executor: executors keep per-session state (KV caches)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    requests: int = 0
+    compute_s: float = 0.0
+    stall_s: float = 0.0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "kind": self.kind,
+            "requests": self.requests,
+            "compute_s": self.compute_s,
+            "stall_s": self.stall_s,
+            "shard_bytes": self.shard_bytes,
+            "uptime_s": time.time() - self.loaded_at,
+            **self.executor.stats(),
+        }
+
+
+class JobTable:
+    def __init__(self, store: ShardStore, default_memory_budget: int = 0) -> None:
+        self.store = store
+        self.default_memory_budget = default_memory_budget
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def ids(self) -> list[str]:
+        return sorted(self._jobs)
+
+    def get(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r} is loaded on this node; call Load first")
+        return job
+
+    def load(
+        self, job_id: str, kind: str, config_json: str, shards: dict[str, str], memory_budget: int = 0
+    ) -> tuple[Job, bool]:
+        """Start a job (or return the identical one already running). Returns (job, reused)."""
+        if not job_id:
+            raise ExecutorInputError("Load needs a non-empty job_id")
+        try:
+            config = json.loads(config_json) if config_json else {}
+        except json.JSONDecodeError as exc:
+            raise ExecutorInputError(f"config_json of job {job_id!r} is not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise ExecutorInputError(f"config_json of job {job_id!r} must be a JSON object")
+        cls = executor_class(kind)
+        with self._lock:
+            existing = self._jobs.get(job_id)
+            if existing and (existing.kind, existing.config, existing.shards) == (kind, config, shards):
+                return existing, True
+            paths = {}
+            for name, digest in shards.items():
+                if not self.store.has(digest):
+                    raise MissingShard(
+                        f"job {job_id!r} needs shard {name} (sha256 {digest}) which this node does not hold; "
+                        "upload it with PutShard first"
+                    )
+                paths[name] = self.store.path(digest)
+            if existing:
+                self._close(existing, "replaced")
+            start = time.perf_counter()
+            budget = memory_budget or self.default_memory_budget
+            try:
+                executor = cls(config=config, shards=paths, memory_budget=budget)
+            except Exception:
+                log.exception("job %s (%s) failed to load", job_id, kind)
+                raise
+            size = sum(p.stat().st_size for p in paths.values())
+            job = Job(job_id, kind, config, dict(shards), executor, size)
+            self._jobs[job_id] = job
+        log.info("job %s loaded: kind %s, %d shards, %.1f MB, %.3f s", job_id, kind, len(paths), size / 1e6,
+                 time.perf_counter() - start)
+        return job, False
+
+    def _close(self, job: Job, why: str) -> dict[str, Any]:
+        self._jobs.pop(job.job_id, None)
+        stats = job.stats()
+        with job.lock:
+            job.executor.close()
+        log.info("job %s %s after %d requests, %.3f s compute", job.job_id, why, job.requests, job.compute_s)
+        return stats
+
+    def unload(self, job_id: str) -> dict[str, Any]:
+        with self._lock:
+            return self._close(self.get(job_id), "unloaded")
+
+    def close_all(self) -> None:
+        with self._lock:
+            for job in list(self._jobs.values()):
+                self._close(job, "closed at shutdown")

@@ -1,0 +1,209 @@
+"""The node's gRPC service: resources, shard store, job lifecycle and the Forward hot path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import psutil
+
+import edgeweave
+from edgeweave.node.jobs import JobNotFound, JobTable, MissingShard
+from edgeweave.node.shard_store import ShardCorrupt, ShardRejected, ShardStore
+from edgeweave.proto import pb, pb_grpc
+from edgeweave.runtime import resources
+from edgeweave.runtime.codec import TensorDecodeError, decode, decode_quantized, encode
+from edgeweave.runtime.executor import ExecutorInputError, ExecutorStateError
+
+log = logging.getLogger(__name__)
+
+#: gRPC's 4 MiB default is far below one layer's weights or a long prompt's activations.
+MAX_MESSAGE_BYTES = 1 << 30
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),  # a second node on the same port must fail, not share it
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+]
+
+
+def _status_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status a request error maps to (INTERNAL for anything unexpected)."""
+    if isinstance(exc, (TensorDecodeError, ExecutorInputError, ShardRejected)):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, (ExecutorStateError, MissingShard)):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, JobNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, ShardCorrupt):
+        return grpc.StatusCode.DATA_LOSS
+    return grpc.StatusCode.INTERNAL
+
+
+def _abort(context: grpc.ServicerContext, rpc: str, exc: BaseException) -> None:
+    code = _status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed unexpectedly", rpc)
+        message = f"{rpc} failed on the node: {type(exc).__name__}: {exc}"
+    else:
+        log.info("%s refused (%s): %s", rpc, code.name, exc)
+        message = str(exc)
+    context.abort(code, message)
+
+
+def _node_id(data_dir: Path) -> str:
+    """A stable id per data dir, so a restarted node is recognised as the same one."""
+    path = data_dir / "node_id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        node_id = uuid.uuid4().hex
+        path.write_text(node_id)
+        return node_id
+
+
+class NodeServicer(pb_grpc.NodeServicer):
+    def __init__(
+        self,
+        name: str,
+        data_dir: Path,
+        memory_budget: int = 0,
+        max_shard_bytes: int | None = None,
+        secure: bool = False,
+    ) -> None:
+        self.name = name
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.node_id = _node_id(self.data_dir)
+        self.memory_budget = memory_budget
+        self.secure = secure
+        self.store = ShardStore(self.data_dir, **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}))
+        self.jobs = JobTable(self.store, memory_budget)
+        self.started = time.time()
+        self._static = resources.snapshot(self.data_dir, memory_budget)  # accelerators/backends probed once
+        self._process = psutil.Process(os.getpid())
+
+    def resources(self) -> resources.ResourceSnapshot:
+        return resources.snapshot(self.data_dir, self.memory_budget, static=self._static)
+
+    # -- resources ---------------------------------------------------------------------------
+    def Info(self, request, context):
+        r = self.resources()
+        return pb.InfoReply(
+            name=self.name, node_id=self.node_id, version=edgeweave.__version__,
+            resources=pb.Resources(**vars(r)), uptime_s=time.time() - self.started,
+            jobs=self.jobs.ids(), secure=self.secure,
+        )
+
+    def Health(self, request, context):
+        r = self.resources()
+        return pb.HealthReply(
+            status="SERVING", cpu_load=r.cpu_load, available_memory=r.available_memory,
+            rss=self._process.memory_info().rss, jobs=self.jobs.ids(),
+        )
+
+    def Profile(self, request, context):
+        budget = min(request.budget_s, 30.0) if request.budget_s > 0 else 0.0
+        size = min(request.matmul_size, 8192)
+        p = resources.profile(self.data_dir, size, budget)
+        return pb.ProfileReply(**vars(p))
+
+    # -- shards ------------------------------------------------------------------------------
+    def HasShards(self, request, context):
+        return pb.HasShardsReply(present=self.store.present(list(request.sha256)))
+
+    def PutShard(self, request_iterator, context):
+        start = time.perf_counter()
+        try:
+            sha256, size, already = self.store.receive(request_iterator)
+        except (ShardRejected, ShardCorrupt) as exc:
+            _abort(context, "PutShard", exc)
+        log.info("shard %s %s (%.1f MB, %.2f s)", sha256[:12], "already present" if already else "stored",
+                 size / 1e6, time.perf_counter() - start)
+        return pb.PutShardReply(sha256=sha256, size=size, already_present=already)
+
+    # -- jobs --------------------------------------------------------------------------------
+    def Load(self, request, context):
+        shards = {ref.name: ref.sha256 for ref in request.shards}
+        try:
+            job, _ = self.jobs.load(request.job_id, request.kind, request.config_json, shards, request.memory_budget)
+            details = job.executor.details()
+        except Exception as exc:
+            _abort(context, f"Load of job {request.job_id!r}", exc)
+        return pb.LoadReply(job_id=job.job_id, details_json=json.dumps(details))
+
+    def Unload(self, request, context):
+        try:
+            stats = self.jobs.unload(request.job_id)
+        except Exception as exc:
+            _abort(context, "Unload", exc)
+        return pb.UnloadReply(job_id=request.job_id, stats_json=json.dumps(stats, default=str))
+
+    def JobStats(self, request, context):
+        try:
+            stats = self.jobs.get(request.job_id).stats()
+        except Exception as exc:
+            _abort(context, "JobStats", exc)
+        return pb.JobStatsReply(job_id=request.job_id, stats_json=json.dumps(stats, default=str))
+
+    def Forward(self, request_iterator, context):
+        """The hot path: decode, compute, encode, in order, on one long-lived stream."""
+        get_job = self.jobs.get
+        perf = time.perf_counter
+        Reply, Tensor = pb.ForwardReply, pb.Tensor
+        try:
+            for req in request_iterator:
+                job = get_job(req.job_id)
+                tensors = [decode_quantized(t) if t.quantized else decode(t) for t in req.tensors]
+                executor = job.executor
+                with job.lock:
+                    start = perf()
+                    outputs = executor.forward(req.op, req.layer, req.position, req.session, tensors)
+                    compute_s = perf() - start
+                    stall_s = getattr(executor, "last_stall_s", 0.0)
+                    job.requests += 1
+                    job.compute_s += compute_s
+                    job.stall_s += stall_s
+                yield Reply(seq=req.seq, tensors=[Tensor(**encode(t)) for t in outputs],
+                            compute_s=compute_s, stall_s=stall_s)
+        except Exception as exc:
+            if context.is_active():
+                _abort(context, "Forward", exc)
+
+    # -- transport floor ---------------------------------------------------------------------
+    def Echo(self, request, context):
+        return request
+
+    def EchoStream(self, request_iterator, context):
+        yield from request_iterator
+
+    def close(self) -> None:
+        self.jobs.close_all()
+
+
+def build_server(
+    servicer: pb_grpc.NodeServicer, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+) -> tuple[grpc.Server, int]:
+    """A ready (not yet started) gRPC server bound to host:port; returns (server, bound port).
+
+    The one place where node servers are created, so TLS (credentials) plugs in here.
+    """
+    workers = max(16, 4 * resources.usable_cores())  # each open Forward stream holds one thread
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+                         options=SERVER_OPTIONS)
+    pb_grpc.add_NodeServicer_to_server(servicer, server)
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"could not bind the node's gRPC server to {target} (port in use or address not local)")
+    return server, bound

@@ -1,0 +1,278 @@
+"""Llama-family kernels, written so that one shard and the whole model share the same code.
+
+A tensor-parallel node computes only its KV-head groups of attention and its columns of the MLP
+and returns a *partial* hidden state; summing the partials of all shards (plus the residual) gives
+exactly what the unsharded layer computes. The single-process `LlamaModel` below is those same
+kernels run with every head and every column (= one shard): it is the reference the distributed
+run is compared against, and the "1 process" baseline.
+
+Weights use the shard key names written by `splitting.tensor_parallel` (`wq wk wv wo bq bk bv
+w_gate w_up w_down`), in HF orientation ([out, in]). Plain torch, float32 by default.
+Nothing here knows about networking or about the checkpoint format.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class LlamaShape(Protocol):
+    """The configuration attributes the kernels read (satisfied by `splitting.llama_config.LlamaConfig`)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 (as HF does), returned in x's dtype."""
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with HF's "linear" and "llama3" scalings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    assert scaling is not None
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_context = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_context / low, old_context / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope scaling type {kind!r} is not supported; use a checkpoint with default, linear or llama3 RoPE")
+
+
+class Rotary:
+    """cos/sin tables for RoPE in HF's rotate-half layout, grown on demand."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, size: int = 2048) -> None:
+        self.inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
+        self._build(size)
+
+    def _build(self, size: int) -> None:
+        positions = torch.arange(size, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def tables(self, position: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [length, head_dim] for positions position .. position+length-1."""
+        if position + length > self.cos.shape[0]:
+            self._build(max(2 * self.cos.shape[0], position + length))
+        end = position + length
+        return self.cos[position:end].to(dtype), self.sin[position:end].to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [heads, T, head_dim]; cos/sin: [T, head_dim]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class LayerKV:
+    """One layer's keys and values for one sequence, preallocated in chunks so appends are cheap."""
+
+    def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, chunk: int = 256) -> None:
+        self.chunk = chunk
+        self.length = 0
+        self.k = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype)
+        self.v = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add [n_kv, T, hd] keys/values; return views of everything cached so far."""
+        new_length = self.length + k.shape[1]
+        if new_length > self.k.shape[1]:
+            capacity = math.ceil(new_length / self.chunk) * self.chunk
+            grown_k = self.k.new_empty(self.k.shape[0], capacity, self.k.shape[2])
+            grown_v = self.v.new_empty(self.v.shape[0], capacity, self.v.shape[2])
+            grown_k[:, : self.length] = self.k[:, : self.length]
+            grown_v[:, : self.length] = self.v[:, : self.length]
+            self.k, self.v = grown_k, grown_v
+        self.k[:, self.length : new_length] = k
+        self.v[:, self.length : new_length] = v
+        self.length = new_length
+        return self.k[:, :new_length], self.v[:, :new_length]
+
+    def truncate(self, n: int) -> None:
+        self.length = min(self.length, n)
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+class KVCache:
+    """The KV cache of one sequence (session) over all layers of one shard."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32) -> None:
+        self.layers = [LayerKV(n_kv_heads, head_dim, dtype) for _ in range(n_layers)]
+
+    def layer(self, index: int) -> LayerKV:
+        return self.layers[index]
+
+    def lengths(self) -> list[int]:
+        return [layer.length for layer in self.layers]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n tokens (used to resume after a failure or to roll back a speculative step)."""
+        for layer in self.layers:
+            layer.truncate(n)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def attention_shard(
+    x_normed: torch.Tensor, weights: dict[str, torch.Tensor], kv: LayerKV, position: int, rotary: Rotary, head_dim: int
+) -> torch.Tensor:
+    """This shard's KV-head groups of one attention layer: x_normed [T, H] -> partial output [T, H].
+
+    The shard holds `wq [nq*hd, H]`, `wk/wv [nkv*hd, H]` (query heads follow their KV head) and
+    `wo [H, nq*hd]`, the matching columns of o_proj, so the output is this shard's share of the sum.
+    Causal over the cache: token t (absolute position+t) sees cached tokens and new ones up to itself.
+    """
+    T, hidden = x_normed.shape
+    n_q, n_kv = weights["wq"].shape[0] // head_dim, weights["wk"].shape[0] // head_dim
+    if n_kv == 0:
+        return x_normed.new_zeros(T, hidden)
+    q = F.linear(x_normed, weights["wq"], weights.get("bq")).view(T, n_q, head_dim).transpose(0, 1)
+    k = F.linear(x_normed, weights["wk"], weights.get("bk")).view(T, n_kv, head_dim).transpose(0, 1)
+    v = F.linear(x_normed, weights["wv"], weights.get("bv")).view(T, n_kv, head_dim).transpose(0, 1)
+    cos, sin = rotary.tables(position, T, q.dtype)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys, values = kv.append(k, v)
+    total = keys.shape[1]
+    # Query t may see keys 0 .. position+t; a boolean mask handles prefill at any position.
+    mask = None
+    if T > 1:
+        mask = torch.ones(T, total, dtype=torch.bool).tril(diagonal=total - T)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, enable_gqa=n_q != n_kv
+    )
+    out = out.squeeze(0).transpose(0, 1).reshape(T, n_q * head_dim)
+    return F.linear(out, weights["wo"])
+
+
+def mlp_shard(x_normed: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SwiGLU on this shard's intermediate columns: x_normed [T, H] -> partial [T, H]."""
+    if weights["w_gate"].shape[0] == 0:
+        return torch.zeros_like(x_normed)
+    hidden = F.silu(F.linear(x_normed, weights["w_gate"])) * F.linear(x_normed, weights["w_up"])
+    return F.linear(hidden, weights["w_down"])
+
+
+def full_layer_weights(get: Callable[[str], torch.Tensor], names: set[str], layer: int) -> dict[str, torch.Tensor]:
+    """All heads and columns of one HF-named layer under the shard key names (= a single shard)."""
+    prefix = f"model.layers.{layer}."
+    keys = {
+        "wq": "self_attn.q_proj.weight",
+        "wk": "self_attn.k_proj.weight",
+        "wv": "self_attn.v_proj.weight",
+        "wo": "self_attn.o_proj.weight",
+        "bq": "self_attn.q_proj.bias",
+        "bk": "self_attn.k_proj.bias",
+        "bv": "self_attn.v_proj.bias",
+        "w_gate": "mlp.gate_proj.weight",
+        "w_up": "mlp.up_proj.weight",
+        "w_down": "mlp.down_proj.weight",
+    }
+    return {short: get(prefix + name) for short, name in keys.items() if prefix + name in names}
+
+
+@dataclass
+class LayerNorms:
+    """What the coordinator keeps per layer: the two norms and an optional o_proj bias."""
+
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    o_bias: torch.Tensor | None = None
+
+
+class LlamaModel:
+    """The whole model in one process, built from the shard kernels with one shard holding everything.
+
+    `get(name)` returns an HF-named tensor (a `Checkpoint.tensor`); `names` lists what exists.
+    """
+
+    def __init__(
+        self, config: LlamaShape, get: Callable[[str], torch.Tensor], names: set[str], dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.config, self.dtype = config, dtype
+        self.embed = get("model.embed_tokens.weight").to(dtype)
+        self.lm_head = self.embed if "lm_head.weight" not in names else get("lm_head.weight").to(dtype)
+        self.final_norm = get("model.norm.weight").to(dtype)
+        self.layers = [
+            {k: v.to(dtype) for k, v in full_layer_weights(get, names, i).items()} for i in range(config.num_layers)
+        ]
+        self.norms = [
+            LayerNorms(
+                get(f"model.layers.{i}.input_layernorm.weight").to(dtype),
+                get(f"model.layers.{i}.post_attention_layernorm.weight").to(dtype),
+                get(f"model.layers.{i}.self_attn.o_proj.bias").to(dtype)
+                if f"model.layers.{i}.self_attn.o_proj.bias" in names
+                else None,
+            )
+            for i in range(config.num_layers)
+        ]
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int] | torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
+        """Logits [T, vocab] of the tokens placed at `position` (the cache must hold exactly `position` tokens)."""
+        cfg = self.config
+        x = self.embed[torch.as_tensor(token_ids, dtype=torch.long)]
+        for i, (weights, norms) in enumerate(zip(self.layers, self.norms, strict=True)):
+            attn = attention_shard(
+                rms_norm(x, norms.input_norm, cfg.rms_norm_eps), weights, cache.layer(i), position, self.rotary, cfg.head_dim
+            )
+            x = x + attn if norms.o_bias is None else x + attn + norms.o_bias
+            x = x + mlp_shard(rms_norm(x, norms.post_attention_norm, cfg.rms_norm_eps), weights)
+        return F.linear(rms_norm(x, self.final_norm, cfg.rms_norm_eps), self.lm_head).float()
+
+    def generate(
+        self, prompt_ids: list[int], max_tokens: int, choose: Callable[[torch.Tensor], int], stop: set[int] = frozenset()
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (token, logits of the position that chose it) until max_tokens or a stop token."""
+        cache = self.new_cache()
+        logits = self.forward(prompt_ids, cache, 0)[-1]
+        position = len(prompt_ids)
+        for _ in range(max_tokens):
+            token = choose(logits)
+            yield token, logits
+            if token in stop:
+                return
+            logits = self.forward([token], cache, position)[-1]
+            position += 1

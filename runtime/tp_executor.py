@@ -1,0 +1,192 @@
+"""The node side of tensor-parallel LLM inference: this node's heads and columns of every layer.
+
+The coordinator sends the normed hidden state of one layer (`attn` or `mlp`); the executor
+computes its shard with the kernels of `runtime.llama` and returns a partial sum, keeping its own
+KV cache per session. Weights come from a layer store that may hold only a window of layers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from edgeweave.runtime.codec import Quantized
+from edgeweave.runtime.executor import Executor, ExecutorInputError, ExecutorStateError, TensorLike
+from edgeweave.runtime.llama import KVCache, Rotary, attention_shard, mlp_shard
+
+_COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_REQUIRED_MODEL_KEYS = ("hidden_size", "num_layers", "head_dim", "rope_theta")
+MAX_SESSIONS = 64
+
+
+class ResidentLayers:
+    """Fallback layer store that keeps every layer in memory (used until `runtime.layer_store` exists).
+
+    Same interface as `LayerStore(paths, window)`: `layer(i)`, `stats()`, `close()`.
+    """
+
+    def __init__(self, paths: list[Path], window: int | None = None) -> None:
+        self.paths = paths
+        self.bytes_read = 0
+        self._layers: list[dict[str, torch.Tensor]] = []
+        for path in paths:
+            with safe_open(str(path), framework="pt") as handle:
+                self._layers.append({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
+            self.bytes_read += Path(path).stat().st_size
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        return self._layers[index]
+
+    def stats(self) -> dict[str, Any]:
+        return {"window": None, "resident_layers": len(self._layers), "bytes_read": self.bytes_read}
+
+    def close(self) -> None:
+        self._layers.clear()
+
+
+def _layer_store_class() -> type:
+    try:
+        from edgeweave.runtime.layer_store import LayerStore
+    except ModuleNotFoundError as exc:
+        if exc.name != "edgeweave.runtime.layer_store":
+            raise
+        return ResidentLayers
+    return LayerStore
+
+
+class TensorParallelExecutor(Executor):
+    """kind "tp_llm": ops attn / mlp / reset / truncate over this node's shard of a Llama model."""
+
+    kind = "tp_llm"
+
+    def __init__(self, config: dict[str, Any], shards: dict[str, Path], memory_budget: int = 0) -> None:
+        super().__init__(config, shards, memory_budget)
+        model = config.get("model")
+        if not isinstance(model, dict) or any(k not in model for k in _REQUIRED_MODEL_KEYS):
+            raise ExecutorInputError(f"tp_llm config needs a 'model' object with {', '.join(_REQUIRED_MODEL_KEYS)}")
+        self.hidden_size = int(model["hidden_size"])
+        self.head_dim = int(model["head_dim"])
+        self.n_layers = int(config.get("n_layers", model["num_layers"]))
+        dtype_name = config.get("dtype") or "float32"
+        if dtype_name not in _COMPUTE_DTYPES:
+            raise ExecutorInputError(f"tp_llm dtype must be one of {', '.join(_COMPUTE_DTYPES)}, not {dtype_name!r}")
+        self.dtype = _COMPUTE_DTYPES[dtype_name]
+        names = config.get("layer_files") or [f"layer.{i:03d}" for i in range(self.n_layers)]
+        if len(names) != self.n_layers:
+            raise ExecutorInputError(f"tp_llm got {len(names)} layer_files for n_layers={self.n_layers}")
+        missing = [n for n in names if n not in shards]
+        if missing:
+            raise ExecutorInputError(f"tp_llm layer files {missing[:3]} are not among the job's shards")
+        self.rank = int(config.get("rank", 0))
+        self.window = config.get("window")
+        self.store = _layer_store_class()([Path(shards[n]) for n in names], self.window)
+        first = self.store.layer(0)
+        self.n_kv_heads = first["wk"].shape[0] // self.head_dim
+        self.n_q_heads = first["wq"].shape[0] // self.head_dim
+        self.n_columns = first["w_gate"].shape[0]
+        if first["wq"].shape[1] != self.hidden_size:
+            raise ExecutorInputError(
+                f"shard layer.000 has hidden size {first['wq'].shape[1]}, config says {self.hidden_size}"
+            )
+        self.rotary = Rotary(self.head_dim, float(model["rope_theta"]), model.get("rope_scaling"))
+        self.caches: dict[str, KVCache] = {}
+        self.tokens = 0
+        self.compute_s = 0.0
+        self._lock = threading.Lock()
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "n_layers": self.n_layers,
+            "q_heads": self.n_q_heads,
+            "kv_heads": self.n_kv_heads,
+            "columns": self.n_columns,
+            "window": self.window,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def forward(
+        self, op: str, layer: int, position: int, session: str, tensors: list[TensorLike]
+    ) -> list[TensorLike]:
+        with self._lock:
+            if op == "reset":
+                self.caches.pop(session, None)
+                return []
+            if op == "truncate":
+                if position < 0:
+                    raise ExecutorInputError(f"truncate needs position >= 0, got {position}")
+                if session in self.caches:
+                    self.caches[session].truncate(position)
+                return []
+            if op not in ("attn", "mlp"):
+                raise ExecutorInputError(f"tp_llm knows ops attn, mlp, reset, truncate; not {op!r}")
+            x = self._check_input(op, layer, tensors)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                weights = self.store.layer(layer)
+                if op == "attn":
+                    out = self._attention(x, weights, layer, position, session)
+                    if layer == 0:
+                        self.tokens += x.shape[0]
+                else:
+                    out = mlp_shard(x, self._cast(weights))
+            self.compute_s += time.perf_counter() - start
+            return [out.to(torch.float32) if out.dtype != torch.float32 else out]
+
+    def _cast(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if all(w.dtype == self.dtype for w in weights.values()):
+            return weights
+        return {k: w.to(self.dtype) for k, w in weights.items()}
+
+    def _attention(self, x: torch.Tensor, weights: dict[str, torch.Tensor], layer: int, position: int, session: str):
+        if self.n_kv_heads == 0:
+            return torch.zeros_like(x)
+        cache = self.caches.get(session)
+        if cache is None:
+            if len(self.caches) >= MAX_SESSIONS:
+                raise ExecutorStateError(
+                    f"this node already holds {MAX_SESSIONS} sessions; reset finished sessions before starting new ones"
+                )
+            cache = self.caches[session] = KVCache(self.n_layers, self.n_kv_heads, self.head_dim, self.dtype)
+        kv = cache.layer(layer)
+        if position != kv.length:
+            raise ExecutorStateError(
+                f"attn for session {session!r} layer {layer} at position {position}, but this node has "
+                f"{kv.length} tokens cached there; send position {kv.length} or truncate first"
+            )
+        return attention_shard(x, self._cast(weights), kv, position, self.rotary, self.head_dim)
+
+    def _check_input(self, op: str, layer: int, tensors: list[TensorLike]) -> torch.Tensor:
+        if not 0 <= layer < self.n_layers:
+            raise ExecutorInputError(f"layer {layer} is out of range: this model has layers 0..{self.n_layers - 1}")
+        if len(tensors) != 1:
+            raise ExecutorInputError(f"{op} takes exactly one tensor (the normed hidden state), got {len(tensors)}")
+        x = tensors[0].dequantize() if isinstance(tensors[0], Quantized) else tensors[0]
+        if not x.is_floating_point():
+            raise ExecutorInputError(f"{op} needs a floating-point hidden state, got {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.hidden_size or x.shape[0] == 0:
+            raise ExecutorInputError(
+                f"{op} needs a hidden state of shape [tokens, {self.hidden_size}], got {list(x.shape)}"
+            )
+        return x.to(self.dtype)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            sessions = {sid: max(cache.lengths(), default=0) for sid, cache in self.caches.items()}
+            kv_bytes = sum(cache.nbytes() for cache in self.caches.values())
+        return {
+            "sessions": sessions,
+            "kv_cache_bytes": kv_bytes,
+            "tokens_computed": self.tokens,
+            "executor_compute_s": self.compute_s,
+            "layer_store": self.store.stats(),
+        }
+
+    def close(self) -> None:
+        self.caches.clear()
+        self.store.close()

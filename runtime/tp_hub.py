@@ -1,0 +1,56 @@
+"""The hub of tensor-parallel inference: what the coordinator computes between the nodes' partials.
+
+Per layer: RMSNorm, hand the normed state to every shard, sum their partial outputs (the star
+allreduce), add the residual; the same for the MLP; then the final norm and the LM head. How the
+partials are obtained is a callback, so the same code drives in-process executors (tests) and
+nodes over the network (coordinator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from edgeweave.runtime.llama import LlamaShape, rms_norm
+
+#: (op "attn"|"mlp", layer, normed hidden state [T, H], position) -> sum of all shards' partials [T, H]
+AllReduce = Callable[[str, int, torch.Tensor, int], torch.Tensor]
+
+
+class TensorParallelHub:
+    """Embedding, norms and LM head of a model whose layers live on shards."""
+
+    def __init__(self, config: LlamaShape, tensors: dict[str, torch.Tensor]) -> None:
+        self.config = config
+        self.embed = tensors["model.embed_tokens.weight"].float()
+        self.lm_head = tensors.get("lm_head.weight", self.embed).float()
+        self.final_norm = tensors["model.norm.weight"].float()
+        layers = range(config.num_layers)
+        self.input_norms = [tensors[f"model.layers.{i}.input_layernorm.weight"].float() for i in layers]
+        self.post_norms = [tensors[f"model.layers.{i}.post_attention_layernorm.weight"].float() for i in layers]
+        self.o_bias = [tensors.get(f"model.layers.{i}.self_attn.o_proj.bias") for i in layers]
+
+    @classmethod
+    def from_file(cls, config: LlamaShape, path: str | Path) -> TensorParallelHub:
+        """Load `coordinator.safetensors` written by `splitting.tensor_parallel.write_shards`."""
+        with safe_open(str(path), framework="pt") as handle:
+            return cls(config, {key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int] | torch.Tensor, position: int, reduce: AllReduce) -> torch.Tensor:
+        """Logits [T, vocab] for T tokens placed at `position` of the sequence."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.embed.shape[0]:
+            raise ValueError(f"token ids must be in [0, {self.embed.shape[0]}), got {ids.tolist()[:8]}")
+        eps = self.config.rms_norm_eps
+        x = self.embed[ids]
+        for i in range(self.config.num_layers):
+            x = x + reduce("attn", i, rms_norm(x, self.input_norms[i], eps), position)
+            if self.o_bias[i] is not None:
+                x = x + self.o_bias[i]
+            x = x + reduce("mlp", i, rms_norm(x, self.post_norms[i], eps), position)
+        return F.linear(rms_norm(x, self.final_norm, eps), self.lm_head)

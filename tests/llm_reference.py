@@ -1,0 +1,61 @@
+"""SmolLM2 references shared by the LLM tests, computed once per pytest process.
+
+Loading transformers and the checkpoint dominates these tests' runtime, so each is cached here
+(module-level lru_cache: one load however many test files ask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from edgeweave.splitting.checkpoints import Checkpoint, default_model_path, open_checkpoint
+
+CHAT = [{"role": "user", "content": "Tell me about the history of Paris in a few sentences."}]
+N_TOKENS = 32
+
+
+@lru_cache(maxsize=1)
+def smollm() -> Checkpoint:
+    return open_checkpoint()
+
+
+@lru_cache(maxsize=1)
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@lru_cache(maxsize=1)
+def hf_tokenizer():
+    from transformers import AutoTokenizer
+
+    path = default_model_path()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@dataclass(frozen=True)
+class Reference:
+    prompt_ids: list[int]
+    tokens: list[int]  # HF greedy continuation
+    logits: torch.Tensor  # HF logits [len(prompt) + len(tokens), vocab] of the whole sequence (teacher forced)
+
+
+@lru_cache(maxsize=1)
+def hf_reference() -> Reference:
+    """HF transformers' greedy 32 tokens for the chat prompt, and its logits over the whole sequence."""
+    tok, model = hf_tokenizer(), hf_model()
+    prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tok(prompt, add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=N_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+        tokens = out[0, len(prompt_ids) :].tolist()
+        logits = model(out).logits[0].float()
+    return Reference(prompt_ids, tokens, logits)
