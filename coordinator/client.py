@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import torch
 
+from edgeweave.coordinator import identity
 from edgeweave.proto import pb, pb_grpc
 from edgeweave.runtime.codec import Quantized, decode, decode_quantized, encode
 from edgeweave.runtime.shard_files import CHUNK_BYTES, check_shard_name, sha256_file
@@ -42,10 +43,19 @@ class NodeError(RuntimeError):
 
 
 def make_channel(
-    address: str, credentials: grpc.ChannelCredentials | None = None, extra_options: tuple = ()
+    address: str, credentials: grpc.ChannelCredentials | None = None, extra_options: tuple = (),
+    cluster: identity.Identity | None = None,
 ) -> grpc.Channel:
-    """The one place channels to nodes are created (TLS plugs in through `credentials`)."""
+    """The one place channels to nodes are created.
+
+    Without explicit `credentials` the channel uses this process's cluster identity
+    (coordinator/identity.py), or `cluster`'s when given: mutual TLS with the cluster secret, or
+    plaintext in --insecure mode.
+    """
     options = CHANNEL_OPTIONS + list(extra_options)
+    if credentials is None:
+        credentials, name_options = identity.channel_credentials(cluster)
+        options += list(name_options)
     if credentials is not None:
         return grpc.secure_channel(address, credentials, options=options)
     return grpc.insecure_channel(address, options=options)
@@ -54,7 +64,10 @@ def make_channel(
 def _error(address: str, exc: grpc.RpcError) -> NodeError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code is grpc.StatusCode.UNAVAILABLE:
+    if code is grpc.StatusCode.UNAVAILABLE and ("handshake" in details.lower() or "ssl" in details.lower()):
+        code = grpc.StatusCode.UNAUTHENTICATED
+        details = f"{details} (TLS handshake refused: this device and the node do not share a cluster secret)"
+    elif code is grpc.StatusCode.UNAVAILABLE:
         details = f"{details} (is the node running and reachable?)"
     return NodeError(address, code, details or "no details")
 
@@ -62,11 +75,11 @@ def _error(address: str, exc: grpc.RpcError) -> NodeError:
 class NodeClient:
     def __init__(
         self, address: str, *, timeout: float = 10.0, credentials: grpc.ChannelCredentials | None = None,
-        extra_options: tuple = (),
+        extra_options: tuple = (), cluster: identity.Identity | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self.channel = make_channel(address, credentials, extra_options)
+        self.channel = make_channel(address, credentials, extra_options, cluster)
         self.stub = pb_grpc.NodeStub(self.channel)
 
     def _call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:

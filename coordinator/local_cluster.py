@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from edgeweave.coordinator import identity
 from edgeweave.coordinator.client import NodeClient, NodeError
 
 
@@ -42,6 +43,7 @@ class LocalCluster:
         names: Sequence[str] | None = None,
         start_timeout: float = 60.0,
         detach: bool = False,
+        cluster_identity: identity.Identity | None = None,
     ) -> None:
         self.n = n
         self._own_dir = base_dir is None
@@ -60,6 +62,7 @@ class LocalCluster:
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.ports: list[int] = [0] * n
         self.addresses: list[str] = [""] * n
+        self.identity = cluster_identity or identity.for_local_cluster()  # nodes share the coordinator's secret
 
     def log_path(self, i: int) -> Path:
         return self.base_dir / f"{self.names[i]}.log"
@@ -73,6 +76,7 @@ class LocalCluster:
             "--port", str(self.ports[i]), "--data-dir", str(self.base_dir / self.names[i]),
             "--interface", self.interface, "--ready-file", str(self._ready_path(i)),
         ]
+        argv += identity.node_arguments(self.identity)
         if not self.advertise:
             argv.append("--no-advertise")
         if self.memory_budgets:
@@ -100,7 +104,7 @@ class LocalCluster:
             time.sleep(0.05)
         info = json.loads(ready.read_text())
         self.ports[i], self.addresses[i] = info["port"], info["address"]
-        with NodeClient(self.addresses[i], timeout=max(1.0, deadline - time.monotonic())) as client:
+        with NodeClient(self.addresses[i], timeout=max(1.0, deadline - time.monotonic()), cluster=self.identity) as client:
             try:
                 client.health()
             except NodeError as exc:

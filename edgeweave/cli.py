@@ -23,7 +23,16 @@ app = typer.Typer(
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
+    secret_file: str = typer.Option(
+        None, "--secret-file", help="Cluster secret for every channel (default ~/.config/edgeweave/cluster.secret)."
+    ),
+    insecure: bool = typer.Option(False, "--insecure", help="Plaintext, unauthenticated gRPC: local trials only."),
 ) -> None:
+    # Exported as settings overrides so node and coordinator code read them the same way.
+    if secret_file:
+        os.environ["EDGEWEAVE_CLUSTER_SECRET_FILE"] = secret_file
+    if insecure:
+        os.environ["EDGEWEAVE_CLUSTER_INSECURE"] = "1"
     level = logging.DEBUG if verbose else getattr(logging, os.environ.get("EDGEWEAVE_LOG", "INFO").upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -48,4 +57,11 @@ _register_all()
 
 
 def main() -> None:
-    app()
+    from edgeweave.config import ConfigError
+    from edgeweave.security import SecretError
+
+    try:
+        app()
+    except (SecretError, ConfigError) as exc:  # a setup problem: one sentence, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from edgeweave import security
 from edgeweave.config import load_settings, pick
 from edgeweave.node.daemon import NodeOptions, serve
 from edgeweave.runtime.resources import parse_memory_budget
@@ -23,14 +24,24 @@ def register(app: typer.Typer) -> None:
         memory_budget: str = typer.Option(None, help="Memory for weights: 2GiB, 512MB, 0.5 (of free RAM), bytes; 0 = unlimited."),
         no_advertise: bool = typer.Option(False, "--no-advertise", help="Do not announce with mDNS (static --peer setups)."),
         ready_file: Path = typer.Option(None, help="Write {address, port, pid, name} as JSON here once serving."),
+        secret_file: Path = typer.Option(None, help="Cluster secret (default ~/.config/edgeweave/cluster.secret)."),
+        insecure: bool = typer.Option(False, "--insecure", help="Plaintext, unauthenticated gRPC: local trials only."),
     ) -> None:
         """Serve this device's compute to a coordinator until Ctrl-C / SIGTERM."""
-        cfg = load_settings().node
+        settings = load_settings()
+        cfg = settings.node
         name = pick(name, cfg.name) or socket.gethostname().split(".")[0]
         try:
             budget = parse_memory_budget(pick(memory_budget, cfg.memory_budget))
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
+        try:
+            tls = security.resolve_tls(
+                pick(secret_file, settings.cluster.secret_file) or None, insecure or settings.cluster.insecure, name
+            )
+        except security.SecretError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
         default_dir = Path.home() / ".local" / "share" / "edgeweave" / name
         serve(NodeOptions(
             name=name,
@@ -41,4 +52,5 @@ def register(app: typer.Typer) -> None:
             memory_budget=budget,
             advertise=not no_advertise and cfg.advertise,
             ready_file=ready_file,
+            credentials=security.server_credentials(tls) if tls else None,
         ))

@@ -90,7 +90,7 @@ class OnnxExecutor(Executor):
         if len(tensors) != len(self.inputs):
             raise ExecutorInputError(f"this graph takes {len(self.inputs)} input tensor(s), got {len(tensors)}")
         feed = {}
-        for spec, tensor in zip(self.inputs, tensors):
+        for spec, tensor in zip(self.inputs, tensors, strict=True):
             if isinstance(tensor, Quantized):
                 tensor = tensor.dequantize()
             want = ORT_TYPES.get(spec.type)
@@ -98,7 +98,7 @@ class OnnxExecutor(Executor):
                 raise ExecutorInputError(f"input {spec.name!r} must be {spec.type}, got a {tensor.dtype} tensor")
             shape = list(tensor.shape)
             if len(shape) != len(spec.shape) or any(
-                isinstance(d, int) and d != got for d, got in zip(spec.shape, shape)
+                isinstance(d, int) and d != got for d, got in zip(spec.shape, shape, strict=False)
             ):
                 expected = ["N" if not isinstance(d, int) else d for d in spec.shape]
                 raise ExecutorInputError(f"input {spec.name!r} must have shape {expected}, got {shape}")

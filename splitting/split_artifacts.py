@@ -43,6 +43,7 @@ class TrainSettings:
     arch: str = "resnet"
     dataset: str = "mnist5k"
     bottleneck_channels: int = 8
+    widths: tuple[int, ...] = (16, 32, 64)  # channels per stage
     teacher_epochs: int = 3
     distill_epochs: int = 2
     finetune_epochs: int = 2
@@ -53,8 +54,9 @@ class TrainSettings:
 
     def cache_key(self) -> str:
         limit = f"-n{self.limit}" if self.limit else ""
-        return (f"{self.arch}-{self.dataset}-c{self.bottleneck_channels}-e{self.teacher_epochs}"
-                f"{self.distill_epochs}{self.finetune_epochs}{limit}-s{self.seed}")
+        widths = "x".join(str(w) for w in self.widths)
+        return (f"{self.arch}{widths}-{self.dataset}-c{self.bottleneck_channels}-e{self.teacher_epochs}"
+                f"{self.distill_epochs}{self.finetune_epochs}-b{self.batch_size}{limit}-s{self.seed}")
 
 
 def load_manifest(directory: Path) -> dict[str, Any]:
@@ -82,7 +84,8 @@ def build_artifacts(
     example = torch.zeros(1, info.channels, info.image_size, info.image_size)
     started = time.perf_counter()
 
-    model_cfg = VisionModelConfig(arch=settings.arch, in_channels=info.channels, num_classes=info.num_classes)
+    model_cfg = VisionModelConfig(arch=settings.arch, in_channels=info.channels, num_classes=info.num_classes,
+                                  widths=list(settings.widths))
     teacher = build_model(model_cfg)
     train_classifier(teacher, train_data, settings.teacher_epochs, settings.lr, progress)
     teacher.eval()
@@ -143,4 +146,5 @@ def cached_artifacts(settings: TrainSettings, progress: bool = False) -> Path:
 
 
 #: small and quick: trains in well under a minute on two cores (the demo and the tests use it).
-DEMO_SETTINGS = TrainSettings(teacher_epochs=2, distill_epochs=1, finetune_epochs=1, limit=1000)
+DEMO_SETTINGS = TrainSettings(widths=(8, 16, 32), teacher_epochs=2, distill_epochs=1, finetune_epochs=1, batch_size=32,
+                              limit=2000)

@@ -77,8 +77,10 @@ class TensorParallelPlan:
 
     @property
     def plan_id(self) -> str:
-        """Stable id of (model shape, cut): names the cache folder and the node jobs."""
-        text = json.dumps({"config": asdict(self.config), "shards": [asdict(s) for s in self.shards]}, sort_keys=True)
+        """Stable id of (model shape, cut): names the cache folder and the node jobs (weights that give
+        the same cut give the same id)."""
+        cuts = [(s.kv_heads, s.q_heads, s.columns) for s in self.shards]
+        text = json.dumps({"config": asdict(self.config), "cuts": cuts}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def layer_bytes(self, rank: int, itemsize: int = 4) -> int:

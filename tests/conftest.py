@@ -3,8 +3,29 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
+
+_SECRET_DIR: Path | None = None
+
+
+def pytest_configure(config):
+    """Every test cluster speaks mutual TLS with one throw-away secret (as in production);
+    subprocesses (nodes, CLI calls) inherit it through EDGEWEAVE_CLUSTER_SECRET_FILE."""
+    global _SECRET_DIR
+    from edgeweave.security import create_secret
+
+    _SECRET_DIR = Path(tempfile.mkdtemp(prefix="edgeweave-test-secret-"))
+    os.environ["EDGEWEAVE_CLUSTER_SECRET_FILE"] = str(create_secret(_SECRET_DIR / "cluster.secret"))
+    os.environ.pop("EDGEWEAVE_CLUSTER_INSECURE", None)
+
+
+def pytest_unconfigure(config):
+    if _SECRET_DIR is not None:
+        shutil.rmtree(_SECRET_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

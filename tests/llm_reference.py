@@ -59,3 +59,39 @@ def hf_reference() -> Reference:
         tokens = out[0, len(prompt_ids) :].tolist()
         logits = model(out).logits[0].float()
     return Reference(prompt_ids, tokens, logits)
+
+
+class MemoryCheckpoint(Checkpoint):
+    """A checkpoint whose dequantized tensors stay in memory, so several shard writes dequantize once."""
+
+    def __init__(self, inner: Checkpoint) -> None:
+        self.inner, self.path, self.config = inner, inner.path, inner.config
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def names(self) -> list[str]:
+        return self.inner.names()
+
+    def _read(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            self._cache[name] = self.inner.tensor(name)
+        return self._cache[name]
+
+    def files(self):
+        return self.inner.files()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint
+
+    @property
+    def tokenizer_source(self):
+        return self.inner.tokenizer_source
+
+    @property
+    def chat_template(self):
+        return self.inner.chat_template
+
+
+@lru_cache(maxsize=1)
+def smollm_in_memory() -> MemoryCheckpoint:
+    return MemoryCheckpoint(smollm())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llm_reference import CHAT, hf_model, hf_reference, hf_tokenizer, smollm
+from llm_reference import CHAT, hf_model, hf_reference, hf_tokenizer, smollm, smollm_in_memory
 
 from edgeweave.runtime.llama import LlamaModel
 from edgeweave.runtime.sampling import Sampler, SamplingParams
@@ -29,12 +29,19 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def reference_model() -> LlamaModel:
-    ckpt = smollm()
+    ckpt = smollm_in_memory()
     return LlamaModel(ckpt.config, ckpt.tensor, set(ckpt.names()))
 
 
+@pytest.fixture(scope="module")
+def reference_logits(reference_model) -> torch.Tensor:
+    """Our single-process logits over prompt + HF's 32 tokens, in one prefill."""
+    ref = hf_reference()
+    return reference_model.forward(ref.prompt_ids + ref.tokens, reference_model.new_cache(), 0)
+
+
 def test_gguf_tensors_equal_transformers_state_dict():
-    ckpt, state = smollm(), hf_model().state_dict()
+    ckpt, state = smollm_in_memory(), hf_model().state_dict()
     expected = {k for k in state if k != "lm_head.weight"}  # tied: lm_head is embed_tokens
     assert set(ckpt.names()) == expected
     assert ckpt.config.tie_word_embeddings
@@ -77,15 +84,17 @@ def test_reference_model_matches_transformers(reference_model):
     assert tokens == ref.tokens
     # the logits that chose the last token, from the incremental (KV-cached) path
     torch.testing.assert_close(last_logits, ref.logits[-2], rtol=0, atol=1e-3)
-    # one prefill over the whole sequence: every position within 1e-3
-    full = reference_model.forward(ref.prompt_ids + ref.tokens, reference_model.new_cache(), 0)
-    torch.testing.assert_close(full, ref.logits, rtol=0, atol=1e-3)
+
+
+def test_reference_prefill_matches_transformers(reference_logits):
+    """One prefill over the whole sequence: every position within 1e-3 of transformers."""
+    torch.testing.assert_close(reference_logits, hf_reference().logits, rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("weights", [[1.0], [2.0, 1.0], [1.0, 1.0, 1.0], [3.0, 1.0]])
-def test_sharded_executors_equal_reference(reference_model, tmp_path, weights):
+def test_sharded_executors_equal_reference(reference_logits, tmp_path, weights):
     """Prefill, a multi-token chunk at position > 0, then decode, summing partials like the hub does."""
-    ckpt, ref = smollm(), hf_reference()
+    ckpt, ref = smollm_in_memory(), hf_reference()
     plan = plan_shards(ckpt.config, weights)
     manifest = write_shards(ckpt, plan, tmp_path)
     executors = [
@@ -103,7 +112,7 @@ def test_sharded_executors_equal_reference(reference_model, tmp_path, weights):
 
     sequence = ref.prompt_ids + ref.tokens
     p = len(ref.prompt_ids)
-    expected = reference_model.forward(sequence, reference_model.new_cache(), 0)
+    expected = reference_logits
     got = torch.cat([
         hub.forward(sequence[:p], 0, reduce),
         hub.forward(sequence[p:-1], p, reduce),
@@ -116,7 +125,7 @@ def test_sharded_executors_equal_reference(reference_model, tmp_path, weights):
 
 
 def test_write_shards_round_trip_and_reuse(tmp_path):
-    ckpt = smollm()
+    ckpt = smollm_in_memory()
     plan = plan_shards(ckpt.config, [2.0, 1.0])
     calls = []
     manifest = write_shards(ckpt, plan, tmp_path, dtype="bfloat16", progress=lambda d, t, _: calls.append((d, t)))

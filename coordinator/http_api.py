@@ -1,0 +1,354 @@
+"""The OpenAI-compatible HTTP API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`,
+plus `/health` and `/v1/status`.
+
+Requests become `GenerationJob`s on the `Scheduler`; tokens come back from the scheduler thread
+through an asyncio queue. Streaming uses server-sent events exactly as OpenAI does (chunks, then
+`data: [DONE]`). A client that goes away cancels its job between two tokens. Every error has
+OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 for malformed requests
+(FastAPI's 422 included), 404 for an unknown model, 429 when the queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edgeweave import __version__
+from edgeweave.coordinator.engine import TextEngine
+from edgeweave.coordinator.scheduler import GenerationJob, QueueFull, Scheduler
+from edgeweave.coordinator.text_output import TextAssembler
+from edgeweave.runtime.sampling import SamplingParams
+from edgeweave.splitting.tokenizer import TokenizerError
+
+DEFAULT_MAX_TOKENS = 512
+MAX_STOP_STRINGS = 4
+
+
+class APIError(Exception):
+    """An error returned to the client in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.param, self.code, self.kind)
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+# -- request bodies ------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """The parameters both endpoints share; unknown OpenAI fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int]
+
+
+# -- one running request -------------------------------------------------------------------------
+@dataclass
+class _Run:
+    job: GenerationJob
+    events: asyncio.Queue
+    assembler: TextAssembler
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class Service:
+    """Turns validated requests into scheduler jobs and OpenAI-shaped answers."""
+
+    def __init__(self, engine: TextEngine, scheduler: Scheduler, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+        self.engine = engine
+        self.scheduler = scheduler
+        self.default_max_tokens = default_max_tokens
+        self.started = time.time()
+
+    def check_model(self, name: str) -> None:
+        if name != self.engine.model_id:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.engine.model_id}'.",
+                           "model", "model_not_found")
+
+    def sampling(self, body: SamplingFields, prompt_len: int) -> tuple[int, SamplingParams, list[str]]:
+        if (body.n or 1) != 1:
+            raise APIError(400, f"n={body.n} is not supported: this server returns exactly one choice (n=1).", "n")
+        room = self.engine.max_context - prompt_len
+        if room <= 0:
+            raise APIError(400, f"The prompt has {prompt_len} tokens, but the model's context is "
+                                f"{self.engine.max_context} tokens; shorten it.", "messages", "context_length_exceeded")
+        requested = body.max_completion_tokens or body.max_tokens
+        if requested is not None and requested > room:
+            raise APIError(400, f"max_tokens={requested} plus the prompt's {prompt_len} tokens exceeds the model's "
+                                f"context of {self.engine.max_context} tokens.", "max_tokens", "context_length_exceeded")
+        max_tokens = requested or min(room, self.default_max_tokens)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > MAX_STOP_STRINGS:
+            raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}.", "stop")
+        params = SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+            stop_token_ids=frozenset(self.engine.tokenizer.eos_token_ids),
+        )
+        return max_tokens, params, stop
+
+    def chat_prompt(self, body: ChatRequest) -> list[int]:
+        messages = []
+        for message in body.messages:
+            content = message.content
+            if isinstance(content, list):
+                content = "".join(part.text for part in content)
+            messages.append({"role": message.role, "content": content or ""})
+        try:
+            return self.engine.tokenizer.encode_chat(messages)
+        except TokenizerError as exc:
+            raise APIError(400, str(exc), "messages") from None
+
+    def completion_prompt(self, body: CompletionRequest) -> list[int]:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            vocab = len(self.engine.tokenizer.backend.get_vocab())
+            if any(not 0 <= p < vocab for p in prompt):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab}).", "prompt")
+            return list(prompt)
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, f"prompt must be one string (batches are not supported), got {len(prompt)}.",
+                               "prompt")
+            prompt = prompt[0]
+        ids = self.engine.tokenizer.encode(prompt)
+        if not ids:
+            raise APIError(400, "prompt is empty; send at least one token of text.", "prompt")
+        return ids
+
+    def start(self, request: Request, body: SamplingFields, prompt_ids: list[int]) -> _Run:
+        max_tokens, params, stop = self.sampling(body, len(prompt_ids))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def put(item: tuple) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        job = GenerationJob(
+            prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=params,
+            on_token=lambda token: put(("token", token)), on_done=lambda reason, error: put(("done", reason, error)),
+            client=body.user or (request.client.host if request.client else "unknown"),
+        )
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as exc:
+            raise APIError(429, f"The server is busy: {exc}.", None, "queue_full", "rate_limit_error") from None
+        return _Run(job, events, TextAssembler(self.engine.tokenizer, stop))
+
+    async def collect(self, request: Request, run: _Run) -> tuple[str, str]:
+        """Wait for the whole answer (cancelling if the client leaves): (text, finish_reason)."""
+        pieces = []
+        while True:
+            try:
+                event = await asyncio.wait_for(run.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    run.job.cancel("disconnected")
+                continue
+            if event[0] == "token":
+                pieces.append(run.assembler.feed(event[1]))
+                if run.assembler.stopped:
+                    run.job.cancel("stop")
+                continue
+            _, reason, error = event
+            if error is not None:
+                raise APIError(500, f"Generation failed: {error}", None, "generation_failed", "server_error")
+            pieces.append(run.assembler.finish())
+            return "".join(pieces), _finish_reason(reason)
+
+    async def stream(self, run: _Run, chunk: Any, usage_wanted: bool) -> AsyncIterator[str]:
+        """SSE lines for a streamed answer; `chunk(text, finish_reason)` builds one chunk dict."""
+        try:
+            first = chunk(None, None)
+            if first is not None:
+                yield _sse(first)
+            while True:
+                event = await run.events.get()
+                if event[0] == "token":
+                    delta = run.assembler.feed(event[1])
+                    if run.assembler.stopped:
+                        run.job.cancel("stop")
+                    if delta:
+                        yield _sse(chunk(delta, None))
+                    continue
+                _, reason, error = event
+                if error is not None:
+                    yield _sse({"error": {"message": f"Generation failed: {error}", "type": "server_error",
+                                          "param": None, "code": "generation_failed"}})
+                    break
+                tail = run.assembler.finish()
+                if tail:
+                    yield _sse(chunk(tail, None))
+                yield _sse(chunk("", _finish_reason(reason)))
+                if usage_wanted:
+                    final = chunk("", None)
+                    final["choices"] = []
+                    final["usage"] = self.usage(run).as_dict()
+                    yield _sse(final)
+                break
+            yield "data: [DONE]\n\n"
+        finally:  # also on client disconnect (the response task is cancelled): free the cluster
+            run.job.cancel("disconnected")
+
+    @staticmethod
+    def usage(run: _Run) -> Usage:
+        return Usage(len(run.job.prompt_ids), run.job.completion_tokens)
+
+
+def _finish_reason(reason: str) -> str:
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "The request body is invalid.", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", None
+    param = ".".join(loc) or None
+    where = f"'{param}'" if param else "the request body"
+    return f"Invalid value for {where}: {first.get('msg', 'invalid')}.", param
+
+
+# -- the app -------------------------------------------------------------------------------------
+def create_app(engine: TextEngine, scheduler: Scheduler, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+    """An OpenAI-compatible API over `engine`; the caller owns (and closes) engine and scheduler."""
+    app = FastAPI(title="edgeweave", version=__version__)
+    service = Service(engine, scheduler, default_max_tokens)
+    app.state.service = service
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), None, None,
+                              "invalid_request_error" if exc.status_code < 500 else "server_error")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        snap = scheduler.snapshot()
+        return {"status": "ok", "model": engine.model_id, "active": snap["active"], "waiting": snap["waiting"]}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": engine.model_id, "object": "model", "created": int(service.started), "owned_by": "edgeweave"}
+        ]}
+
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        return {"model": engine.model_id, "version": __version__, "uptime_s": time.time() - service.started,
+                "engine": engine.describe(), "scheduler": scheduler.snapshot()}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request, body: ChatRequest):
+        service.check_model(body.model)
+        run = service.start(request, body, service.chat_prompt(body))
+        rid, created = f"chatcmpl-{run.job.job_id}", int(time.time())
+        if body.stream:
+            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+                delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": engine.model_id,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(service.stream(run, chunk, usage), media_type="text/event-stream")
+        text, finish = await service.collect(request, run)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": engine.model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": finish}],
+                "usage": service.usage(run).as_dict()}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest):
+        service.check_model(body.model)
+        run = service.start(request, body, service.completion_prompt(body))
+        rid, created = f"cmpl-{run.job.job_id}", int(time.time())
+        if body.stream:
+            def chunk(text: str | None, finish: str | None) -> dict[str, Any] | None:
+                if text is None:
+                    return None  # completions streams have no role chunk
+                return {"id": rid, "object": "text_completion", "created": created, "model": engine.model_id,
+                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(service.stream(run, chunk, usage), media_type="text/event-stream")
+        text, finish = await service.collect(request, run)
+        return {"id": rid, "object": "text_completion", "created": created, "model": engine.model_id,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                "usage": service.usage(run).as_dict()}
+
+    return app
