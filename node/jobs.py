@@ -101,6 +101,12 @@ class JobTable:
             budget = memory_budget or self.default_memory_budget
             try:
                 executor = cls(config=config, shards=paths, memory_budget=budget)
+            except (ExecutorInputError, MemoryError):
+                raise
+            except (KeyError, TypeError, ValueError) as exc:  # a config the executor cannot use
+                raise ExecutorInputError(
+                    f"the {kind} executor cannot use the config of job {job_id!r}: {type(exc).__name__}: {exc}"
+                ) from None
             except Exception:
                 log.exception("job %s (%s) failed to load", job_id, kind)
                 raise
