@@ -104,7 +104,8 @@ def server_tables(status: dict[str, Any]) -> list[Table]:
 
 # -- edgeweave serve -----------------------------------------------------------------------------
 def build_engine(model: str | None, engine_kind: str, peers: list[str], interfaces: list[str] | None,
-                 nodes: int, discovery_timeout: float, stack: contextlib.ExitStack) -> Any:
+                 nodes: int, discovery_timeout: float, stack: contextlib.ExitStack,
+                 weights: list[float] | None = None, dtype: str = "float32") -> Any:
     """The engine to serve: the single-process reference, or the model spread over the cluster
     (the discovered/static nodes, else a LocalCluster of `nodes` started here)."""
     from edgeweave.coordinator import engine as engines
@@ -113,44 +114,59 @@ def build_engine(model: str | None, engine_kind: str, peers: list[str], interfac
     checkpoint = open_checkpoint(model)
     if engine_kind == "reference":
         return stack.enter_context(contextlib.closing(engines.ReferenceEngine(checkpoint)))
-    addresses = [r.address for r in discover(timeout=discovery_timeout, interfaces=interfaces, peers=peers)]
+    if peers:  # static peers are the whole cluster: never mix in whatever else announces itself
+        addresses = [r.address for r in discover(timeout=0, peers=peers, wait_for=len(peers))]
+        if len(addresses) < len(peers):
+            raise typer.BadParameter(f"only {len(addresses)} of {len(peers)} peers answered", param_hint="--peer")
+    else:
+        addresses = [r.address for r in discover(timeout=discovery_timeout, interfaces=interfaces)]
     if not addresses:
         from edgeweave.coordinator.local_cluster import LocalCluster
 
         typer.echo(f"no nodes found; starting a local cluster of {nodes} node(s)")
         cluster = stack.enter_context(LocalCluster(nodes, interface=(interfaces or ["127.0.0.1"])[0], advertise=False))
         addresses = list(cluster.addresses)
-    return stack.enter_context(contextlib.closing(engines.DistributedEngine.open(checkpoint, addresses)))
+    return stack.enter_context(contextlib.closing(
+        engines.DistributedEngine.open(checkpoint, addresses, weights=weights, dtype=dtype)))
 
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
         model: str = typer.Argument(None, help="GGUF file or HF folder (default: the bundled SmolLM2-135M-Instruct)."),
-        host: str = typer.Option(None, help="HTTP address to bind (default [coordinator] http_host, 127.0.0.1)."),
-        port: int = typer.Option(None, help="HTTP port (default [coordinator] http_port, 8000)."),
-        peer: list[str] = typer.Option(None, help="Static node host:port (repeatable)."),
-        interface: list[str] = typer.Option(None, help="IPv4 address(es) to discover nodes on."),
+        host: str = typer.Option(None, help="HTTP address to bind (default: config http_host, 127.0.0.1)."),
+        port: int = typer.Option(None, help="HTTP port (default: config http_port, 8000)."),
+        peer: list[str] = typer.Option(None, help="Static node host:port (repeatable); given peers are the whole cluster."),
+        interface: list[str] = typer.Option(None, help="IPv4 address(es) to discover nodes on (without --peer)."),
         nodes: int = typer.Option(None, help="Nodes of the local cluster started when none is found."),
         discovery_timeout: float = typer.Option(None, help="Seconds to listen for nodes."),
         engine: str = typer.Option("cluster", help="'cluster' (tensor parallel over nodes) or 'reference' (one process)."),
+        weights: str = typer.Option(None, help="Relative node capacities, e.g. 2,1 (default: measured GFLOP/s)."),
+        dtype: str = typer.Option("float32", help="Shard dtype on disk and on the wire: float32, float16, bfloat16."),
         max_active: int = typer.Option(8, help="Requests decoded together (round robin, one KV cache each)."),
         max_queue: int = typer.Option(64, help="Requests allowed to wait; more get HTTP 429."),
     ) -> None:
         """Serve the model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
         import uvicorn
 
+        from edgeweave.coordinator.cli_llm import parse_weights
         from edgeweave.coordinator.http_api import create_app
         from edgeweave.coordinator.scheduler import Scheduler
+        from edgeweave.splitting.checkpoints import CheckpointError
 
         if engine not in ("cluster", "reference"):
             raise typer.BadParameter("use 'cluster' or 'reference'", param_hint="--engine")
         cfg = load_settings().coordinator
         with contextlib.ExitStack() as stack:
-            text_engine = build_engine(
-                model, engine, pick(peer or None, cfg.peers) or [], pick(interface or None, [cfg.interface] if cfg.interface else None),
-                pick(nodes, cfg.nodes), pick(discovery_timeout, cfg.discovery_timeout), stack,
-            )
+            peers = pick(peer or None, cfg.peers) or []
+            try:
+                text_engine = build_engine(
+                    model, engine, peers, pick(interface or None, [cfg.interface] if cfg.interface else None),
+                    pick(nodes, cfg.nodes), pick(discovery_timeout, cfg.discovery_timeout), stack,
+                    parse_weights(weights, len(peers) or None), dtype,
+                )
+            except CheckpointError as exc:
+                raise typer.BadParameter(str(exc), param_hint="MODEL") from None
             scheduler = Scheduler(text_engine, max_active=max_active, max_queue=max_queue)
             stack.callback(scheduler.close)
             bind_host, bind_port = pick(host, cfg.http_host), pick(port, cfg.http_port)

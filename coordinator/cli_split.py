@@ -17,6 +17,7 @@ from rich.table import Table
 
 from edgeweave.coordinator.client import NodeClient
 from edgeweave.coordinator.split_driver import MODES, SplitSession, measure_link
+from edgeweave.splitting.bottleneck import load_teacher
 from edgeweave.splitting.datasets import DATASETS, load_dataset
 from edgeweave.splitting.split_artifacts import (
     DEMO_SETTINGS,
@@ -25,7 +26,8 @@ from edgeweave.splitting.split_artifacts import (
     cached_artifacts,
     load_manifest,
 )
-from edgeweave.splitting.split_planner import Link, Plan, format_table, plan
+from edgeweave.splitting.split_planner import Link, Plan, candidates_from_flops, format_table, plan
+from edgeweave.splitting.split_points import split_points
 from edgeweave.splitting.vision_models import ARCHITECTURES
 
 console = Console()
@@ -79,6 +81,19 @@ def make_plan(session: SplitSession, server: NodeClient, bandwidth_mbit: float |
     return plan(session.time_candidates(example), link)
 
 
+def estimate_plan(artifacts: Path, device: NodeClient, server: NodeClient, bandwidth_mbit: float | None) -> Plan:
+    """Neurosurgeon over every cut of the teacher, from FLOPs and the nodes' Profile GFLOP/s (nothing deployed)."""
+    teacher, _ = load_teacher(artifacts)
+    manifest = load_manifest(artifacts)
+    points = split_points(teacher, torch.zeros(manifest["input_shape"]))
+    device_gflops, server_gflops = device.profile().matmul_gflops, server.profile().matmul_gflops
+    link = measure_link(server)
+    if bandwidth_mbit:
+        link = Link(bandwidth_mbit * 1e6, link.rtt_s)
+    input_bytes = int(torch.Size(manifest["input_shape"][1:]).numel())  # the image as uint8 pixels
+    return plan(candidates_from_flops(points, device_gflops, server_gflops, input_bytes=input_bytes), link)
+
+
 def register(app: typer.Typer) -> None:
     split = typer.Typer(help="Split computing (BottleFit): head on a device node, tail on a server node.",
                         no_args_is_help=True)
@@ -115,12 +130,18 @@ def register(app: typer.Typer) -> None:
         server_peer: str = typer.Option(None, help="host:port of the server node (runs the tail)."),
         artifacts: Path = typer.Option(None, help="Output of `split train` (default: the cached demo model)."),
         bandwidth_mbit: float = typer.Option(None, help="Plan for this bandwidth instead of the measured one."),
+        estimate: bool = typer.Option(False, help="Every cut of the unsplit model, estimated from FLOPs and each "
+                                                  "node's profiled GFLOP/s (uint8 activations), instead of timing."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
         """Time every candidate on the real nodes, measure the link, print the table and the choice."""
         art = _artifacts(artifacts)
-        with node_pair(device_peer, server_peer) as (device, server), SplitSession(art, device, server) as session:
-            result = make_plan(session, server, bandwidth_mbit)
+        with node_pair(device_peer, server_peer) as (device, server):
+            if estimate:
+                result = estimate_plan(art, device, server, bandwidth_mbit)
+            else:
+                with SplitSession(art, device, server) as session:
+                    result = make_plan(session, server, bandwidth_mbit)
         if as_json:
             print(json.dumps(plan_json(result)))
             return

@@ -7,25 +7,20 @@ requests (round robin) over a cluster whose nodes keep one KV cache per `session
 Engines here:
 - `ReferenceEngine`: the single-process reference model (`runtime.llama.LlamaModel`), for quick
   runs and as the "1 process" baseline.
-- `DistributedEngine`: the model tensor-parallel over nodes, stepped per session (built on
-  `splitting.tensor_parallel` + `runtime.tp_hub` + the node client's Forward streams).
+- `DistributedEngine`: an adapter over the tensor-parallel driver (`coordinator.tp_driver`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import torch
-
-from edgeweave.coordinator.client import ForwardStream, NodeClient, NodeError
+from edgeweave.coordinator.client import NodeClient
+from edgeweave.coordinator.tp_driver import DistributedLlama
 from edgeweave.runtime.llama import KVCache, LlamaModel
 from edgeweave.runtime.sampling import Sampler, SamplingParams
-from edgeweave.runtime.tp_hub import TensorParallelHub
 from edgeweave.splitting.checkpoints import Checkpoint, open_checkpoint
-from edgeweave.splitting.tensor_parallel import Manifest, plan_shards, write_shards
 from edgeweave.splitting.tokenizer import Tokenizer
 
 
@@ -107,125 +102,62 @@ class ReferenceEngine:
         self.caches.clear()
 
 
-def default_shard_cache() -> Path:
-    """Where the coordinator keeps the shard files it cuts (reused across runs)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edgeweave" / "tp"
-
-
 class DistributedEngine:
-    """The model spread over nodes (tensor parallel), driven step by step for the scheduler.
+    """Adapter over `tp_driver.DistributedLlama`: the model tensor-parallel over nodes.
 
-    Built from the shared pieces: `splitting.tensor_parallel` cuts the checkpoint, each node gets
-    its shards once and loads a "tp_llm" job, and `runtime.tp_hub` runs embedding/norms/LM head
-    here while the nodes compute their heads and columns; one long-lived Forward stream per node
-    carries the 2 x layers round trips per token, each tagged with the request's session.
-    Use it from one thread (the scheduler's).
+    The driver's `generate(..., session=...)` is already a one-step-per-`next()` iterator whose
+    KV caches live on the nodes under `session`, and it resets that session when closed; this
+    adapter only adds what the HTTP layer needs (tokenizer, model id, a status description).
+    Use it from one thread (the scheduler's): the driver's Forward streams are not shared.
     """
 
-    def __init__(self, checkpoint: Checkpoint, addresses: list[str], manifest: Manifest, job_id: str,
-                 clients: list[NodeClient], streams: list[ForwardStream], reply_timeout: float) -> None:
-        self.checkpoint = checkpoint
-        self.model_id = model_id_of(checkpoint)
-        self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
-        self.max_context = checkpoint.config.max_position_embeddings
-        self.addresses = addresses
-        self.manifest = manifest
-        self.job_id = job_id
-        self.clients = clients
-        self.streams = streams
-        self.reply_timeout = reply_timeout
-        self.hub = TensorParallelHub.from_file(checkpoint.config, manifest.coordinator_file)
-        self.sessions: set[str] = set()
+    def __init__(self, llm: DistributedLlama, clients: list[NodeClient] | None = None) -> None:
+        self.llm = llm
+        self.checkpoint = llm.checkpoint
+        self.model_id = model_id_of(llm.checkpoint)
+        self.tokenizer = Tokenizer.from_checkpoint(llm.checkpoint)
+        self.max_context = llm.config.max_position_embeddings
+        self._clients = clients or []
 
     @classmethod
     def open(cls, checkpoint: Checkpoint, addresses: list[str], weights: list[float] | None = None,
-             cache_dir: Path | None = None, reply_timeout: float = 60.0) -> DistributedEngine:
-        """Cut the model for these nodes (cached), ship what they lack, load the job, open the streams."""
+             cache_dir: str | Path | None = None, dtype: str = "float32") -> DistributedEngine:
+        """Connect to the nodes, cut and ship the model (cached on both sides), load the jobs.
+
+        `weights` are the nodes' relative capacities; None = measured by the driver (GFLOP/s)."""
         if not addresses:
             raise ValueError("a distributed engine needs at least one node address")
-        plan = plan_shards(checkpoint.config, weights or [1.0] * len(addresses))
-        root = Path(cache_dir or default_shard_cache()) / checkpoint.fingerprint / plan.plan_id
-        manifest = write_shards(checkpoint, plan, root)
-        job_id = f"serve-{plan.plan_id}"
-        clients: list[NodeClient] = []
-        streams: list[ForwardStream] = []
+        clients = [NodeClient(address) for address in addresses]
         try:
-            for rank, address in enumerate(addresses):
-                client = NodeClient(address, timeout=30.0)
-                clients.append(client)
-                digests = client.ensure_shards(manifest.node_files(rank))
-                config = {"model": manifest.data["config"], "rank": rank,
-                          "n_layers": checkpoint.config.num_layers, "window": None}
-                client.load(job_id, "tp_llm", config, digests)
-                streams.append(client.open_stream(reply_timeout=reply_timeout))
+            llm = DistributedLlama(checkpoint, clients, weights, cache_dir=cache_dir, dtype=dtype)
         except BaseException:
-            for stream in streams:
-                stream.close()
             for client in clients:
                 client.close()
             raise
-        return cls(checkpoint, list(addresses), manifest, job_id, clients, streams, reply_timeout)
-
-    def _reduce(self, session: str):
-        def reduce(op: str, layer: int, x: torch.Tensor, position: int) -> torch.Tensor:
-            for stream in self.streams:  # send to every node first: they compute in parallel
-                stream.send(self.job_id, op, [x], layer=layer, position=position, session=session)
-            total = None
-            for stream in self.streams:
-                (partial,), _ = stream.recv()
-                total = partial if total is None else total + partial
-            return total
-
-        return reduce
+        return cls(llm, clients)
 
     def generate(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams, session: str) -> Iterator[int]:
-        if session in self.sessions:
-            raise ValueError(f"session {session!r} is already generating")
-        self.sessions.add(session)
-        sampler, reduce = Sampler(sampling), self._reduce(session)
-        try:
-            logits = self.hub.forward(prompt_ids, 0, reduce)[-1]
-            position = len(prompt_ids)
-            for _ in range(max_tokens):
-                token = sampler.choose(logits)
-                yield token
-                if sampler.is_stop(token):
-                    return
-                logits = self.hub.forward([token], position, reduce)[-1]
-                position += 1
-        finally:
-            self.sessions.discard(session)
+        return self.llm.generate(prompt_ids, max_tokens, sampling, session=session)
 
     def reset(self, session: str) -> None:
-        for stream in self.streams:
-            stream.send(self.job_id, "reset", [], session=session)
-        for stream in self.streams:
-            stream.recv()
+        self.llm.reset(session)  # a no-op when the driver's generator has reset it already
 
     def describe(self) -> dict[str, Any]:
-        plan = self.manifest.data["describe"]
         return {
-            "engine": f"tensor parallel over {len(self.addresses)} node(s)",
+            "engine": f"tensor parallel over {len(self.llm.nodes)} node(s)",
             "model": self.model_id,
             "checkpoint": str(self.checkpoint.path),
-            "layers": self.checkpoint.config.num_layers,
-            "job_id": self.job_id,
-            "plan_id": self.manifest.plan_id,
+            "layers": self.llm.config.num_layers,
+            "plan_id": self.llm.plan.plan_id,
             "nodes": [
-                {"name": f"rank {d['rank']}", "address": address, "kv_heads": d["n_kv_heads"],
-                 "q_heads": d["n_q_heads"], "columns": d["n_columns"], "weight_bytes": d["bytes"]}
-                for d, address in zip(plan, self.addresses, strict=True)
+                {"name": f"rank {row['rank']}", "address": row["address"], "job_id": job_id,
+                 "weight": row["weight"], "kv_heads": row["n_kv_heads"], "q_heads": row["n_q_heads"],
+                 "columns": row["n_columns"], "weight_bytes": row["bytes"]}
+                for row, job_id in zip(self.llm.describe(), self.llm.job_ids, strict=True)
             ],
-            "sessions": len(self.sessions),
         }
 
     def close(self) -> None:
-        for stream in self.streams:
-            stream.close()
-        for client in self.clients:
-            try:
-                client.unload(self.job_id)
-            except NodeError:
-                pass  # the node is gone already
+        self.llm.close()
+        for client in self._clients:
             client.close()

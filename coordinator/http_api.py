@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from edgeweave.runtime.sampling import SamplingParams
 from edgeweave.splitting.tokenizer import TokenizerError
 
 DEFAULT_MAX_TOKENS = 512
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*\]|function-.*)$")
 MAX_STOP_STRINGS = 4
 
 
@@ -268,7 +270,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "The request body is invalid.", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # drop "body" and pydantic's union-branch tags ("str", "list[TextPart]") from the location
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
     param = ".".join(loc) or None

@@ -84,7 +84,8 @@ class _Active:
 class Scheduler:
     """Drives `engine` from one thread; `submit` from any thread."""
 
-    def __init__(self, engine: TextEngine, max_active: int = 8, max_queue: int = 64, history: int = 64) -> None:
+    def __init__(self, engine: TextEngine, max_active: int = 8, max_queue: int = 64, history: int = 64,
+                 autostart: bool = True) -> None:
         if max_active < 1 or max_queue < 0:
             raise ValueError("max_active must be >= 1 and max_queue >= 0")
         self.engine = engine
@@ -97,6 +98,11 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="edgeweave-scheduler", daemon=True)
+        if autostart:
+            self.start()
+
+    def start(self) -> None:
+        """Start the engine thread (separate from __init__ so jobs can be queued first)."""
         self._thread.start()
 
     # -- any thread ------------------------------------------------------------------------
@@ -145,7 +151,8 @@ class Scheduler:
             for active in self._active:
                 active.job.cancel("shutdown")
             self._wake.notify()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     # -- scheduler thread ------------------------------------------------------------------
     def _run(self) -> None:
@@ -162,14 +169,17 @@ class Scheduler:
                 self._step(active)
 
     def _admit_locked(self) -> list[GenerationJob]:
-        """Take waiting jobs, one client at a time, while there is room."""
+        """Take waiting jobs while there is room: first from the client with the fewest running
+        requests (ties: whoever has waited longest), then that client goes to the back of the line."""
         admitted: list[GenerationJob] = []
         while self._n_waiting and len(self._active) + len(admitted) < self.max_active:
-            client, queue = next(iter(self._waiting.items()))
+            running = collections.Counter(a.job.client for a in self._active)
+            running.update(job.client for job in admitted)
+            client = min(self._waiting, key=lambda c: running[c])
+            queue = self._waiting.pop(client)
             admitted.append(queue.popleft())
             self._n_waiting -= 1
-            del self._waiting[client]
-            if queue:  # this client has more: it goes to the back of the line
+            if queue:
                 self._waiting[client] = queue
         return admitted
 

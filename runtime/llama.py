@@ -152,6 +152,24 @@ class KVCache:
         return sum(layer.nbytes() for layer in self.layers)
 
 
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention of the T newest tokens: q [nq, T, hd], keys/values [nkv, S, hd] -> [nq, T, hd].
+
+    The query heads of one KV group are stacked into one matrix ([nkv, g*T, hd]), so each KV head
+    is read once and never repeated; token t (absolute S-T+t) sees keys 0 .. S-T+t. Written out
+    instead of SDPA because SDPA's CPU kernel is slow on the strided views of a growing cache.
+    """
+    n_q, T, hd = q.shape
+    n_kv, S, _ = keys.shape
+    group = n_q // n_kv
+    scores = q.reshape(n_kv, group * T, hd) @ keys.transpose(1, 2) * hd**-0.5
+    if T > 1:
+        future = torch.ones(T, S, dtype=torch.bool).triu(diagonal=S - T + 1)
+        scores = scores.masked_fill(future.repeat(group, 1), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return (probs @ values).reshape(n_q, T, hd)
+
+
 def attention_shard(
     x_normed: torch.Tensor, weights: dict[str, torch.Tensor], kv: LayerKV, position: int, rotary: Rotary, head_dim: int
 ) -> torch.Tensor:
@@ -171,15 +189,8 @@ def attention_shard(
     cos, sin = rotary.tables(position, T, q.dtype)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values = kv.append(k, v)
-    total = keys.shape[1]
-    # Query t may see keys 0 .. position+t; a boolean mask handles prefill at any position.
-    mask = None
-    if T > 1:
-        mask = torch.ones(T, total, dtype=torch.bool).tril(diagonal=total - T)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, enable_gqa=n_q != n_kv
-    )
-    out = out.squeeze(0).transpose(0, 1).reshape(T, n_q * head_dim)
+    out = grouped_attention(q, keys, values)
+    out = out.transpose(0, 1).reshape(T, n_q * head_dim)
     return F.linear(out, weights["wo"])
 
 

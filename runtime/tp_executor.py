@@ -13,50 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from edgeweave.runtime.codec import Quantized
 from edgeweave.runtime.executor import Executor, ExecutorInputError, ExecutorStateError, TensorLike
+from edgeweave.runtime.layer_store import LayerStore, layer_file_sizes
 from edgeweave.runtime.llama import KVCache, Rotary, attention_shard, mlp_shard
+from edgeweave.runtime.memory_budget import MemoryBudgetError, choose_window, kv_cache_bytes
 
 _COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _REQUIRED_MODEL_KEYS = ("hidden_size", "num_layers", "head_dim", "rope_theta")
 MAX_SESSIONS = 64
-
-
-class ResidentLayers:
-    """Fallback layer store that keeps every layer in memory (used until `runtime.layer_store` exists).
-
-    Same interface as `LayerStore(paths, window)`: `layer(i)`, `stats()`, `close()`.
-    """
-
-    def __init__(self, paths: list[Path], window: int | None = None) -> None:
-        self.paths = paths
-        self.bytes_read = 0
-        self._layers: list[dict[str, torch.Tensor]] = []
-        for path in paths:
-            with safe_open(str(path), framework="pt") as handle:
-                self._layers.append({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
-            self.bytes_read += Path(path).stat().st_size
-
-    def layer(self, index: int) -> dict[str, torch.Tensor]:
-        return self._layers[index]
-
-    def stats(self) -> dict[str, Any]:
-        return {"window": None, "resident_layers": len(self._layers), "bytes_read": self.bytes_read}
-
-    def close(self) -> None:
-        self._layers.clear()
-
-
-def _layer_store_class() -> type:
-    try:
-        from edgeweave.runtime.layer_store import LayerStore
-    except ModuleNotFoundError as exc:
-        if exc.name != "edgeweave.runtime.layer_store":
-            raise
-        return ResidentLayers
-    return LayerStore
 
 
 class TensorParallelExecutor(Executor):
@@ -83,8 +49,9 @@ class TensorParallelExecutor(Executor):
         if missing:
             raise ExecutorInputError(f"tp_llm layer files {missing[:3]} are not among the job's shards")
         self.rank = int(config.get("rank", 0))
-        self.window = config.get("window")
-        self.store = _layer_store_class()([Path(shards[n]) for n in names], self.window)
+        paths = [Path(shards[n]) for n in names]
+        self.window = self._window(config.get("window"), paths, model, memory_budget)
+        self.store = LayerStore(paths, self.window)
         first = self.store.layer(0)
         self.n_kv_heads = first["wk"].shape[0] // self.head_dim
         self.n_q_heads = first["wq"].shape[0] // self.head_dim
@@ -98,6 +65,21 @@ class TensorParallelExecutor(Executor):
         self.tokens = 0
         self.compute_s = 0.0
         self._lock = threading.Lock()
+
+    def _window(self, window: Any, paths: list[Path], model: dict[str, Any], memory_budget: int) -> int | None:
+        """The configured window, else one sized from the node's memory budget (None = all resident)."""
+        if window is not None:
+            if not isinstance(window, int) or window < 1:
+                raise ExecutorInputError(f"tp_llm window must be a positive number of layers or null, not {window!r}")
+            return window
+        if memory_budget <= 0:
+            return None
+        context = int(self.config.get("context", model.get("max_position_embeddings", 2048)))
+        kv = kv_cache_bytes(self.n_layers, int(model.get("num_kv_heads", 1)), self.head_dim, min(context, 4096))
+        try:
+            return choose_window(layer_file_sizes(paths), memory_budget, kv_cache_bytes=kv)
+        except MemoryBudgetError as exc:
+            raise ExecutorInputError(str(exc)) from None
 
     def details(self) -> dict[str, Any]:
         return {

@@ -62,11 +62,11 @@ class Plan:
 
 def plan(candidates: Iterable[Candidate], link: Link) -> Plan:
     """The fastest candidate over `link`; ties go to the earlier candidate (fewer layers on the device)."""
+    if link.bandwidth_bps <= 0 or link.rtt_s < 0:
+        raise ValueError(f"a link needs positive bandwidth and non-negative RTT, got {link}")
     table = [(c, latency(c, link)) for c in candidates]
     if not table:
         raise ValueError("no split candidates to plan over")
-    if link.bandwidth_bps <= 0 or link.rtt_s < 0:
-        raise ValueError(f"a link needs positive bandwidth and non-negative RTT, got {link}")
     best = min(table, key=lambda row: row[1])[0]
     return Plan(best, link, table)
 

@@ -1,0 +1,267 @@
+"""Sliding-window weight scheduling vs all-resident vs Hugging Face Accelerate disk offload.
+
+Model: a random-weight 1.1B Llama (TinyLlama's shape: 22 layers, hidden 2048, 32 heads, 4 KV
+heads, MLP 5632) written once in float16 to ~/.cache/edgeweave/models/random-1b and cut for one
+node (rank 0 of 1, 88 MB per layer file). Each configuration runs in its own subprocess: the
+coordinator hub (embedding, norms, LM head, float32) and one `TensorParallelExecutor` in-process,
+driven by `TensorParallelHub.forward` (no network: this measures the store, not the transport).
+Peak RSS is sampled from outside with psutil and read from the kernel (VmHWM); "above base" is the
+peak minus the child's VmHWM right before the executor was built (interpreter, torch, hub).
+
+Cold page cache: before each configuration every file is dropped with posix_fadvise(DONTNEED)
+(and /proc/sys/vm/drop_caches when writable). The store drops a layer's cached pages after
+reading it, so every windowed token re-reads from disk; to compare like with like the Accelerate
+child drops the checkpoint's and its offload folder's pages before each token too (a device
+without spare RAM has no page cache to hold a model it cannot hold itself).
+
+I/O floor = layer bytes per token / cold sequential read bandwidth measured in the same run.
+
+    python benchmarks/sliding_window.py [--tokens 4] [--skip-accelerate]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+MODEL_DIR = Path.home() / ".cache" / "edgeweave" / "models" / "random-1b"
+SHARD_DIR = Path.home() / ".cache" / "edgeweave" / "models" / "random-1b-shards"
+RESULTS = Path(__file__).parent / "results" / "sliding_window.json"
+PROMPT = [1, 450, 7483, 310, 3444, 338, 3681, 29889]
+MB = 1e6
+
+
+def vm_hwm() -> int:
+    """The kernel's peak RSS of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def drop_page_cache(paths: list[str]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def drop_all_caches(paths: list[str]) -> bool:
+    drop_page_cache(paths)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+# -- children ---------------------------------------------------------------------------------
+
+
+def child_edgeweave(window: int | None, tokens: int) -> dict:
+    import torch
+
+    from edgeweave.runtime.tp_executor import TensorParallelExecutor
+    from edgeweave.runtime.tp_hub import TensorParallelHub
+    from edgeweave.splitting.tensor_parallel import Manifest
+
+    torch.set_grad_enabled(False)
+    manifest = Manifest.load(SHARD_DIR)
+    hub = TensorParallelHub.from_file(manifest.config, manifest.coordinator_file)
+    base = vm_hwm()
+    config = {"model": manifest.data["config"], "rank": 0, "window": window, "dtype": "float16"}
+    start = time.perf_counter()
+    executor = TensorParallelExecutor(config, manifest.node_files(0))
+    setup_s = time.perf_counter() - start
+
+    def reduce(op, layer, x, position):
+        return executor.forward(op, layer, position, "bench", [x])[0]
+
+    start = time.perf_counter()
+    logits = hub.forward(PROMPT, 0, reduce)[-1]
+    ttft = time.perf_counter() - start
+    step_s, out = [], []
+    for _ in range(tokens):
+        out.append(int(logits.argmax()))
+        start = time.perf_counter()
+        logits = hub.forward([out[-1]], len(PROMPT) + len(out) - 1, reduce)[-1]
+        step_s.append(time.perf_counter() - start)
+    stats = executor.stats()["layer_store"]
+    executor.close()
+    return {"setup_s": setup_s, "ttft_s": ttft, "token_s": step_s, "tokens": out, "base_hwm": base,
+            "hwm": vm_hwm(), "store": stats}
+
+
+def child_accelerate(max_cpu_bytes: int, tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_grad_enabled(False)
+    files = sorted(glob.glob(str(MODEL_DIR / "*.safetensors")))
+    with tempfile.TemporaryDirectory(prefix="accelerate-offload-") as offload:
+        base = vm_hwm()
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(
+            MODEL_DIR, dtype=torch.float16, device_map="auto", max_memory={"cpu": max_cpu_bytes},
+            offload_folder=offload,
+        ).eval()
+        setup_s = time.perf_counter() - start
+        placement = list(getattr(model, "hf_device_map", {}).values())
+
+        def cold() -> None:
+            drop_page_cache(files + [str(p) for p in Path(offload).rglob("*") if p.is_file()])
+
+        cold()
+        ids = torch.tensor([PROMPT])
+        start = time.perf_counter()
+        result = model(ids, use_cache=True)
+        ttft = time.perf_counter() - start
+        past, logits = result.past_key_values, result.logits[0, -1]
+        step_s, out = [], []
+        for _ in range(tokens):
+            out.append(int(logits.argmax()))
+            cold()
+            start = time.perf_counter()
+            result = model(torch.tensor([[out[-1]]]), past_key_values=past, use_cache=True)
+            step_s.append(time.perf_counter() - start)
+            past, logits = result.past_key_values, result.logits[0, -1]
+    return {"setup_s": setup_s, "ttft_s": ttft, "token_s": step_s, "tokens": out, "base_hwm": base,
+            "hwm": vm_hwm(), "disk_modules": placement.count("disk"), "cpu_modules": placement.count("cpu")}
+
+
+# -- parent -----------------------------------------------------------------------------------
+
+
+def prepare() -> None:
+    """Write the random checkpoint and the single-node shards once (both reused when present)."""
+    from edgeweave.splitting.checkpoints import open_checkpoint
+    from edgeweave.splitting.random_llama import write_random_llama
+    from edgeweave.splitting.tensor_parallel import plan_shards, write_shards
+
+    write_random_llama(MODEL_DIR, "1b", seed=0, dtype="float16")
+    checkpoint = open_checkpoint(MODEL_DIR)
+    write_shards(checkpoint, plan_shards(checkpoint.config, [1.0]), SHARD_DIR, dtype="float16")
+
+
+def cold_read_bandwidth(paths: list[str]) -> float:
+    """Bytes/s of a cold sequential read of `paths` (plain read() into one 16 MiB buffer)."""
+    drop_all_caches(paths)
+    buffer = memoryview(bytearray(16 << 20))
+    total, start = 0, time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                total += n
+    elapsed = time.perf_counter() - start
+    drop_page_cache(paths)
+    return total / elapsed
+
+
+def run_child(args: list[str], cold_paths: list[str]) -> dict:
+    drop_all_caches(cold_paths)
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+    watched, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.005)
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed with exit code {proc.returncode}")
+    return {**json.loads(out.strip().splitlines()[-1]), "sampled_peak_rss": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4, help="decode tokens per configuration")
+    parser.add_argument("--skip-accelerate", action="store_true")
+    parser.add_argument("--child", choices=["edgeweave", "accelerate"], help=argparse.SUPPRESS)
+    parser.add_argument("--window", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--max-cpu", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "edgeweave":
+        print(json.dumps(child_edgeweave(args.window or None, args.tokens)))
+        return
+    if args.child == "accelerate":
+        print(json.dumps(child_accelerate(args.max_cpu, args.tokens)))
+        return
+
+    prepare()
+    from edgeweave.splitting.tensor_parallel import Manifest
+
+    manifest = Manifest.load(SHARD_DIR)
+    n_layers = manifest.config.num_layers
+    layer_paths = [str(p) for p in manifest.node_files(0).values()]
+    layer_bytes = [os.path.getsize(p) for p in layer_paths]
+    per_token = sum(layer_bytes)
+    cold_paths = layer_paths + sorted(glob.glob(str(MODEL_DIR / "*.safetensors")))
+    bandwidth = cold_read_bandwidth(layer_paths)
+    floor_s = per_token / bandwidth
+
+    configs = [("all resident", 0), (f"window L/4 = {n_layers // 4}", n_layers // 4), ("window 2", 2)]
+    rows = []
+    for name, window in configs:
+        result = run_child(["--child", "edgeweave", "--window", str(window), "--tokens", str(args.tokens)], cold_paths)
+        rows.append({"config": name, "window": window or None, **result})
+        print(f"  done: {name}", file=sys.stderr)
+    if not args.skip_accelerate:
+        # room for embedding + LM head (float16) and as many layers as the L/4 window holds
+        outer = 2 * manifest.config.vocab_size * manifest.config.hidden_size * 2
+        max_cpu = outer + (n_layers // 4) * layer_bytes[0]
+        result = run_child(["--child", "accelerate", "--max-cpu", str(max_cpu), "--tokens", str(args.tokens)],
+                           cold_paths)
+        rows.append({"config": f"accelerate disk offload (cpu {max_cpu / MB:.0f} MB)", "window": None, **result})
+
+    resident_above = rows[0]["hwm"] - rows[0]["base_hwm"]
+    print(f"\nrandom 1.1B Llama, float16, {n_layers} layers x {layer_bytes[0] / MB:.1f} MB = {per_token / MB:.0f} MB "
+          f"per token; cold read {bandwidth / MB:.0f} MB/s -> I/O floor {floor_s:.2f} s/token; "
+          f"prompt {len(PROMPT)} tokens, {args.tokens} decode tokens")
+    header = (f"{'config':<40} {'ttft s':>8} {'token s':>8} {'/floor':>7} {'peak RSS MB':>12} {'above base MB':>14} "
+              f"{'goal MB':>8} {'stall s':>8}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        row["median_token_s"] = statistics.median(row["token_s"])
+        row["peak_rss"] = max(row["hwm"], row["sampled_peak_rss"])
+        row["above_base"] = row["hwm"] - row["base_hwm"]
+        row["vs_floor"] = row["median_token_s"] / floor_s
+        window = row["window"]
+        row["goal_above_base"] = None if not window or row["config"].startswith("accelerate") else (
+            (window + 1) / n_layers * resident_above)
+        goal = f"{row['goal_above_base'] / MB:.0f}" if row["goal_above_base"] else "-"
+        stall = f"{row['store']['stall_s']:.2f}" if "store" in row else "-"
+        print(f"{row['config']:<40} {row['ttft_s']:>8.2f} {row['median_token_s']:>8.2f} {row['vs_floor']:>7.2f} "
+              f"{row['peak_rss'] / MB:>12.0f} {row['above_base'] / MB:>14.0f} {goal:>8} {stall:>8}")
+    if not args.skip_accelerate:
+        quarter, accel = rows[1], rows[-1]
+        print(f"\nwindow L/4 vs accelerate: {accel['median_token_s'] / quarter['median_token_s']:.2f}x faster per token, "
+              f"peak RSS {quarter['peak_rss'] / MB:.0f} MB vs {accel['peak_rss'] / MB:.0f} MB")
+    same = all(r["tokens"] == rows[0]["tokens"] for r in rows[:3])
+    print(f"edgeweave configs generated identical tokens: {same}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "model": "random-1b float16 (TinyLlama-1.1B shape)", "layers": n_layers, "layer_bytes": layer_bytes[0],
+        "bytes_per_token": per_token, "cold_read_bytes_per_s": bandwidth, "io_floor_s": floor_s,
+        "prompt_tokens": len(PROMPT), "decode_tokens": args.tokens, "identical_tokens": same, "rows": rows,
+    }, indent=1))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""`edgeweave run` and `edgeweave plan`: generate text with a model spread over nodes, or show the cut."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgeweave.splitting.checkpoints import CheckpointError, open_checkpoint
+
+MODEL_HELP = "GGUF file or Hugging Face folder (default: the bundled SmolLM2-135M-Instruct)."
+
+
+def parse_weights(text: str | None, n_nodes: int | None = None) -> list[float] | None:
+    """'2,1' -> [2.0, 1.0]; BadParameter with a sentence when malformed or of the wrong length."""
+    if not text:
+        return None
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers, e.g. 2,1", param_hint="--weights") from None
+    if any(w <= 0 for w in weights):
+        raise typer.BadParameter("every weight must be positive", param_hint="--weights")
+    if n_nodes is not None and len(weights) != n_nodes:
+        raise typer.BadParameter(f"{len(weights)} weights for {n_nodes} nodes", param_hint="--weights")
+    return weights
+
+
+def plan_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("node", "weight", "KV heads", "Q heads", "MLP columns", "MB"):
+        table.add_column(column, justify="right" if column != "node" else "left")
+    for row in rows:
+        table.add_row(row.get("address", f"rank {row['rank']}"), f"{row['weight']:g}",
+                      f"{row['n_kv_heads']} {tuple(row['kv_heads'])}", str(row["n_q_heads"]),
+                      f"{row['n_columns']} {tuple(row['columns'])}", f"{row['bytes'] / 1e6:.1f}")
+    return table
+
+
+def _node_addresses(peers: list[str], interface: str | None, discovery_timeout: float) -> list[str]:
+    from edgeweave.coordinator.discovery import discover
+
+    if discovery_timeout <= 0:
+        return list(peers)
+    records = discover(timeout=discovery_timeout, interfaces=[interface] if interface else None, peers=peers)
+    return [r.address for r in records]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("plan")
+    def plan(
+        model: str = typer.Argument(None, help=MODEL_HELP),
+        nodes: int = typer.Option(2, "--nodes", "-n", help="Number of equal nodes (ignored with --weights)."),
+        weights: str = typer.Option(None, help="Relative node capacities, e.g. 2,1."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    ) -> None:
+        """Show how the model's heads and MLP columns would be cut across nodes."""
+        from edgeweave.splitting.tensor_parallel import plan_shards
+
+        try:
+            checkpoint = open_checkpoint(model)
+        except CheckpointError as exc:
+            raise typer.BadParameter(str(exc), param_hint="MODEL") from None
+        if nodes < 1:
+            raise typer.BadParameter("at least one node", param_hint="--nodes")
+        plan_ = plan_shards(checkpoint.config, parse_weights(weights) or [1.0] * nodes)
+        rows = plan_.describe()
+        if as_json:
+            typer.echo(json.dumps({"plan_id": plan_.plan_id, "model": str(checkpoint.path), "nodes": rows}, indent=1))
+        else:
+            Console().print(plan_table(rows, f"{checkpoint.path.name}: {checkpoint.config.num_layers} layers"))
+
+    @app.command("run")
+    def run(
+        model: str = typer.Argument(None, help=MODEL_HELP),
+        prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt (a user message with --chat)."),
+        nodes: int = typer.Option(2, "--nodes", "-n", help="Nodes of the local cluster started when none is found."),
+        peer: list[str] = typer.Option(None, help="Static node host:port (repeatable)."),
+        interface: str = typer.Option(None, help="IPv4 address to discover nodes on (and to bind a local cluster to)."),
+        discovery_timeout: float = typer.Option(1.0, help="Seconds to listen for nodes (0: only --peer / local)."),
+        weights: str = typer.Option(None, help="Relative node capacities, e.g. 2,1 (default: measured GFLOP/s)."),
+        max_tokens: int = typer.Option(64, help="Most tokens to generate."),
+        temperature: float = typer.Option(0.0, help="0 = greedy."),
+        top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+        top_k: int = typer.Option(0, help="Keep the k most likely tokens (0 = all)."),
+        seed: int = typer.Option(None, help="Random seed for sampling."),
+        chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
+        dtype: str = typer.Option("float32", help="Shard dtype on disk and on the wire to nodes: float32, float16, bfloat16."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
+    ) -> None:
+        """Generate text with the model split across nodes by tensor parallelism."""
+        from edgeweave.coordinator.client import NodeClient
+        from edgeweave.coordinator.local_cluster import LocalCluster
+        from edgeweave.coordinator.tp_driver import DistributedLlama
+        from edgeweave.runtime.sampling import SamplingParams
+        from edgeweave.splitting.tokenizer import Tokenizer
+
+        try:
+            checkpoint = open_checkpoint(model)
+            sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                      stop_token_ids=frozenset(checkpoint.config.eos_token_ids))
+        except (CheckpointError, ValueError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+        tokenizer = Tokenizer.from_checkpoint(checkpoint)
+        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
+        err = Console(stderr=True)
+        with contextlib.ExitStack() as stack:
+            addresses = _node_addresses(list(peer or []), interface, discovery_timeout)
+            if not addresses:
+                if not as_json:
+                    err.print(f"no nodes found; starting a local cluster of {nodes} node(s)")
+                cluster = stack.enter_context(LocalCluster(nodes, interface=interface or "127.0.0.1", advertise=False))
+                addresses = list(cluster.addresses)
+            clients = [stack.enter_context(NodeClient(a)) for a in addresses]
+            llm = stack.enter_context(DistributedLlama(
+                checkpoint, clients, parse_weights(weights, len(clients)), dtype=dtype, show_progress=not as_json
+            ))
+            decoder = tokenizer.stream_decoder()
+            tokens: list[int] = []
+            for token in llm.generate(prompt_ids, max_tokens, sampling):
+                tokens.append(token)
+                piece = decoder.feed(token)
+                if piece and not as_json:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            stats = llm.last_stats
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            if as_json:
+                typer.echo(json.dumps({
+                    "text": text, "tokens": tokens, "ttft_s": stats.ttft_s, "per_token_s": stats.per_token_s,
+                    "comm_s": stats.comm_s, "nodes": llm.describe(), "shard_bytes_sent": llm.bytes_sent,
+                }))
+                return
+            sys.stdout.write(decoder.flush() + "\n")
+            per_token = f"{stats.per_token_s * 1e3:.1f} ms" if stats.per_token_s else "n/a"
+            err.print(f"{len(tokens)} tokens on {len(clients)} nodes: first token {stats.ttft_s * 1e3:.0f} ms, "
+                      f"then {per_token} per token (median); {stats.comm_s:.2f} s waiting on the network")

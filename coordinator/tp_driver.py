@@ -1,0 +1,283 @@
+"""Tensor-parallel generation over nodes: plan, ship shards once, and run the star allreduce hub.
+
+The coordinator keeps the embedding, the norms and the LM head (`runtime.tp_hub`); every node
+holds its KV-head groups and MLP columns of every layer. Per layer the normed hidden state goes
+to all nodes on their long-lived Forward streams (all sends first, then all receives, so nodes
+compute in parallel), and the partials are summed here. Prefill sends the whole prompt at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeweave.coordinator.client import NodeClient
+from edgeweave.runtime.sampling import Sampler, SamplingParams
+from edgeweave.runtime.tp_hub import TensorParallelHub
+from edgeweave.splitting.checkpoints import Checkpoint
+from edgeweave.splitting.tensor_parallel import Manifest, TensorParallelPlan, layer_file, plan_shards, write_shards
+
+log = logging.getLogger(__name__)
+
+
+def shard_cache_root() -> Path:
+    """Where shards are written: $EDGEWEAVE_CACHE/shards or ~/.cache/edgeweave/shards."""
+    base = os.environ.get("EDGEWEAVE_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "edgeweave") / "shards"
+
+
+def profile_weights(nodes: list[NodeClient], budget_s: float = 0.3) -> list[float]:
+    """Node weights from their measured matmul GFLOP/s (a node that cannot say counts as the slowest)."""
+    speeds = []
+    for client in nodes:
+        try:
+            speeds.append(max(client.profile(budget_s=budget_s).matmul_gflops, 0.0))
+        except Exception as exc:  # a profile failure must not stop the run; equal share instead
+            log.warning("profiling %s failed (%s); giving it the smallest share", client.address, exc)
+            speeds.append(0.0)
+    floor = min((s for s in speeds if s > 0), default=1.0)
+    return [s if s > 0 else floor for s in speeds]
+
+
+@dataclass
+class GenerationStats:
+    """Timing of one generate call. comm_s = time waiting on nodes minus the slowest node's compute."""
+
+    prompt_tokens: int = 0
+    ttft_s: float = 0.0
+    token_s: list[float] = field(default_factory=list)
+    wait_s: float = 0.0
+    node_compute_s: float = 0.0
+    round_trips: int = 0
+
+    @property
+    def comm_s(self) -> float:
+        return max(0.0, self.wait_s - self.node_compute_s)
+
+    @property
+    def per_token_s(self) -> float | None:
+        """Median decode latency (tokens after the first)."""
+        return statistics.median(self.token_s) if self.token_s else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "comm_s": self.comm_s, "per_token_s": self.per_token_s}
+
+
+class DistributedLlama:
+    """A Llama-family model spread over `nodes` by tensor parallelism, driven from this process."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        nodes: list[NodeClient],
+        weights: list[float] | None = None,
+        *,
+        cache_dir: str | Path | None = None,
+        dtype: str = "float32",
+        window: int | None = None,
+        reply_timeout: float = 120.0,
+        show_progress: bool = False,
+    ) -> None:
+        if not nodes:
+            raise ValueError("tensor-parallel inference needs at least one node")
+        self.checkpoint, self.nodes, self.config = checkpoint, nodes, checkpoint.config
+        self.weights = list(weights) if weights else profile_weights(nodes)
+        if len(self.weights) != len(nodes):
+            raise ValueError(f"got {len(self.weights)} weights for {len(nodes)} nodes")
+        self.plan: TensorParallelPlan = plan_shards(self.config, self.weights)
+        root = Path(cache_dir) if cache_dir else shard_cache_root()
+        self.show_progress = show_progress
+        self.manifest: Manifest = self._write(root / checkpoint.fingerprint / f"{self.plan.plan_id}-{dtype}", dtype)
+        self.hub = TensorParallelHub.from_file(self.config, self.manifest.coordinator_file)
+        self.bytes_sent = self._ship()
+        self.job_ids = [f"tp-{checkpoint.fingerprint}-{self.plan.plan_id}-r{r}" for r in range(len(nodes))]
+        self.load_details = [self._load(r, dtype, window) for r in range(len(nodes))]
+        self.streams = [client.open_stream(reply_timeout) for client in nodes]
+        self._attn_ranks = [s.rank for s in self.plan.shards if s.n_kv_heads > 0]
+        self._mlp_ranks = [s.rank for s in self.plan.shards if s.n_columns > 0]
+        self.last_stats = GenerationStats()
+        self._sessions: set[str] = set()
+        self._closed = False
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _progress(self, description: str, total: float):
+        """A rich progress bar when asked for, else a silent stand-in."""
+        if not self.show_progress:
+            return None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = [TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn()]
+        if description.startswith("ship"):
+            columns.insert(2, DownloadColumn())
+        bar = Progress(*columns, transient=True)
+        return bar, bar.add_task(description, total=total)
+
+    def _write(self, folder: Path, dtype: str) -> Manifest:
+        progress = self._progress("writing shards", self.config.num_layers + 1)
+        if progress is None:
+            return write_shards(self.checkpoint, self.plan, folder, dtype)
+        bar, task = progress
+        with bar:
+            return write_shards(self.checkpoint, self.plan, folder, dtype,
+                                progress=lambda done, total, _: bar.update(task, completed=done))
+
+    def _ship(self) -> int:
+        """Upload each node's missing layer files (nodes keep them by sha256); returns bytes sent."""
+        missing: list[tuple[NodeClient, str, Path, str]] = []
+        for rank, client in enumerate(self.nodes):
+            files = {f"layer.{i:03d}": layer_file(rank, i) for i in range(self.config.num_layers)}
+            digests = {name: self.manifest.sha256(rel) for name, rel in files.items()}
+            present = client.has_shards(list(digests.values()))
+            missing += [(client, n, self.manifest.path(files[n]), d) for n, d in digests.items() if d not in present]
+        total = sum(path.stat().st_size for _, _, path, _ in missing)
+        progress = self._progress(f"shipping shards to {len(self.nodes)} nodes", total) if missing else None
+        sent = 0
+        bar = progress[0] if progress else None
+        if bar:
+            bar.start()
+        try:
+            for client, name, path, digest in missing:
+                base = sent
+
+                def update(done: int, _total: int, base: int = base) -> None:
+                    if bar:
+                        bar.update(progress[1], completed=base + done)
+
+                client.put_shard(path, name, digest, update)
+                sent += path.stat().st_size
+        finally:
+            if bar:
+                bar.stop()
+        return sent
+
+    def _load(self, rank: int, dtype: str, window: int | None) -> dict[str, Any]:
+        config = {
+            "model": self.manifest.data["config"],
+            "rank": rank,
+            "n_layers": self.config.num_layers,
+            "layer_files": [f"layer.{i:03d}" for i in range(self.config.num_layers)],
+            "window": window,
+            "dtype": "float32",  # compute in float32 whatever the file dtype (16-bit files halve transfer and disk)
+        }
+        shards = {
+            f"layer.{i:03d}": self.manifest.sha256(layer_file(rank, i)) for i in range(self.config.num_layers)
+        }
+        return self.nodes[rank].load(self.job_ids[rank], "tp_llm", config, shards)
+
+    # -- the hub -----------------------------------------------------------------------------
+    def _reduce_for(self, session: str, stats: GenerationStats):
+        def reduce(op: str, layer: int, x: torch.Tensor, position: int) -> torch.Tensor:
+            ranks = self._attn_ranks if op == "attn" else self._mlp_ranks
+            start = time.perf_counter()
+            for r in ranks:
+                self.streams[r].send(self.job_ids[r], op, [x], layer=layer, position=position, session=session)
+            total, slowest = None, 0.0
+            for r in ranks:
+                tensors, reply = self.streams[r].recv()
+                total = tensors[0] if total is None else total + tensors[0]
+                slowest = max(slowest, reply.compute_s)
+            stats.wait_s += time.perf_counter() - start
+            stats.node_compute_s += slowest
+            stats.round_trips += 1
+            return total if total is not None else torch.zeros_like(x)
+
+        return reduce
+
+    def forward(
+        self, token_ids: list[int], position: int, session: str, stats: GenerationStats | None = None
+    ) -> torch.Tensor:
+        """Logits [T, vocab] of `token_ids` placed at `position` in `session`'s sequence.
+
+        Not thread-safe: one thread drives the streams (interleave sessions from that thread)."""
+        if self._closed:
+            raise RuntimeError("this DistributedLlama is closed")
+        if position + len(token_ids) > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {position + len(token_ids)} tokens exceeds the model's {self.config.max_position_embeddings}"
+            )
+        self._sessions.add(session)
+        return self.hub.forward(token_ids, position, self._reduce_for(session, stats or GenerationStats()))
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        sampling: SamplingParams | None = None,
+        stop: set[int] | frozenset[int] = frozenset(),
+        session: str | None = None,
+        logits_out: list[torch.Tensor] | None = None,
+    ) -> Iterator[int]:
+        """Yield up to `max_tokens` token ids (a stop token is yielded, then the stream ends).
+
+        Timing lands in `self.last_stats`; `logits_out`, when given, collects the logits each token was chosen from.
+        """
+        sampling = sampling or SamplingParams()
+        sampler = Sampler(sampling)
+        stop_ids = set(stop) | set(sampling.stop_token_ids)
+        session = session or uuid.uuid4().hex[:12]
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.last_stats = stats
+        start = time.perf_counter()
+        try:
+            logits = self.forward(list(prompt_ids), 0, session, stats)[-1]
+            position = len(prompt_ids)
+            for i in range(max_tokens):
+                token = sampler.choose(logits)
+                now = time.perf_counter()
+                if i == 0:
+                    stats.ttft_s = now - start
+                else:
+                    stats.token_s.append(now - start)
+                if logits_out is not None:
+                    logits_out.append(logits)
+                yield token
+                if token in stop_ids or i == max_tokens - 1:
+                    return
+                start = time.perf_counter()
+                logits = self.forward([token], position, session, stats)[-1]
+                position += 1
+        finally:
+            self.reset(session)
+
+    def reset(self, session: str) -> None:
+        """Drop `session`'s KV caches on every node holding attention heads."""
+        if session not in self._sessions or self._closed:
+            return
+        self._sessions.discard(session)
+        for r in self._attn_ranks:
+            self.streams[r].call(self.job_ids[r], "reset", [], session=session)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The plan per node, with the node's address."""
+        return [{**row, "address": self.nodes[row["rank"]].address} for row in self.plan.describe()]
+
+    def node_stats(self) -> list[dict[str, Any]]:
+        return [client.job_stats(job) for client, job in zip(self.nodes, self.job_ids, strict=True)]
+
+    def close(self) -> None:
+        """Close the streams and unload the jobs (nodes keep their shard files for the next run)."""
+        if self._closed:
+            return
+        self._closed = True
+        for stream in self.streams:
+            stream.close()
+        for client, job in zip(self.nodes, self.job_ids, strict=True):
+            try:
+                client.unload(job)
+            except Exception as exc:  # a node that went away has nothing left to unload
+                log.warning("unloading %s from %s failed: %s", job, client.address, exc)
+
+    def __enter__(self) -> DistributedLlama:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

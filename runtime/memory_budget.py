@@ -1,0 +1,87 @@
+"""How many layers a node may hold: parse a memory budget and size the sliding window from it.
+
+The rule: a node's budget pays first for fixed costs (the runtime's overhead and the KV cache,
+which grows with the context and cannot be evicted), and what is left holds layer files. If every
+layer fits, all stay resident (window None, nothing is ever re-read). Otherwise the window is the
+largest w such that ANY w cyclically consecutive layers fit, since the scheduler holds
+[i, i+w) for every i. w >= 2 is needed to overlap reading layer i+1 with computing layer i;
+w = 1 still runs, reading every layer on demand with no overlap. If not even the largest layer
+fits, the model cannot run on this node: MemoryBudgetError says how much is missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import psutil
+
+from edgeweave.runtime.resources import parse_memory_budget
+
+GIB = 1024**3
+
+
+class MemoryBudgetError(ValueError):
+    """The budget cannot hold the fixed costs plus one layer; the message carries the numbers."""
+
+
+def format_bytes(n: float) -> str:
+    """Human size with two significant decimals: '3.20 GiB', '512.00 MiB', '900 B'."""
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def parse_budget(text: str | int | float, available: int | None = None) -> int:
+    """Bytes from '2GiB', '512M', '1e9', a plain byte count, or a fraction like '0.5' of available RAM.
+
+    `available` defaults to psutil's available memory (only read for fractions).
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"memory budget {text!r} is not understood; use e.g. 2GiB, 512M, 0.5 (of free RAM) or bytes")
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return parse_memory_budget(text, available)  # '2GiB', '512 MB', ...: the unit-aware parser
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"memory budget {text!r} must be a finite number of bytes >= 0 or a fraction in (0, 1)")
+    if 0 < value < 1:
+        return int(value * (available if available is not None else psutil.virtual_memory().available))
+    return int(value)
+
+
+def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, context: int, itemsize: int = 4, sessions: int = 1) -> int:
+    """Keys and values of `context` tokens for `sessions` sequences over this node's KV heads."""
+    return 2 * n_layers * n_kv_heads * head_dim * context * itemsize * sessions
+
+
+def max_window_bytes(layer_bytes: Sequence[int], window: int) -> int:
+    """The largest total of `window` cyclically consecutive layers (what the scheduler may hold)."""
+    n = len(layer_bytes)
+    window = min(window, n)
+    return max(sum(layer_bytes[(i + k) % n] for k in range(window)) for i in range(n))
+
+
+def choose_window(layer_bytes: Sequence[int], budget: int, kv_cache_bytes: int = 0, overhead: int = 0) -> int | None:
+    """The sliding window for `budget` bytes: None = all layers resident, else 1 .. len-1 layers.
+
+    Raises MemoryBudgetError when the fixed costs plus the largest layer exceed the budget.
+    """
+    if not layer_bytes:
+        raise ValueError("choose_window needs the size of at least one layer")
+    for_layers = budget - kv_cache_bytes - overhead
+    if for_layers >= sum(layer_bytes):
+        return None
+    largest = max(layer_bytes)
+    if for_layers < largest:
+        raise MemoryBudgetError(
+            f"a memory budget of {format_bytes(budget)} leaves {format_bytes(max(for_layers, 0))} for weights after "
+            f"{format_bytes(kv_cache_bytes)} of KV cache and {format_bytes(overhead)} of runtime overhead, but the "
+            f"largest layer needs {format_bytes(largest)}: {format_bytes(largest - for_layers)} missing for even one "
+            f"layer (2 layers, {format_bytes(max_window_bytes(layer_bytes, 2))}, let reading overlap compute)"
+        )
+    window = 1
+    while window + 1 < len(layer_bytes) and max_window_bytes(layer_bytes, window + 1) <= for_layers:
+        window += 1
+    return window

@@ -1,0 +1,128 @@
+"""Will a tensor-parallel plan fit the cluster's memory? Per node: all resident, a window, or a refusal.
+
+Each node holds its shard of every layer; its budget pays for its KV cache (its KV heads only,
+times the context), a fixed runtime overhead, and on the node that hosts the coordinator the
+hub's tensors (embedding, norms, LM head). What is left holds layers, through the sliding-window
+scheduler when not all of them fit (`runtime.memory_budget.choose_window` has the rule).
+When some node cannot hold even one of its layers, `fit_cluster` refuses with one sentence that
+names every short node and how much it lacks. No networking here: budgets come in as numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from edgeweave.runtime.memory_budget import (
+    MemoryBudgetError,
+    choose_window,
+    format_bytes,
+    kv_cache_bytes,
+    max_window_bytes,
+)
+from edgeweave.splitting.tensor_parallel import TensorParallelPlan
+
+#: what a node process needs besides weights and KV cache (interpreter, torch, gRPC, activations);
+#: measured as the RSS of `python -c "import torch, grpc"` plus headroom.
+DEFAULT_NODE_OVERHEAD = 400 * 1024**2
+
+
+class MemoryPlanError(MemoryBudgetError):
+    """The cluster cannot run the plan; the message names each short node and the bytes it lacks."""
+
+
+@dataclass(frozen=True)
+class NodeMemory:
+    """One node's memory decision."""
+
+    name: str
+    budget: int
+    layer_bytes: tuple[int, ...]
+    kv_cache_bytes: int
+    fixed_bytes: int  # runtime overhead + coordinator tensors held here
+    window: int | None  # None = all layers resident
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.layer_bytes)
+
+    @property
+    def for_weights(self) -> int:
+        return self.budget - self.kv_cache_bytes - self.fixed_bytes
+
+    @property
+    def resident_weight_bytes(self) -> int:
+        """Most layer bytes the node holds at once."""
+        return self.weight_bytes if self.window is None else max_window_bytes(self.layer_bytes, self.window)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    nodes: tuple[NodeMemory, ...]
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Per-node `window` for the executor config (None = all resident)."""
+        return [n.window for n in self.nodes]
+
+
+def fit_cluster(
+    names: Sequence[str],
+    budgets: Sequence[int],
+    layer_bytes: Sequence[Sequence[int]],
+    kv_bytes: Sequence[int],
+    fixed_bytes: Sequence[int],
+) -> MemoryPlan:
+    """Per-node windows for per-node budgets, layer sizes, KV caches and fixed costs, or MemoryPlanError."""
+    if not len(names) == len(budgets) == len(layer_bytes) == len(kv_bytes) == len(fixed_bytes):
+        raise ValueError("fit_cluster needs one name, budget, layer list, KV size and fixed size per node")
+    decided: list[NodeMemory] = []
+    short: list[tuple[str, int, int]] = []  # name, bytes for weights, bytes missing for one layer
+    for name, budget, layers, kv, fixed in zip(names, budgets, layer_bytes, kv_bytes, fixed_bytes, strict=True):
+        layers = tuple(int(b) for b in layers)
+        try:
+            window = choose_window(layers, int(budget), int(kv), int(fixed))
+        except MemoryBudgetError:
+            for_weights = int(budget) - int(kv) - int(fixed)
+            short.append((name, for_weights, max(layers) - for_weights))
+            continue
+        decided.append(NodeMemory(name, int(budget), layers, int(kv), int(fixed), window))
+    if short:
+        per_token = sum(sum(layers) for layers in layer_bytes)
+        parts = [
+            f"node {name} has {format_bytes(max(left, 0))} for weights: {format_bytes(missing)} missing for even one layer"
+            for name, left, missing in short
+        ]
+        raise MemoryPlanError(
+            f"the model needs {format_bytes(per_token)} of weights per token across {len(names)} nodes but "
+            + "; ".join(parts)
+            + f" ({format_bytes(sum(m for _, _, m in short))} missing in total; give those nodes more memory, "
+            "a smaller share, or use a smaller dtype)"
+        )
+    return MemoryPlan(tuple(decided))
+
+
+def plan_memory(
+    plan: TensorParallelPlan,
+    budgets: Sequence[int],
+    *,
+    names: Sequence[str] | None = None,
+    context_length: int = 2048,
+    itemsize: int = 4,
+    coordinator_bytes: int = 0,
+    coordinator_rank: int | None = 0,
+    overhead: int = DEFAULT_NODE_OVERHEAD,
+) -> MemoryPlan:
+    """Fit a tensor-parallel plan: layer sizes and KV heads per node come from the plan.
+
+    `coordinator_bytes` (embedding, norms, LM head) count against `coordinator_rank`'s budget when
+    the coordinator runs on that node; pass None when it runs elsewhere.
+    """
+    cfg = plan.config
+    if len(budgets) != len(plan.shards):
+        raise ValueError(f"got {len(budgets)} memory budgets for {len(plan.shards)} nodes")
+    names = list(names) if names is not None else [str(s.rank) for s in plan.shards]
+    layer_bytes = [[plan.layer_bytes(s.rank, itemsize)] * cfg.num_layers for s in plan.shards]
+    kv = [kv_cache_bytes(cfg.num_layers, s.n_kv_heads, cfg.head_dim, context_length, itemsize) for s in plan.shards]
+    fixed = [overhead + (coordinator_bytes if s.rank == coordinator_rank else 0) for s in plan.shards]
+    return fit_cluster(names, budgets, layer_bytes, kv, fixed)
