@@ -168,7 +168,7 @@ def main() -> None:
     for a, b in zip(ours, theirs, strict=True):
         ratios.add_row(str(a["clients"]), f"{a['median_ttft_s'] / b['median_ttft_s']:.2f}x",
                        f"{a['aggregate_tokens_per_s'] / b['aggregate_tokens_per_s']:.2f}x")
-    console = Console()
+    console = Console(width=130)
     console.print(table)
     console.print(ratios)
     out = Path(__file__).parent / "results" / "serving.json"

@@ -114,21 +114,23 @@ def wait_ready(path: Path, proc, log: Path, timeout: float = 90) -> str:
 class CpuQuota:
     """A cgroup (v1 cpu controller) that caps the device node at a share of one core: a slower device."""
 
-    PERIOD_US = 1_000  # the shortest period: a 1 ms inference is slowed evenly, not in bursts
+    MIN_QUOTA_US = 1_000  # the kernel's smallest quota; the period grows so that quota / period = share
 
     def __init__(self) -> None:
         self.path = Path(f"/sys/fs/cgroup/cpu/edgeweave-bench-{os.getpid()}")
 
     def __enter__(self) -> CpuQuota:
         self.path.mkdir()
-        (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
         return self
 
     def add(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(str(pid))
 
     def set_share(self, share: float | None) -> None:
-        (self.path / "cpu.cfs_quota_us").write_text(str(-1 if share is None else int(share * self.PERIOD_US)))
+        (self.path / "cpu.cfs_quota_us").write_text("-1")
+        if share is not None:
+            (self.path / "cpu.cfs_period_us").write_text(str(round(self.MIN_QUOTA_US / share)))
+            (self.path / "cpu.cfs_quota_us").write_text(str(self.MIN_QUOTA_US))
 
     def __exit__(self, *exc: object) -> None:
         root = self.path.parent / "cgroup.procs"

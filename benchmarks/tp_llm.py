@@ -2,8 +2,8 @@
 
 Prints a table and writes benchmarks/results/tp_llm.json. Medians over the decode steps of one
 greedy generation per setting (plus TTFT of the prompt prefill). On one host the nodes share the
-CPU cores, so this measures the protocol's overhead (2 x layers round trips per token), not the
-speed-up real separate devices would give.
+CPU cores (one torch thread per node, the 1-process baseline uses all cores), so this measures
+the protocol's overhead (2 x layers round trips per token), not the speed-up of separate devices.
 
     python benchmarks/tp_llm.py [--tokens 32] [--nodes 2,3]
 """
@@ -48,7 +48,8 @@ def single_process(checkpoint, prompt_ids: list[int], n_tokens: int) -> dict:
 
 
 def distributed(checkpoint, prompt_ids: list[int], n_tokens: int, n_nodes: int, cache: Path) -> dict:
-    with LocalCluster(n_nodes, advertise=False) as cluster:
+    # one torch thread per node: co-located nodes share this host's cores (separate devices would not)
+    with LocalCluster(n_nodes, advertise=False, env={"OMP_NUM_THREADS": "1"}) as cluster:
         clients = [NodeClient(a, cluster=cluster.identity) for a in cluster.addresses]
         with DistributedLlama(checkpoint, clients, [1.0] * n_nodes, cache_dir=cache) as llm:
             list(llm.generate(prompt_ids, 2))  # warm-up: first-call allocations on the nodes

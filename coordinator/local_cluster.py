@@ -86,7 +86,10 @@ class LocalCluster:
     def _spawn(self, i: int) -> None:
         self._ready_path(i).unlink(missing_ok=True)
         cpus = self.cpu_affinity[i] if self.cpu_affinity else None
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
+        # Co-located nodes share this host's cores: give each its share of torch threads (separate
+        # devices would each use all of theirs), unless the caller decided.
+        threads = str(len(cpus) if cpus else max(1, len(os.sched_getaffinity(0)) // self.n))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, **(self.env or {})}
         with open(self.log_path(i), "ab") as log:
             self.procs[i] = subprocess.Popen(
                 self._argv(i), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

@@ -182,8 +182,9 @@ class SplitSession:
         self.close()
 
 
-def split_demo_step() -> str:
-    """One classification through a 2-node split on this machine (for `edgeweave demo`)."""
+def split_demo_step(addresses: list[str] | None = None) -> str:
+    """One classification through a 2-node split (for `edgeweave demo`): the head on the first of
+    `addresses`, the tail on the second; with no addresses a 2-node local cluster is started."""
     from edgeweave.coordinator.local_cluster import LocalCluster
     from edgeweave.splitting.datasets import load_dataset
     from edgeweave.splitting.split_artifacts import DEMO_SETTINGS, cached_artifacts
@@ -192,13 +193,16 @@ def split_demo_step() -> str:
     manifest = load_manifest(artifacts)
     _, test = load_dataset(DEMO_SETTINGS.dataset, limit=1)
     image, label = test[0]
-    with LocalCluster(2, advertise=False) as cluster:
-        device, server = (NodeClient(a, timeout=30) for a in cluster.addresses)
-        with device, server, SplitSession(artifacts, device, server, modes=(SPLIT,)) as session:
-            logits = session.classify(image[None], SPLIT)
+    with contextlib.ExitStack() as stack:
+        if not addresses:
+            cluster = stack.enter_context(LocalCluster(2, advertise=False))
+            addresses = list(cluster.addresses)
+        device, server = (stack.enter_context(NodeClient(a, timeout=30)) for a in addresses[:2])
+        session = stack.enter_context(SplitSession(artifacts, device, server, modes=(SPLIT,)))
+        logits = session.classify(image[None], SPLIT)
     predicted = int(logits.argmax())
     return (
-        f"split classification: label {int(label)}, predicted {predicted}; head on {cluster.names[0]}, tail on "
-        f"{cluster.names[1]}; sent {manifest['bottleneck_bytes']} B (uint8 bottleneck) instead of "
+        f"split classification: label {int(label)}, predicted {predicted}; head on {addresses[0]}, tail on "
+        f"{addresses[1]}; sent {manifest['bottleneck_bytes']} B (uint8 bottleneck) instead of "
         f"{manifest['input_bytes_float32']} B float32 input"
     )

@@ -148,8 +148,8 @@ class LayerStore:
             if released:  # drop them now, before waiting, so the next read never coexists with them
                 released.clear()
                 return_freed_memory()
-            while index not in self._resident:
-                if index in self._in_flight:
+            while (tensors := self._resident.get(index)) is None:
+                if index in self._in_flight:  # the I/O thread is reading it: wait for that read
                     self._cond.wait()
                     self._check_open()
                     continue
@@ -161,9 +161,10 @@ class LayerStore:
                 finally:
                     self._cond.acquire()
                     self._in_flight.discard(index)
-                self._store(index, tensors)
+                if index in self._wanted:  # another caller may have moved the window meanwhile
+                    self._store(index, tensors)
                 self._cond.notify_all()
-            tensors = self._resident[index]
+                break
             self.last_stall_s = time.perf_counter() - start
             self.stall_s += self.last_stall_s
         return tensors

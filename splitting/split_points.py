@@ -135,9 +135,14 @@ def _copy_nodes(graph: fx.Graph, nodes: list[fx.Node], env: dict[fx.Node, fx.Nod
         env[node] = graph.node_copy(node, lookup)
 
 
-def split_model(model: nn.Module, cut: int | SplitPoint) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """(head, tail) GraphModules with tail(head(x)) == model(x) bit for bit. Shares the model's weights."""
-    gm = trace(model)
+def split_model(
+    model: nn.Module, cut: int | SplitPoint, traced: fx.GraphModule | None = None
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(head, tail) GraphModules with tail(head(x)) == model(x) bit for bit. Shares the model's weights.
+
+    `traced` (from `trace(model)`) saves re-tracing when cutting one model many times.
+    """
+    gm = traced if traced is not None else trace(model)
     nodes = _compute_nodes(gm)
     k = cut.index if isinstance(cut, SplitPoint) else int(cut)
     if not 0 <= k < len(nodes):

@@ -139,8 +139,11 @@ class Tokenizer:
         )
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of plain text (special-token strings inside it are recognised, as HF does)."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of plain text (special-token strings inside it are recognised, as HF does).
+
+        A tokenizer.json's post-processor adds what the model expects (e.g. Llama 3's BOS); a
+        GGUF-built tokenizer has none and adds BOS only when the file asks for it."""
+        ids = self.backend.encode(text, add_special_tokens=True).ids
         if self.add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         return ids

@@ -6,6 +6,8 @@ Loading transformers and the checkpoint dominates these tests' runtime, so each 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -15,6 +17,18 @@ from edgeweave.splitting.checkpoints import Checkpoint, default_model_path, open
 
 CHAT = [{"role": "user", "content": "Tell me about the history of Paris in a few sentences."}]
 N_TOKENS = 32
+
+
+@contextmanager
+def single_torch_thread() -> Iterator[None]:
+    """Run torch on one thread: on the 2 shared CI cores, intra-op threads only wait on each other
+    (small decode ops get 5-10x slower), and the node processes need the other core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @lru_cache(maxsize=1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llm_reference import CHAT, hf_model, hf_reference, hf_tokenizer, smollm, smollm_in_memory
+from llm_reference import CHAT, hf_model, hf_reference, hf_tokenizer, single_torch_thread, smollm, smollm_in_memory
 
 from edgeweave.runtime.llama import LlamaModel
 from edgeweave.runtime.sampling import Sampler, SamplingParams
@@ -25,6 +25,12 @@ TEXTS = [
     "héllo wörld — naïve café ✓ 日本語のテキスト 🤖👍🏽",
     "<|im_start|>user\ncode: def f(x): return x**2<|im_end|>",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeweave.splitting.split_points import split_model, split_points
+from edgeweave.splitting.split_points import split_model, split_points, trace
 from edgeweave.splitting.vision_models import VisionModelConfig, build_model
 
 
@@ -19,10 +19,11 @@ def test_every_cut_is_exact(arch):
     assert points[-1].is_output and points[-1].shape == (1, 10)
     assert len(points) > 5
     total_params = sum(p.numel() for p in model.parameters())
+    traced = trace(model)
     with torch.no_grad():
         want = model(x)
         for point in points:
-            head, tail = split_model(model, point)
+            head, tail = split_model(model, point, traced)
             activation = head(x)
             assert tuple(activation.shape[1:]) == point.shape[1:]
             assert torch.equal(tail(activation), want), point.label

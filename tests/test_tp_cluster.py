@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from llm_reference import hf_reference, smollm_in_memory
+from llm_reference import hf_reference, single_torch_thread, smollm_in_memory
 
 from edgeweave.coordinator.client import NodeClient
 from edgeweave.coordinator.local_cluster import LocalCluster
@@ -18,15 +18,26 @@ from edgeweave.coordinator.tp_driver import DistributedLlama
 pytestmark = [pytest.mark.llm, pytest.mark.slow]
 
 
+#: co-located nodes share 2 cores: one torch thread each (separate devices would each have their own)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(3, advertise=False) as nodes:
+    with LocalCluster(3, advertise=False, env=ONE_THREAD) as nodes:
         yield nodes
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("shard-cache")
+    """$EDGEWEAVE_CACHE of these tests; DistributedLlama and the CLI share its shards/ folder."""
+    return tmp_path_factory.mktemp("edgeweave-cache")
 
 
 def _clients(cluster, n):
@@ -49,14 +60,14 @@ def _check_against_transformers(llm: DistributedLlama) -> None:
 def test_greedy_tokens_match_transformers(cluster, cache_dir, n_nodes, weights):
     """[1, 1] cuts 3 KV heads 2 + 1; [3, 2, 1] leaves the third node with MLP columns only."""
     clients = _clients(cluster, n_nodes)
-    with DistributedLlama(smollm_in_memory(), clients, weights, cache_dir=cache_dir) as llm:
+    with DistributedLlama(smollm_in_memory(), clients, weights, cache_dir=cache_dir / "shards") as llm:
         if n_nodes == 3:
             assert [row["n_kv_heads"] for row in llm.describe()] == [2, 1, 0]
         _check_against_transformers(llm)
         stats = llm.node_stats()
         assert all(s["kind"] == "tp_llm" for s in stats)
     # the same plan again: nodes already hold every shard, nothing is sent
-    with DistributedLlama(smollm_in_memory(), clients, weights, cache_dir=cache_dir) as again:
+    with DistributedLlama(smollm_in_memory(), clients, weights, cache_dir=cache_dir / "shards") as again:
         assert again.bytes_sent == 0
         ref = hf_reference()
         assert list(again.generate(ref.prompt_ids, 2)) == ref.tokens[:2]
@@ -66,7 +77,7 @@ def test_greedy_tokens_match_transformers(cluster, cache_dir, n_nodes, weights):
 
 def test_cli_run_answers_paris(cache_dir):
     """`edgeweave run` with no peers starts its own local cluster and streams the answer."""
-    env = {**os.environ, "EDGEWEAVE_CACHE": str(cache_dir)}
+    env = {**os.environ, **ONE_THREAD, "EDGEWEAVE_CACHE": str(cache_dir)}
     result = subprocess.run(
         [sys.executable, "-m", "edgeweave", "run", "--prompt", "What is the capital of France?", "--nodes", "2",
          "--weights", "1,1", "--interface", "127.0.0.1", "--discovery-timeout", "0", "--max-tokens", "16", "--json"],
