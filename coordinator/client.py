@@ -22,12 +22,17 @@ from edgeweave.runtime.codec import Quantized, decode, decode_quantized, encode
 from edgeweave.runtime.shard_files import CHUNK_BYTES, check_shard_name, sha256_file
 
 MAX_MESSAGE_BYTES = 1 << 30
+#: HTTP/2 keepalive: ping every KEEPALIVE_MS and drop the connection when the ack is KEEPALIVE_MS
+#: late, so a node that vanishes without a RST (power loss, cable) fails its calls within ~2 s
+#: (a killed process is noticed at once: its kernel resets the connection). node/server.py permits it.
+KEEPALIVE_MS = 1_000
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),  # notice a vanished node on an idle stream
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 Progress = Callable[[int, int], None]  # (bytes sent, total bytes)
 

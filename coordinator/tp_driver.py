@@ -4,6 +4,10 @@ The coordinator keeps the embedding, the norms and the LM head (`runtime.tp_hub`
 holds its KV-head groups and MLP columns of every layer. Per layer the normed hidden state goes
 to all nodes on their long-lived Forward streams (all sends first, then all receives, so nodes
 compute in parallel), and the partials are summed here. Prefill sends the whole prompt at once.
+
+Faults (coordinator/recovery.py): decode replies have a deadline of max(3 s, 10 x the median
+recent step) and channels use 1 s keepalive, so a dead node is noticed within ~3 s; generation
+then continues on the survivors (re-plan, re-send only missing shards, re-prefill the sessions).
 """
 
 from __future__ import annotations
@@ -13,14 +17,17 @@ import os
 import statistics
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 
-from edgeweave.coordinator.client import NodeClient
+from edgeweave.coordinator import recovery
+from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.runtime.sampling import Sampler, SamplingParams
 from edgeweave.runtime.tp_hub import TensorParallelHub
 from edgeweave.splitting.checkpoints import Checkpoint
@@ -58,6 +65,8 @@ class GenerationStats:
     wait_s: float = 0.0
     node_compute_s: float = 0.0
     round_trips: int = 0
+    #: node failures survived during this call (coordinator/recovery.py RecoveryRecord.as_dict())
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def comm_s(self) -> float:
@@ -86,6 +95,7 @@ class DistributedLlama:
         window: int | None = None,
         reply_timeout: float = 120.0,
         show_progress: bool = False,
+        recover: bool = True,
     ) -> None:
         if not nodes:
             raise ValueError("tensor-parallel inference needs at least one node")
@@ -93,20 +103,69 @@ class DistributedLlama:
         self.weights = list(weights) if weights else profile_weights(nodes)
         if len(self.weights) != len(nodes):
             raise ValueError(f"got {len(self.weights)} weights for {len(nodes)} nodes")
-        self.plan: TensorParallelPlan = plan_shards(self.config, self.weights)
-        root = Path(cache_dir) if cache_dir else shard_cache_root()
+        self._root = Path(cache_dir) if cache_dir else shard_cache_root()
         self.show_progress = show_progress
-        self.manifest: Manifest = self._write(root / checkpoint.fingerprint / f"{self.plan.plan_id}-{dtype}", dtype)
+        self.dtype, self.window, self.reply_timeout = dtype, window, reply_timeout
+        self.recover_on_failure = recover
+        self.streams: list = []
+        self.bytes_sent = self._deploy(nodes, self.weights)
         self.hub = TensorParallelHub.from_file(self.config, self.manifest.coordinator_file)
-        self.bytes_sent = self._ship()
-        self.job_ids = [f"tp-{checkpoint.fingerprint}-{self.plan.plan_id}-r{r}" for r in range(len(nodes))]
-        self.load_details = [self._load(r, dtype, window) for r in range(len(nodes))]
-        self.streams = [client.open_stream(reply_timeout) for client in nodes]
-        self._attn_ranks = [s.rank for s in self.plan.shards if s.n_kv_heads > 0]
-        self._mlp_ranks = [s.rank for s in self.plan.shards if s.n_columns > 0]
         self.last_stats = GenerationStats()
         self._sessions: set[str] = set()
         self._closed = False
+        #: bumped by every redeploy: a session whose epoch is older has no KV cache on the new jobs
+        self.epoch = 0
+        self._session_epoch: dict[str, int] = {}
+        self._recent_steps: deque[float] = deque(maxlen=32)
+        self.recoveries: list[recovery.RecoveryRecord] = []
+
+    def _deploy(self, nodes: list[NodeClient], weights: list[float]) -> int:
+        """Plan over `nodes`, write (cached by plan id) and ship what they lack, load the jobs, open
+        the streams. Returns the shard bytes sent."""
+        self.nodes, self.weights = list(nodes), list(weights)
+        self.plan: TensorParallelPlan = plan_shards(self.config, self.weights)
+        folder = self._root / self.checkpoint.fingerprint / f"{self.plan.plan_id}-{self.dtype}"
+        self.manifest: Manifest = self._write(folder, self.dtype)
+        sent = self._ship()
+        self.job_ids = [f"tp-{self.checkpoint.fingerprint}-{self.plan.plan_id}-r{r}" for r in range(len(nodes))]
+        self.load_details = []
+        for r in range(len(nodes)):
+            details, resent = self._load_or_refetch(r)
+            self.load_details.append(details)
+            sent += resent
+        self.streams = [client.open_stream(self.reply_timeout) for client in self.nodes]
+        self._attn_ranks = [s.rank for s in self.plan.shards if s.n_kv_heads > 0]
+        self._mlp_ranks = [s.rank for s in self.plan.shards if s.n_columns > 0]
+        return sent
+
+    def redeploy(self, nodes: list[NodeClient], weights: list[float]) -> int:
+        """Move the model onto `nodes` (after a loss or a rejoin): close the streams, unload the old
+        jobs where they still run, deploy the new plan. Sessions are re-prefilled on their next step."""
+        for stream in self.streams:
+            stream.close()
+        survivors = {c.address for c in nodes}
+        for client, job in zip(self.nodes, self.job_ids, strict=True):
+            if client.address in survivors:
+                try:
+                    client.unload(job)
+                except NodeError as exc:
+                    log.info("unloading %s from %s: %s", job, client.address, exc.message)
+        self.epoch += 1
+        sent = self._deploy(nodes, weights)
+        self.bytes_sent += sent
+        return sent
+
+    def _load_or_refetch(self, rank: int) -> tuple[dict[str, Any], int]:
+        """Load the job; when the node lacks shards or found one corrupt (FAILED_PRECONDITION, it
+        deleted that file), re-send what it now lacks and retry once. Returns (details, bytes re-sent)."""
+        try:
+            return self._load(rank, self.dtype, self.window), 0
+        except NodeError as exc:
+            if exc.code is not grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            log.warning("node %s refused the load (%s); re-sending its missing shards", exc.address, exc.message)
+        resent = self._ship()
+        return self._load(rank, self.dtype, self.window), resent
 
     # -- set-up ------------------------------------------------------------------------------
     def _progress(self, description: str, total: float):
@@ -227,8 +286,10 @@ class DistributedLlama:
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.last_stats = stats
         start = time.perf_counter()
+        history = list(prompt_ids)  # every token the session's KV cache must hold after the next step
+        self._session_epoch[session] = self.epoch
         try:
-            logits = self.forward(list(prompt_ids), 0, session, stats)[-1]
+            logits = self._step(history, list(prompt_ids), 0, session, stats)
             position = len(prompt_ids)
             for i in range(max_tokens):
                 token = sampler.choose(logits)
@@ -243,10 +304,46 @@ class DistributedLlama:
                 if token in stop_ids or i == max_tokens - 1:
                     return
                 start = time.perf_counter()
-                logits = self.forward([token], position, session, stats)[-1]
+                history.append(token)
+                logits = self._step(history, [token], position, session, stats)
+                self._recent_steps.append(time.perf_counter() - start)
                 position += 1
         finally:
+            self._session_epoch.pop(session, None)
             self.reset(session)
+
+    def _step(self, history: list[int], new: list[int], position: int, session: str,
+              stats: GenerationStats) -> torch.Tensor:
+        """Last-position logits after `new` (the tail of `history`), surviving node losses.
+
+        A session whose KV cache was lost in a redeploy is rebuilt by prefilling its whole history
+        in one pass. On a lost node, `recovery.recover` re-plans over the survivors and we retry."""
+        pending: tuple[recovery.RecoveryRecord, float] | None = None
+        while True:
+            rebuild = self._session_epoch.get(session) != self.epoch
+            tokens, at = (history, 0) if rebuild else (new, position)
+            if rebuild:
+                self._sessions.discard(session)  # its cache lived on the old jobs
+            self._session_epoch[session] = self.epoch
+            deadline = recovery.step_deadline(self._recent_steps) if len(tokens) == 1 and self._recent_steps \
+                else self.reply_timeout
+            for stream in self.streams:
+                stream.reply_timeout = deadline
+            step_start = time.perf_counter()
+            try:
+                logits = self.forward(tokens, at, session, stats)[-1]
+            except NodeError as exc:
+                if not (self.recover_on_failure and recovery.is_node_lost(exc)):
+                    raise
+                detected = time.perf_counter()
+                record = recovery.recover(self, exc, detected_after_s=detected - step_start)
+                self.recoveries.append(record)
+                pending = pending or (record, detected)
+                continue
+            if pending:
+                recovery.finish(*pending)
+                stats.recoveries.append(pending[0].as_dict())
+            return logits
 
     def reset(self, session: str) -> None:
         """Drop `session`'s KV caches on every node holding attention heads."""
@@ -254,7 +351,10 @@ class DistributedLlama:
             return
         self._sessions.discard(session)
         for r in self._attn_ranks:
-            self.streams[r].call(self.job_ids[r], "reset", [], session=session)
+            try:
+                self.streams[r].call(self.job_ids[r], "reset", [], session=session)
+            except NodeError as exc:  # a lost node; the next step's recovery deals with it
+                log.warning("resetting session %s on %s failed: %s", session, exc.address, exc.message)
 
     def describe(self) -> list[dict[str, Any]]:
         """The plan per node, with the node's address."""

@@ -87,14 +87,15 @@ class JobTable:
             existing = self._jobs.get(job_id)
             if existing and (existing.kind, existing.config, existing.shards) == (kind, config, shards):
                 return existing, True
-            paths = {}
-            for name, digest in shards.items():
-                if not self.store.has(digest):
-                    raise MissingShard(
-                        f"job {job_id!r} needs shard {name} (sha256 {digest}) which this node does not hold; "
-                        "upload it with PutShard first"
-                    )
-                paths[name] = self.store.path(digest)
+            # every Load re-hashes its shards (a corrupt file is deleted here), see node/shard_store.py
+            missing = {name: digest for name, digest in shards.items() if not self.store.verify(digest)}
+            if missing:
+                listed = ", ".join(f"{name} (sha256 {digest})" for name, digest in missing.items())
+                raise MissingShard(
+                    f"job {job_id!r} needs {len(missing)} shard(s) this node does not hold or that failed their "
+                    f"sha256 check: {listed}; upload them with PutShard first"
+                )
+            paths = {name: self.store.path(digest) for name, digest in shards.items()}
             if existing:
                 self._close(existing, "replaced")
             start = time.perf_counter()

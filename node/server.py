@@ -15,7 +15,7 @@ import psutil
 
 import edgeweave
 from edgeweave.node.jobs import JobNotFound, JobTable, MissingShard
-from edgeweave.node.shard_store import ShardCorrupt, ShardRejected, ShardStore
+from edgeweave.node.shard_store import ShardCorrupt, ShardNoSpace, ShardRejected, ShardStore
 from edgeweave.proto import pb, pb_grpc
 from edgeweave.runtime import resources
 from edgeweave.runtime.codec import TensorDecodeError, decode, decode_quantized, encode
@@ -30,7 +30,11 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),  # a second node on the same port must fail, not share it
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    # coordinators ping every second (coordinator/client.py KEEPALIVE_MS) to notice a vanished
+    # node within ~2 s; a stricter server would answer those pings with GOAWAY (too_many_pings)
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 
 
@@ -44,6 +48,8 @@ def _status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, ShardCorrupt):
         return grpc.StatusCode.DATA_LOSS
+    if isinstance(exc, ShardNoSpace):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
 
 
@@ -123,7 +129,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         start = time.perf_counter()
         try:
             sha256, size, already = self.store.receive(request_iterator)
-        except (ShardRejected, ShardCorrupt) as exc:
+        except (ShardRejected, ShardCorrupt, ShardNoSpace) as exc:
             _abort(context, "PutShard", exc)
         log.info("shard %s %s (%.1f MB, %.2f s)", sha256[:12], "already present" if already else "stored",
                  size / 1e6, time.perf_counter() - start)

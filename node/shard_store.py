@@ -3,14 +3,24 @@
 A shard is written to a temporary file, checked against its announced size and sha256, and
 only then renamed into place, so a file under its digest is always complete and correct.
 A `<sha256>.ok` marker (holding the size) records that the file was fully verified, which
-makes later presence checks a cheap size comparison.
+makes presence checks (HasShards) a cheap size comparison.
+
+Load does not trust the marker: `verify` re-hashes every shard a job names on every Load
+(streamed, about 1 GB/s, so ~0.15 s for a 140 MB node share). A marker keyed by size and mtime
+would miss a disk that flips bytes in place; a Load is rare next to the tokens it serves. A
+shard that fails is deleted, so HasShards reports it missing and the coordinator re-sends it.
+
+A full disk (ENOSPC) is answered with ShardNoSpace (RESOURCE_EXHAUSTED) naming free vs needed
+bytes; the partial temp file is removed and the node keeps serving.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,6 +37,19 @@ class ShardRejected(ValueError):
 
 class ShardCorrupt(ValueError):
     """The received bytes do not hash to the announced digest; the node answers DATA_LOSS."""
+
+
+class ShardNoSpace(OSError):
+    """The data dir's disk cannot take the shard; the node answers RESOURCE_EXHAUSTED."""
+
+
+def _no_space(root: Path, name: str, size: int) -> ShardNoSpace:
+    free = shutil.disk_usage(root).free
+    return ShardNoSpace(
+        errno.ENOSPC,
+        f"shard {name} needs {size} bytes but the node's data dir {root} has only {free} bytes free; "
+        "free disk space on the node or give it a larger data dir",
+    )
 
 
 class ShardStore:
@@ -62,6 +85,23 @@ class ShardStore:
         marker.write_text(str(size))
         return True
 
+    def verify(self, sha256: str) -> bool:
+        """Re-hash the stored file (ignoring the marker); delete it when it no longer matches."""
+        try:
+            path = self.path(sha256)
+        except ValueError:
+            return False
+        try:
+            actual = sha256_file(path)
+        except OSError:
+            return False
+        if actual == sha256:
+            return True
+        log.warning("shard %s is corrupt on disk (hashes to %s); deleting it so it is fetched again", sha256, actual)
+        path.unlink(missing_ok=True)
+        self._marker(sha256).unlink(missing_ok=True)
+        return False
+
     def present(self, digests: list[str]) -> list[str]:
         return [d for d in digests if self.has(d)]
 
@@ -85,6 +125,17 @@ class ShardStore:
             raise ShardRejected(f"shard {first.name} is {size} bytes; this node accepts at most {self.max_shard_bytes}")
         if self.has(sha256):
             return sha256, size, True
+        if shutil.disk_usage(self.root).free < size:
+            raise _no_space(self.root, first.name, size)
+        try:
+            return self._write(first, iterator, sha256, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, ShardNoSpace):
+                raise _no_space(self.root, first.name, size) from None
+            raise
+
+    def _write(self, first, iterator, sha256: str, size: int) -> tuple[str, int, bool]:
+        """Stream the chunks into a temp file, check size and digest, then rename into place."""
         fd, tmp_name = tempfile.mkstemp(prefix=f".{sha256[:16]}-", suffix=".part", dir=self.root)
         try:
             digest = hashlib.sha256()
@@ -113,7 +164,10 @@ class ShardStore:
                     f"shard {first.name}: received bytes hash to {actual}, not the announced {sha256}; nothing was stored"
                 )
             os.replace(tmp_name, self.path(sha256))
-            self._marker(sha256).write_text(str(size))
+            try:
+                self._marker(sha256).write_text(str(size))
+            except OSError as exc:  # the shard is complete; without a marker `has` hashes it once instead
+                log.warning("could not write the marker of shard %s: %s", sha256[:12], exc)
             return sha256, size, False
         finally:
             if os.path.exists(tmp_name):
