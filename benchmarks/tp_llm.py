@@ -1,92 +1,225 @@
-"""Tensor-parallel SmolLM2: one process vs 2 and 3 local node processes, measured side by side.
+"""Tensor-parallel LLM: transformers vs edgeweave on 1 and 2 pinned nodes, side by side in one run.
 
-Prints a table and writes benchmarks/results/tp_llm.json. Medians over the decode steps of one
-greedy generation per setting (plus TTFT of the prompt prefill). On one host the nodes share the
-CPU cores (one torch thread per node, the 1-process baseline uses all cores), so this measures
-the protocol's overhead (2 x layers round trips per token), not the speed-up of separate devices.
+For SmolLM2-135M (the GGUF, dequantized to float32) and a random-weight ~1.1B Llama (TinyLlama
+shape, float32, written once to ~/.cache/edgeweave/models/random-1b), greedy decoding:
 
-    python benchmarks/tp_llm.py [--tokens 32] [--nodes 2,3]
+  (a) HF transformers `generate` in this process, 1 torch thread pinned to core 0,
+  (b) edgeweave with 1 node pinned to core 0 (= the 1-core baseline of (c)),
+  (c) edgeweave with 2 nodes pinned to cores 0 and 1, one torch thread each.
+
+The coordinator (this process, 1 torch thread) is pinned to core 0, next to node 0: per layer
+it only does a norm, the codec and a sum. Every setting so gets the same core budget as its
+baseline: (a) and (b) one core, (c) two. Time to first token (prefill + first token), median
+per-token decode latency, and communication per decode token = driver wait time minus the
+slowest node's compute, next to its loopback floor 2 x layers x RTT, with RTT the median
+EchoStream round trip of a hidden-state-sized message measured on the same cluster in the same
+run. Shard files and the nodes' stores are cached under ~/.cache/edgeweave, so only the first
+run writes and ships the 1B shards. Prints a table and writes benchmarks/results/tp_llm.json.
+
+    python benchmarks/tp_llm.py [--tokens 32] [--tokens-1b 12] [--skip-1b]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
+import queue
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from edgeweave.coordinator.client import NodeClient
 from edgeweave.coordinator.local_cluster import LocalCluster
 from edgeweave.coordinator.tp_driver import DistributedLlama
-from edgeweave.runtime.llama import LlamaModel
-from edgeweave.splitting.checkpoints import open_checkpoint
+from edgeweave.proto import pb
+from edgeweave.splitting.checkpoints import default_model_path, open_checkpoint
+from edgeweave.splitting.random_llama import write_random_llama
 from edgeweave.splitting.tokenizer import Tokenizer
 
-PROMPT = [{"role": "user", "content": "Tell me about the history of Paris in a few sentences."}]
+CACHE = Path.home() / ".cache" / "edgeweave"
+MODEL_1B = CACHE / "models" / "random-1b"
+NODE_DIR = CACHE / "bench-tp-nodes"  # node shard stores survive runs: the 1B is shipped once
+RESULTS = Path(__file__).parent / "results" / "tp_llm.json"
+CHAT = [{"role": "user", "content": "Tell me about the history of Paris in a few sentences."}]
+PROMPT_1B = [1, 450, 7483, 310, 3444, 338, 3681, 29889]  # 8 tokens; the weights are random anyway
+COORDINATOR_CORE = 0
+RTT_SAMPLES = 300
 
 
-def single_process(checkpoint, prompt_ids: list[int], n_tokens: int) -> dict:
-    model = LlamaModel(checkpoint.config, checkpoint.tensor, set(checkpoint.names()))
-    cache = model.new_cache()
-    start = time.perf_counter()
-    logits = model.forward(prompt_ids, cache, 0)[-1]
-    ttft = time.perf_counter() - start
-    steps, tokens, position = [], [int(logits.argmax())], len(prompt_ids)
-    for _ in range(n_tokens - 1):
+class StepClock:
+    """A transformers streamer that timestamps every token `generate` emits (the prompt comes first)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+        self.tokens += value.reshape(-1).tolist()
+
+    def end(self) -> None:
+        pass
+
+
+def hf_run(load, prompt_ids: list[int], n_tokens: int) -> dict:
+    """(a): greedy `generate` of exactly n_tokens; TTFT and per-token from the streamer's stamps."""
+    model = load().eval()
+    ids = torch.tensor([prompt_ids])
+    settings = dict(max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, **{**settings, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        clock = StepClock()
         start = time.perf_counter()
-        logits = model.forward([tokens[-1]], cache, position)[-1]
-        steps.append(time.perf_counter() - start)
-        tokens.append(int(logits.argmax()))
-        position += 1
-    return {"setting": "1 process", "ttft_s": ttft, "per_token_s": statistics.median(steps), "comm_s_per_token": 0.0,
-            "tokens": tokens}
+        model.generate(ids, streamer=clock, **settings)
+    del model
+    gc.collect()
+    stamps = clock.times[1:]  # times[0] is the prompt being echoed
+    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {"setting": "(a) HF transformers, 1 core", "ttft_s": stamps[0] - start,
+            "per_token_s": statistics.median(steps), "tokens": clock.tokens[len(prompt_ids):]}
 
 
-def distributed(checkpoint, prompt_ids: list[int], n_tokens: int, n_nodes: int, cache: Path) -> dict:
-    # one torch thread per node: co-located nodes share this host's cores (separate devices would not)
-    with LocalCluster(n_nodes, advertise=False, env={"OMP_NUM_THREADS": "1"}) as cluster:
-        clients = [NodeClient(a, cluster=cluster.identity) for a in cluster.addresses]
-        with DistributedLlama(checkpoint, clients, [1.0] * n_nodes, cache_dir=cache) as llm:
+def echo_rtt(client: NodeClient, n_bytes: int) -> float:
+    """Median EchoStream round trip of one n_bytes message: the transport floor of one allreduce."""
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    call = client.stub.EchoStream(iter(requests.get, None))
+    replies, message, samples = iter(call), pb.EchoMessage(data=bytes(n_bytes)), []
+    try:
+        for i in range(RTT_SAMPLES + 30):
+            start = time.perf_counter()
+            requests.put(message)
+            next(replies)
+            if i >= 30:
+                samples.append(time.perf_counter() - start)
+    finally:
+        requests.put(None)
+        call.cancel()
+    return statistics.median(samples)
+
+
+def edgeweave_run(checkpoint, prompt_ids: list[int], n_tokens: int, cores: list[int], label: str) -> dict:
+    """(b)/(c): coordinator here on core 0, one node process per entry of `cores`, pinned."""
+    names = [f"bench{i}" for i in range(len(cores))]
+    cluster = LocalCluster(len(cores), base_dir=NODE_DIR, advertise=False, cpu_affinity=[[c] for c in cores],
+                           env={"OMP_NUM_THREADS": "1"}, names=names, start_timeout=120)
+    with cluster:
+        clients = [NodeClient(a, cluster=cluster.identity, timeout=60) for a in cluster.addresses]
+        with DistributedLlama(checkpoint, clients, [1.0] * len(cores), reply_timeout=600) as llm:
             list(llm.generate(prompt_ids, 2))  # warm-up: first-call allocations on the nodes
-            tokens = list(llm.generate(prompt_ids, n_tokens))
+            generation = llm.generate(prompt_ids, n_tokens)
+            tokens = [next(generation)]
             stats = llm.last_stats
+            wait0, compute0, trips0 = stats.wait_s, stats.node_compute_s, stats.round_trips
+            tokens += list(generation)
+            decode_steps = len(tokens) - 1
+            wait = (stats.wait_s - wait0) / decode_steps
+            compute = (stats.node_compute_s - compute0) / decode_steps
+            trips = (stats.round_trips - trips0) / decode_steps
+            rtt = statistics.median(echo_rtt(c, checkpoint.config.hidden_size * 4) for c in clients)
         for client in clients:
             client.close()
-    return {"setting": f"{n_nodes} nodes", "ttft_s": stats.ttft_s, "per_token_s": stats.per_token_s,
-            "comm_s_per_token": stats.comm_s / max(1, len(tokens)), "tokens": tokens}
+    return {"setting": label, "ttft_s": stats.ttft_s, "per_token_s": stats.per_token_s, "tokens": tokens,
+            "wait_s_per_token": wait, "node_compute_s_per_token": compute, "comm_s_per_token": max(0.0, wait - compute),
+            "round_trips_per_token": trips, "rtt_s": rtt, "floor_s_per_token": trips * rtt,
+            "comm_over_floor": max(0.0, wait - compute) / (trips * rtt)}
+
+
+def bench_model(name: str, checkpoint, hf_load, prompt_ids: list[int], n_tokens: int) -> dict:
+    rows = [hf_run(hf_load, prompt_ids, n_tokens)]
+    rows.append(edgeweave_run(checkpoint, prompt_ids, n_tokens, [0], "(b) 1 node, core 0"))
+    rows.append(edgeweave_run(checkpoint, prompt_ids, n_tokens, [0, 1], "(c) 2 nodes, cores 0+1"))
+    hf, one, two = rows
+    ratios = {
+        "b_over_a_per_token": one["per_token_s"] / hf["per_token_s"],
+        "b_over_a_ttft": one["ttft_s"] / hf["ttft_s"],
+        "c_speedup_per_token": one["per_token_s"] / two["per_token_s"],
+        "c_speedup_ttft": one["ttft_s"] / two["ttft_s"],
+        "comm_over_floor_1_node": one["comm_over_floor"],
+        "comm_over_floor_2_nodes": two["comm_over_floor"],
+    }
+    for row in rows:
+        row["same_tokens_as_hf"] = row["tokens"] == hf["tokens"]
+    return {"model": name, "prompt_tokens": len(prompt_ids), "new_tokens": n_tokens, "rows": rows, "ratios": ratios}
+
+
+def smollm(n_tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    checkpoint = open_checkpoint(path)
+    prompt = Tokenizer.from_checkpoint(checkpoint).encode_chat(CHAT)
+    load = lambda: AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)  # noqa: E731
+    return bench_model("SmolLM2-135M f32", checkpoint, load, prompt, n_tokens)
+
+
+def random_1b(n_tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    write_random_llama(MODEL_1B, "1b", seed=0, dtype="float32")  # reused when already there
+    checkpoint = open_checkpoint(MODEL_1B)
+    load = lambda: AutoModelForCausalLM.from_pretrained(MODEL_1B, dtype=torch.float32)  # noqa: E731
+    return bench_model("random Llama-1.1B f32", checkpoint, load, PROMPT_1B, n_tokens)
+
+
+def table(results: list[dict]) -> Table:
+    out = Table(title="tensor-parallel greedy decoding, 1 torch thread per core (medians)")
+    for column in ("model", "setting", "TTFT ms", "ms/token", "comm ms/token", "floor ms/token", "comm/floor", "= HF tokens"):
+        out.add_column(column, justify="left" if column in ("model", "setting") else "right")
+    for result in results:
+        for row in result["rows"]:
+            comm = "comm_s_per_token" in row
+            out.add_row(result["model"], row["setting"], f"{row['ttft_s'] * 1e3:.0f}", f"{row['per_token_s'] * 1e3:.1f}",
+                        f"{row['comm_s_per_token'] * 1e3:.1f}" if comm else "-",
+                        f"{row['floor_s_per_token'] * 1e3:.1f}" if comm else "-",
+                        f"{row['comm_over_floor']:.2f}x" if comm else "-", str(row["same_tokens_as_hf"]))
+    return out
+
+
+def goals(results: list[dict]) -> list[str]:
+    lines = []
+    for result in results:
+        r, model = result["ratios"], result["model"]
+        lines.append(f"{model}: (b)/(a) per token {r['b_over_a_per_token']:.2f}x "
+                     f"[goal <= 1.0: {'met' if r['b_over_a_per_token'] <= 1.0 else 'NOT met'}], "
+                     f"TTFT {r['b_over_a_ttft']:.2f}x; 2-node speed-up {r['c_speedup_per_token']:.2f}x per token, "
+                     f"{r['c_speedup_ttft']:.2f}x TTFT; comm/floor {r['comm_over_floor_1_node']:.2f}x (1 node), "
+                     f"{r['comm_over_floor_2_nodes']:.2f}x (2 nodes) [goal <= 1.5]")
+        if "1.1B" in model:
+            lines.append(f"  1B speed-up goal >= 1.6x: {'met' if r['c_speedup_per_token'] >= 1.6 else 'NOT met'}")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--nodes", default="2,3")
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens on SmolLM2")
+    parser.add_argument("--tokens-1b", type=int, default=12, help="new tokens on the 1B model")
+    parser.add_argument("--skip-1b", action="store_true")
     args = parser.parse_args()
-    checkpoint = open_checkpoint()
-    prompt_ids = Tokenizer.from_checkpoint(checkpoint).encode_chat(PROMPT)
-    rows = [single_process(checkpoint, prompt_ids, args.tokens)]
-    with tempfile.TemporaryDirectory() as cache:
-        for n in (int(x) for x in args.nodes.split(",")):
-            rows.append(distributed(checkpoint, prompt_ids, args.tokens, n, Path(cache)))
-    base = rows[0]["per_token_s"]
-    table = Table(title=f"SmolLM2-135M greedy, {len(prompt_ids)}-token prompt, {args.tokens} tokens (medians)")
-    for column in ("setting", "TTFT ms", "per token ms", "x 1 process", "network ms/token", "same tokens"):
-        table.add_column(column, justify="right")
-    for row in rows:
-        row["ratio_to_single"] = row["per_token_s"] / base
-        row["same_tokens_as_single"] = row["tokens"] == rows[0]["tokens"]
-        table.add_row(row["setting"], f"{row['ttft_s'] * 1e3:.0f}", f"{row['per_token_s'] * 1e3:.1f}",
-                      f"{row['ratio_to_single']:.2f}", f"{row['comm_s_per_token'] * 1e3:.1f}",
-                      str(row["same_tokens_as_single"]))
-    Console().print(table)
-    out = Path(__file__).parent / "results" / "tp_llm.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"prompt_tokens": len(prompt_ids), "tokens": args.tokens, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("this benchmark pins nodes to cores 0 and 1: it needs 2 cores")
+    os.sched_setaffinity(0, {COORDINATOR_CORE})  # the coordinator (and the HF baseline) on core 0
+    torch.set_num_threads(1)
+    started, load_before = time.perf_counter(), os.getloadavg()
+    results = [smollm(args.tokens)]
+    if not args.skip_1b:
+        results.append(random_1b(args.tokens_1b))
+    console = Console(width=160)
+    console.print(table(results))
+    for line in goals(results):
+        console.print(line)
+    meta = {"load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "wall_s": time.perf_counter() - started, "coordinator_core": COORDINATOR_CORE, "torch": torch.__version__}
+    console.print(f"load average before {load_before[0]:.2f}, after {meta['load_average_after'][0]:.2f}; "
+                  f"{meta['wall_s']:.0f} s")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    console.print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -118,8 +118,13 @@ def build_engine(model: str | None, engine_kind: str, peers: list[str], interfac
         addresses = [r.address for r in discover(timeout=0, peers=peers, wait_for=len(peers))]
         if len(addresses) < len(peers):
             raise typer.BadParameter(f"only {len(addresses)} of {len(peers)} peers answered", param_hint="--peer")
-    else:
+    watcher = None
+    if not peers:
         addresses = [r.address for r in discover(timeout=discovery_timeout, interfaces=interfaces)]
+        if addresses:  # keep browsing: a node that restarts (or arrives) joins the next request
+            from edgeweave.coordinator.discovery import NodeWatcher
+
+            watcher = stack.enter_context(NodeWatcher(interfaces))
     if not addresses:
         from edgeweave.coordinator.local_cluster import LocalCluster
 
@@ -127,7 +132,7 @@ def build_engine(model: str | None, engine_kind: str, peers: list[str], interfac
         cluster = stack.enter_context(LocalCluster(nodes, interface=(interfaces or ["127.0.0.1"])[0], advertise=False))
         addresses = list(cluster.addresses)
     return stack.enter_context(contextlib.closing(
-        engines.DistributedEngine.open(checkpoint, addresses, weights=weights, dtype=dtype)))
+        engines.DistributedEngine.open(checkpoint, addresses, weights=weights, dtype=dtype, watcher=watcher)))
 
 
 def register(app: typer.Typer) -> None:

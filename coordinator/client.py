@@ -9,6 +9,7 @@ import json
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,7 @@ class ForwardStream:
         self.reply_timeout = reply_timeout
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._seq = itertools.count(1)
-        self._expected: list[int] = []
+        self._expected: deque[int] = deque()
         self._call = client.stub.Forward(self._request_iter())
         self._replies = iter(self._call)
         self._deadline: float | None = None
@@ -241,7 +242,7 @@ class ForwardStream:
             raise _error(self.address, exc) from None
         finally:
             self._deadline = None
-        expected = self._expected.pop(0) if self._expected else None
+        expected = self._expected.popleft() if self._expected else None
         if reply.seq != expected:
             raise NodeError(self.address, grpc.StatusCode.INTERNAL, f"reply seq {reply.seq} but expected {expected}")
         if raw:

@@ -151,6 +151,7 @@ class DistributedLlama:
                 except NodeError as exc:
                     log.info("unloading %s from %s: %s", job, client.address, exc.message)
         self.epoch += 1
+        self._sessions.clear()  # their caches lived on the old jobs
         sent = self._deploy(nodes, weights)
         self.bytes_sent += sent
         return sent
@@ -234,17 +235,30 @@ class DistributedLlama:
 
     # -- the hub -----------------------------------------------------------------------------
     def _reduce_for(self, session: str, stats: GenerationStats):
+        """The allreduce callback of one forward pass. Hot loop (2 x layers calls per token): the
+        (stream, job) pairs are bound once, all sends go out before the first receive, and the
+        partials are summed in place into the first (decoded replies are fresh, writable tensors)."""
+        perf = time.perf_counter
+        targets = {
+            op: [(self.streams[r], self.job_ids[r]) for r in ranks]
+            for op, ranks in (("attn", self._attn_ranks), ("mlp", self._mlp_ranks))
+        }
+
         def reduce(op: str, layer: int, x: torch.Tensor, position: int) -> torch.Tensor:
-            ranks = self._attn_ranks if op == "attn" else self._mlp_ranks
-            start = time.perf_counter()
-            for r in ranks:
-                self.streams[r].send(self.job_ids[r], op, [x], layer=layer, position=position, session=session)
+            pairs = targets[op]
+            start = perf()
+            for stream, job in pairs:
+                stream.send(job, op, [x], layer=layer, position=position, session=session)
             total, slowest = None, 0.0
-            for r in ranks:
-                tensors, reply = self.streams[r].recv()
-                total = tensors[0] if total is None else total + tensors[0]
-                slowest = max(slowest, reply.compute_s)
-            stats.wait_s += time.perf_counter() - start
+            for stream, _ in pairs:
+                tensors, reply = stream.recv()
+                if total is None:
+                    total = tensors[0]
+                else:
+                    total += tensors[0]
+                if reply.compute_s > slowest:
+                    slowest = reply.compute_s
+            stats.wait_s += perf() - start
             stats.node_compute_s += slowest
             stats.round_trips += 1
             return total if total is not None else torch.zeros_like(x)
@@ -355,6 +369,11 @@ class DistributedLlama:
                 self.streams[r].call(self.job_ids[r], "reset", [], session=session)
             except NodeError as exc:  # a lost node; the next step's recovery deals with it
                 log.warning("resetting session %s on %s failed: %s", session, exc.address, exc.message)
+
+    @property
+    def active_sessions(self) -> int:
+        """Generations in progress (a redeploy for a rejoin waits until this is 0)."""
+        return len(self._session_epoch)
 
     def describe(self) -> list[dict[str, Any]]:
         """The plan per node, with the node's address."""

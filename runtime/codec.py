@@ -9,6 +9,7 @@ and every caller (node, coordinator, tests) shares the same validation.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +38,8 @@ _NUMPY_VIEW: dict[str, np.dtype] = {
     "uint8": np.dtype("u1"),
     "bool": np.dtype("?"),
 }
+
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 
 
 class TensorDecodeError(ValueError):
@@ -125,8 +128,12 @@ def decode_raw(msg: TensorMessage) -> torch.Tensor:
     dtype, shape, _ = _check_shape(msg)
     if math.prod(shape) == 0:
         return torch.empty(shape, dtype=WIRE_DTYPES[dtype])
-    # frombuffer over immutable bytes is read-only; torch wants a writable buffer, hence the copy.
-    array = np.frombuffer(msg.data, dtype=_NUMPY_VIEW[dtype]).copy()
+    if _LITTLE_ENDIAN_HOST:
+        # One copy into a writable bytearray that the tensor then owns: the hot path of every
+        # Forward reply, ~3x fewer Python-level steps than going through numpy.
+        return torch.frombuffer(bytearray(msg.data), dtype=WIRE_DTYPES[dtype]).reshape(shape)
+    # big-endian host: numpy's explicit little-endian views convert while copying.
+    array = np.frombuffer(msg.data, dtype=_NUMPY_VIEW[dtype]).astype(_NUMPY_VIEW[dtype].newbyteorder("="))
     return torch.from_numpy(array).view(WIRE_DTYPES[dtype]).reshape(shape)
 
 

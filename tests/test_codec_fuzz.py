@@ -53,3 +53,13 @@ def test_round_trip_bit_exact(dtype, shape, seed):
     back = decode(pb.Tensor(**encode(tensor)))
     assert back.dtype == tensor.dtype
     assert torch.equal(back.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))  # bitwise, NaNs included
+
+
+def test_decoded_tensor_is_writable_and_owns_its_memory():
+    """The coordinator sums partials in place into a decoded reply: that must not warn or touch the message."""
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    msg = pb.Tensor(**encode(x))
+    y = decode(msg)
+    y += 1
+    assert torch.equal(y, x + 1)
+    assert torch.equal(decode(msg), x)  # the message's bytes are unchanged

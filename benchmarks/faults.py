@@ -1,0 +1,151 @@
+"""Fault tolerance and TLS cost, measured side by side in one run on a local cluster.
+
+1. Recovery: a 3-node SmolLM2 cluster, kill -9 one node mid-generation, several times (the node
+   is restarted between kills). Reports detection time (start of the failing step -> error), the
+   stall (error -> next token) and the shard bytes re-sent. The first kill also writes the
+   survivors' plan; later kills find it cached and the survivors already holding it.
+2. TLS vs insecure on the Forward stream: decode-sized messages (1x576 and 1x2048 float32)
+   round-tripped through the echo executor on a mutual-TLS node and a plaintext node, interleaved.
+3. Decode tokens/s of a 2-node SmolLM2 cluster, secure vs --insecure, interleaved rounds.
+   Goal: TLS costs < 10% on decode.
+
+    python benchmarks/faults.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from edgeweave.coordinator.client import NodeClient
+from edgeweave.coordinator.identity import Identity
+from edgeweave.coordinator.local_cluster import LocalCluster
+from edgeweave.coordinator.tp_driver import DistributedLlama
+from edgeweave.splitting.checkpoints import open_checkpoint
+from edgeweave.splitting.tokenizer import Tokenizer
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+PROMPT = [{"role": "user", "content": "Tell me about the history of Paris in a few sentences."}]
+INSECURE = Identity(None, None)
+
+
+def recovery_runs(checkpoint, prompt_ids: list[int], kills: int, cache: Path) -> list[dict]:
+    """kill -9 node 2 of 3 after 6 tokens, `kills` times; one recovery record per kill."""
+    records = []
+    with LocalCluster(3, advertise=False, env=ONE_THREAD) as cluster:
+        for _ in range(kills):
+            clients = [NodeClient(a, cluster=cluster.identity) for a in cluster.addresses]
+            with DistributedLlama(checkpoint, clients, [1.0, 1.0, 1.0], cache_dir=cache) as llm:
+                for i, _token in enumerate(llm.generate(prompt_ids, 16)):
+                    if i == 5:
+                        cluster.kill(2)
+                records += llm.last_stats.recoveries
+            for client in clients:
+                client.close()
+            cluster.restart(2)
+    return records
+
+
+def forward_rtts(rounds: int) -> dict[str, dict[str, float]]:
+    """Median Forward round trip (echo executor) of decode-sized tensors, TLS vs plaintext."""
+    shapes = {"1x576 f32": (1, 576), "1x2048 f32": (1, 2048)}
+    out: dict[str, dict[str, float]] = {}
+    with LocalCluster(1, advertise=False, env=ONE_THREAD) as secure, \
+            LocalCluster(1, advertise=False, env=ONE_THREAD, cluster_identity=INSECURE) as plain:
+        streams = {}
+        for mode, cluster in (("tls", secure), ("insecure", plain)):
+            client = NodeClient(cluster.addresses[0], cluster=cluster.identity)
+            client.load("echo-bench", "echo", {}, {})
+            streams[mode] = client.open_stream(10.0)
+        for label, shape in shapes.items():
+            x = torch.randn(shape)
+            samples: dict[str, list[float]] = {m: [] for m in streams}
+            for _ in range(rounds):
+                for mode, stream in streams.items():  # interleaved: both see the same machine state
+                    start = time.perf_counter()
+                    stream.call("echo-bench", "echo", [x])
+                    samples[mode].append(time.perf_counter() - start)
+            out[label] = {m: statistics.median(s[rounds // 10:]) for m, s in samples.items()}
+        for stream in streams.values():
+            stream.close()
+    return out
+
+
+def decode_speeds(checkpoint, prompt_ids: list[int], rounds: int, tokens: int, cache: Path) -> dict[str, float]:
+    """Median decode seconds/token on 2 nodes, TLS vs plaintext, alternating rounds."""
+    per_token: dict[str, list[float]] = {"tls": [], "insecure": []}
+    with LocalCluster(2, advertise=False, env=ONE_THREAD) as secure, \
+            LocalCluster(2, advertise=False, env=ONE_THREAD, cluster_identity=INSECURE) as plain:
+        llms = {}
+        for mode, cluster in (("tls", secure), ("insecure", plain)):
+            clients = [NodeClient(a, cluster=cluster.identity) for a in cluster.addresses]
+            llms[mode] = DistributedLlama(checkpoint, clients, [1.0, 1.0], cache_dir=cache)
+        try:
+            for _ in range(rounds):
+                for mode, llm in llms.items():
+                    list(llm.generate(prompt_ids, tokens))
+                    per_token[mode] += llm.last_stats.token_s
+        finally:
+            for llm in llms.values():
+                llm.close()
+    return {m: statistics.median(s) for m, s in per_token.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer kills, rounds and tokens")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    kills, rtt_rounds, rounds, tokens = (2, 300, 2, 16) if args.quick else (4, 2000, 3, 32)
+    checkpoint = open_checkpoint()
+    prompt_ids = Tokenizer.from_checkpoint(checkpoint).encode_chat(PROMPT)
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="edgeweave-faults-") as cache_dir:
+        cache = Path(cache_dir)
+        records = recovery_runs(checkpoint, prompt_ids, kills, cache)
+        rtts = forward_rtts(rtt_rounds)
+        decode = decode_speeds(checkpoint, prompt_ids, rounds, tokens, cache)
+
+    table = Table(title=f"recovery after kill -9 of 1 of 3 nodes ({len(records)} kills)")
+    for col in ("kill", "detected after (s)", "stall to next token (s)", "bytes re-sent"):
+        table.add_column(col, justify="right")
+    for i, r in enumerate(records):
+        table.add_row(str(i + 1), f"{r['detected_after_s']:.3f}", f"{r['stall_s']:.2f}", f"{r['resent_bytes']:,}")
+    console.print(table)
+    table = Table(title="TLS vs insecure (medians, same run, interleaved)")
+    for col in ("measure", "TLS", "insecure", "TLS / insecure"):
+        table.add_column(col, justify="right")
+    for label, m in rtts.items():
+        table.add_row(f"Forward RTT {label} (ms)", f"{m['tls'] * 1e3:.3f}", f"{m['insecure'] * 1e3:.3f}",
+                      f"{m['tls'] / m['insecure']:.3f}")
+    table.add_row("decode, 2-node SmolLM2 (tok/s)", f"{1 / decode['tls']:.2f}", f"{1 / decode['insecure']:.2f}",
+                  f"{decode['tls'] / decode['insecure']:.3f} (time)")
+    console.print(table)
+
+    result = {
+        "recoveries": records,
+        "median_detected_after_s": statistics.median(r["detected_after_s"] for r in records),
+        "median_stall_s": statistics.median(r["stall_s"] for r in records),
+        "median_stall_cached_s": statistics.median(r["stall_s"] for r in records[1:]) if len(records) > 1 else None,
+        "forward_rtt_s": rtts,
+        "decode_s_per_token": decode,
+        "decode_tls_cost": decode["tls"] / decode["insecure"] - 1,
+        "quick": args.quick,
+    }
+    out = Path(__file__).resolve().parent / "results" / "faults.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

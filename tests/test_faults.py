@@ -1,0 +1,224 @@
+"""Fault tolerance against real node processes: kill -9 mid-generation, corrupt shards, rejoin,
+survivors too small, and a full disk. The reference is always the same cluster's uninterrupted run."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from llm_reference import single_torch_thread, smollm, smollm_in_memory
+
+from edgeweave.coordinator.client import NodeClient, NodeError
+from edgeweave.coordinator.engine import DistributedEngine
+from edgeweave.coordinator.local_cluster import LocalCluster
+from edgeweave.coordinator.recovery import ClusterLostError
+from edgeweave.coordinator.tp_driver import DistributedLlama
+from edgeweave.runtime.sampling import SamplingParams
+from edgeweave.splitting.tensor_parallel import layer_file, plan_shards, write_shards
+from edgeweave.splitting.tokenizer import Tokenizer
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+CHAT = [{"role": "user", "content": "Tell me about the history of Paris in a few sentences."}]
+N_TOKENS = 64
+KILL_AFTER = 8
+
+
+def LLM(test):  # noqa: N802 - reads as a marker
+    """Loads SmolLM2 on a real 3-node cluster."""
+    return pytest.mark.llm(pytest.mark.slow(test))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(3, advertise=False, env=ONE_THREAD) as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("faults-cache")
+
+
+@pytest.fixture(scope="module")
+def prompt_ids():
+    return Tokenizer.from_checkpoint(smollm()).encode_chat(CHAT)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, cache_dir, prompt_ids):
+    """64 greedy tokens on the intact 3-node cluster (the reference every fault must reproduce), and its manifest."""
+    clients = _clients(cluster, range(3))
+    with DistributedLlama(smollm_in_memory(), clients, [1.0, 1.0, 1.0], cache_dir=cache_dir) as llm:
+        return list(llm.generate(prompt_ids, N_TOKENS)), llm.manifest
+
+
+def _clients(cluster, ranks):
+    return [NodeClient(cluster.addresses[r], cluster=cluster.identity) for r in ranks]
+
+
+def _shard_bytes(manifest, ranks) -> int:
+    return sum(manifest.path(layer_file(r, i)).stat().st_size for r in ranks for i in range(manifest.config.num_layers))
+
+
+
+@LLM
+def test_corrupted_shard_is_refetched_at_load(cluster, cache_dir, prompt_ids, uninterrupted):
+    """Flip bytes in a stored shard, keeping its size and mtime: Load notices, the file is re-sent once."""
+    clients = _clients(cluster, range(3))
+    reference, manifest = uninterrupted
+    victim = cluster.base_dir / cluster.names[1] / "shards" / manifest.sha256(layer_file(1, 7))
+    before = victim.stat()
+    with open(victim, "r+b") as f:
+        f.seek(before.st_size // 2)
+        f.write(b"\x00\x01\x02\x03" * 64)
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert victim.stat().st_size == before.st_size
+    with DistributedLlama(smollm_in_memory(), clients, [1.0, 1.0, 1.0], cache_dir=cache_dir) as llm:
+        assert llm.bytes_sent == before.st_size  # only the corrupt file travelled again
+        assert list(llm.generate(prompt_ids, 8)) == reference[:8]
+    for client in clients:
+        client.close()
+
+
+@LLM
+def test_kill_minus_nine_mid_generation_continues_identically(cluster, cache_dir, prompt_ids, uninterrupted):
+    clients = _clients(cluster, range(3))
+    # the survivors' plan: node 0 already holds half of its new shards, so exactly the rest must travel
+    checkpoint = smollm_in_memory()
+    survivor_plan = plan_shards(checkpoint.config, [1.0, 1.0])
+    survivor_manifest = write_shards(checkpoint, survivor_plan, cache_dir / checkpoint.fingerprint /
+                                     f"{survivor_plan.plan_id}-float32", "float32")
+    half = checkpoint.config.num_layers // 2
+    preloaded = 0
+    for i in range(half):
+        path = survivor_manifest.path(layer_file(0, i))
+        clients[0].put_shard(path, f"layer.{i:03d}", survivor_manifest.sha256(layer_file(0, i)))
+        preloaded += path.stat().st_size
+
+    with DistributedLlama(checkpoint, clients, [1.0, 1.0, 1.0], cache_dir=cache_dir) as llm:
+        tokens, killer = [], None
+        for token in llm.generate(prompt_ids, N_TOKENS):
+            tokens.append(token)
+            if len(tokens) == KILL_AFTER:
+                killer = threading.Thread(target=cluster.kill, args=(2,))
+                killer.start()
+        killer.join()
+        assert tokens == uninterrupted[0]
+        [record] = llm.last_stats.recoveries
+        assert record["lost_node"] == cluster.addresses[2]
+        assert record["nodes_left"] == 2 and 0 < record["detected_after_s"] <= record["stall_s"]
+        assert llm.plan.plan_id == survivor_plan.plan_id
+        assert record["resent_bytes"] == _shard_bytes(survivor_manifest, [0, 1]) - preloaded
+    for client in clients:
+        client.close()
+
+
+@LLM
+def test_engine_recovers_mid_request_and_uses_a_restarted_node_next(cluster, cache_dir, prompt_ids, uninterrupted):
+    """A DistributedEngine request survives a kill; after a restart the next request runs on 3 nodes
+    again with nothing re-sent (the node kept its shards)."""
+    if cluster.procs[2].poll() is not None:
+        cluster.restart(2)
+    engine = DistributedEngine.open(smollm(), cluster.addresses, weights=[1.0, 1.0, 1.0],
+                                    cache_dir=cache_dir)
+    greedy = SamplingParams()
+    try:
+        tokens = []
+        for token in engine.generate(prompt_ids, 12, greedy, session="a"):
+            tokens.append(token)
+            if len(tokens) == 2:
+                cluster.kill(2)
+        assert tokens == uninterrupted[0][:12]
+        assert len(engine.llm.nodes) == 2 and len(engine.describe()["recoveries"]) == 1
+
+        cluster.restart(2)
+        assert list(engine.generate(prompt_ids, 12, greedy, session="b")) == uninterrupted[0][:12]
+        assert [row["address"] for row in engine.describe()["nodes"]] == cluster.addresses
+        assert engine.rejoins[-1] == {"joined": [cluster.addresses[2]], "nodes": 3, "resent_bytes": 0}
+    finally:
+        engine.close()
+
+
+@LLM
+def test_survivors_too_small_raise_a_clear_error(cluster, cache_dir, prompt_ids):
+    """Budgets far below the model (window planning off: every layer resident) -> ClusterLostError naming the node."""
+    cluster.memory_budgets = ["1MiB"] * 3
+    for r in (0, 1):
+        cluster.restart(r)
+    clients = _clients(cluster, [0, 1])
+    with DistributedLlama(smollm_in_memory(), clients, [1.0, 1.0], cache_dir=cache_dir,
+                          window=smollm_in_memory().config.num_layers) as llm:
+        tokens = llm.generate(prompt_ids, 8)
+        next(tokens)
+        cluster.kill(1)
+        with pytest.raises(ClusterLostError, match=rf"lost node\(s\) {cluster.addresses[1]}.*missing") as info:
+            list(tokens)
+        assert info.value.lost == [cluster.addresses[1]]
+    for client in clients:
+        client.close()
+
+
+@pytest.mark.root
+def test_put_shard_on_a_full_disk_is_resource_exhausted(tmp_path):
+    """A 2 MiB tmpfs as the data dir: a 3 MiB shard is refused with free vs needed, the node keeps serving."""
+    base = tmp_path / "cluster"
+    data_dir = base / "full"
+    data_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(data_dir)], check=True)
+    try:
+        with LocalCluster(1, base_dir=base, names=["full"], advertise=False, env=ONE_THREAD) as node:
+            big, small = tmp_path / "big.bin", tmp_path / "small.bin"
+            big.write_bytes(os.urandom(3 << 20))
+            small.write_bytes(os.urandom(100_000))
+            with NodeClient(node.addresses[0], cluster=node.identity) as client:
+                with pytest.raises(NodeError) as info:
+                    client.put_shard(big, "big")
+                assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "needs 3145728 bytes" in info.value.message and "bytes free" in info.value.message
+                assert not list((data_dir / "shards").glob("*.part"))
+                assert client.put_shard(small, "small").size == 100_000
+                assert client.health().status == "SERVING"
+    finally:
+        subprocess.run(["umount", str(data_dir)], check=False)
+
+
+def test_enospc_mid_write_is_resource_exhausted(tmp_path, monkeypatch):
+    """The in-process store: a disk that fills up during the write (the early free-space check passed)."""
+    from edgeweave.node.shard_store import ShardNoSpace, ShardStore
+    from edgeweave.proto import pb
+
+    store = ShardStore(tmp_path)
+    data = os.urandom(4096)
+    import hashlib
+
+    digest = hashlib.sha256(data).hexdigest()
+    real_fdopen = os.fdopen
+
+    class FullFile:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, _data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullFile(real_fdopen(fd, mode)))
+    with pytest.raises(ShardNoSpace, match="needs 4096 bytes"):
+        store.receive([pb.ShardChunk(name="x", sha256=digest, size=len(data), offset=0, data=data)])
+    assert not list(Path(store.root).iterdir())
