@@ -32,12 +32,18 @@ def parse_weights(text: str | None, n_nodes: int | None = None) -> list[float] |
 
 def plan_table(rows: list[dict], title: str) -> Table:
     table = Table(title=title)
-    for column in ("node", "weight", "KV heads", "Q heads", "MLP columns", "MB"):
+    windowed = any("window" in row for row in rows)
+    columns = ["node", "weight", "KV heads", "Q heads", "MLP columns", "MB"] + (["budget MB", "window"] if windowed else [])
+    for column in columns:
         table.add_column(column, justify="right" if column != "node" else "left")
     for row in rows:
-        table.add_row(row.get("address", f"rank {row['rank']}"), f"{row['weight']:g}",
-                      f"{row['n_kv_heads']} {tuple(row['kv_heads'])}", str(row["n_q_heads"]),
-                      f"{row['n_columns']} {tuple(row['columns'])}", f"{row['bytes'] / 1e6:.1f}")
+        cells = [row.get("address", f"rank {row['rank']}"), f"{row['weight']:g}",
+                 f"{row['n_kv_heads']} {tuple(row['kv_heads'])}", str(row["n_q_heads"]),
+                 f"{row['n_columns']} {tuple(row['columns'])}", f"{row['bytes'] / 1e6:.1f}"]
+        if windowed:
+            window = row.get("window")
+            cells += [f"{row['memory_budget'] / 1e6:.0f}", "all resident" if window is None else f"{window} layers"]
+        table.add_row(*cells)
     return table
 
 
@@ -56,9 +62,16 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(None, help=MODEL_HELP),
         nodes: int = typer.Option(2, "--nodes", "-n", help="Number of equal nodes (ignored with --weights)."),
         weights: str = typer.Option(None, help="Relative node capacities, e.g. 2,1."),
+        memory_budget: list[str] = typer.Option(
+            None, help="Per-node memory budget (repeat once per node, e.g. 300MiB): plan sliding windows or refuse."
+        ),
+        context: int = typer.Option(2048, help="Context length the KV cache must hold (with --memory-budget)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
-        """Show how the model's heads and MLP columns would be cut across nodes."""
+        """Show how the model's heads and MLP columns would be cut across nodes (and, given memory
+        budgets, which nodes must stream their layers through a sliding window)."""
+        from edgeweave.runtime.memory_budget import parse_budget
+        from edgeweave.splitting.memory_plan import MemoryPlanError, plan_memory
         from edgeweave.splitting.tensor_parallel import plan_shards
 
         try:
@@ -69,6 +82,20 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("at least one node", param_hint="--nodes")
         plan_ = plan_shards(checkpoint.config, parse_weights(weights) or [1.0] * nodes)
         rows = plan_.describe()
+        if memory_budget:
+            if len(memory_budget) != len(rows):
+                raise typer.BadParameter(f"give one budget per node ({len(rows)}), got {len(memory_budget)}",
+                                         param_hint="--memory-budget")
+            try:
+                budgets = [parse_budget(b) for b in memory_budget]
+                fitted = plan_memory(plan_, budgets, context_length=context, coordinator_rank=None)
+            except ValueError as exc:  # MemoryPlanError is a ValueError too: the model does not fit
+                prefix = "the model does not fit: " if isinstance(exc, MemoryPlanError) else ""
+                typer.echo(f"error: {prefix}{exc}", err=True)
+                raise typer.Exit(2) from None
+            for row, node in zip(rows, fitted.nodes, strict=True):
+                row["memory_budget"] = node.budget
+                row["window"] = node.window  # None = every layer resident
         if as_json:
             typer.echo(json.dumps({"plan_id": plan_.plan_id, "model": str(checkpoint.path), "nodes": rows}, indent=1))
         else:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from edgeweave.coordinator.client import NodeClient, NodeError
-from edgeweave.splitting.memory_plan import MemoryPlanError, plan_memory
+from edgeweave.splitting.memory_plan import MemoryPlan, MemoryPlanError, plan_memory
 from edgeweave.splitting.tensor_parallel import TensorParallelPlan, plan_shards
 
 if TYPE_CHECKING:
@@ -80,15 +80,18 @@ def step_deadline(recent_steps: Sequence[float]) -> float:
     return max(DEADLINE_FLOOR_S, DEADLINE_FACTOR * statistics.median(recent_steps))
 
 
+def fit_plan_to_nodes(plan: TensorParallelPlan, nodes: Sequence[NodeClient]) -> MemoryPlan:
+    """Check each node's announced memory budget (0 = no budget) against its share of `plan`; the
+    window each node will use, or MemoryPlanError saying how much memory is missing where."""
+    budgets = [client.info().resources.memory_budget or UNLIMITED for client in nodes]
+    return plan_memory(plan, budgets, names=[c.address for c in nodes],
+                       context_length=min(plan.config.max_position_embeddings, FIT_CONTEXT), coordinator_rank=None)
+
+
 def check_survivors_fit(plan: TensorParallelPlan, nodes: Sequence[NodeClient], lost: Sequence[str]) -> None:
-    """Raise ClusterLostError unless every survivor's memory budget holds its share (0 = no budget)."""
-    budgets = []
-    for client in nodes:
-        budget = client.info().resources.memory_budget
-        budgets.append(budget or UNLIMITED)
+    """Raise ClusterLostError unless every survivor's memory budget holds its share."""
     try:
-        plan_memory(plan, budgets, names=[c.address for c in nodes],
-                    context_length=min(plan.config.max_position_embeddings, FIT_CONTEXT), coordinator_rank=None)
+        fit_plan_to_nodes(plan, nodes)
     except MemoryPlanError as exc:
         raise ClusterLostError(
             lost, f"lost node(s) {', '.join(lost)} and the {len(nodes)} remaining node(s) cannot hold the model: {exc}"

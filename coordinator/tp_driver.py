@@ -124,6 +124,8 @@ class DistributedLlama:
         the streams. Returns the shard bytes sent."""
         self.nodes, self.weights = list(nodes), list(weights)
         self.plan: TensorParallelPlan = plan_shards(self.config, self.weights)
+        # refuse a cluster that cannot hold the model before writing or sending anything
+        self.memory_plan = recovery.fit_plan_to_nodes(self.plan, self.nodes)
         folder = self._root / self.checkpoint.fingerprint / f"{self.plan.plan_id}-{self.dtype}"
         self.manifest: Manifest = self._write(folder, self.dtype)
         sent = self._ship()

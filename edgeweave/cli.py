@@ -58,10 +58,16 @@ _register_all()
 
 def main() -> None:
     from edgeweave.config import ConfigError
+    from edgeweave.coordinator.client import NodeError
+    from edgeweave.coordinator.recovery import ClusterLostError
+    from edgeweave.runtime.memory_budget import MemoryBudgetError
     from edgeweave.security import SecretError
 
     try:
         app()
-    except (SecretError, ConfigError) as exc:  # a setup problem: one sentence, no traceback
+    except (SecretError, ConfigError, MemoryBudgetError) as exc:  # a setup problem: one sentence, no traceback
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
+    except (NodeError, ClusterLostError) as exc:  # the cluster failed us: say which node and why
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None

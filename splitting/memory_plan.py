@@ -77,26 +77,28 @@ def fit_cluster(
     if not len(names) == len(budgets) == len(layer_bytes) == len(kv_bytes) == len(fixed_bytes):
         raise ValueError("fit_cluster needs one name, budget, layer list, KV size and fixed size per node")
     decided: list[NodeMemory] = []
-    short: list[tuple[str, int, int]] = []  # name, bytes for weights, bytes missing for one layer
+    short: list[tuple[str, int, int, int, int, int]] = []  # name, budget, kv, fixed, for weights, missing
     for name, budget, layers, kv, fixed in zip(names, budgets, layer_bytes, kv_bytes, fixed_bytes, strict=True):
         layers = tuple(int(b) for b in layers)
         try:
             window = choose_window(layers, int(budget), int(kv), int(fixed))
         except MemoryBudgetError:
             for_weights = int(budget) - int(kv) - int(fixed)
-            short.append((name, for_weights, max(layers) - for_weights))
+            short.append((name, int(budget), int(kv), int(fixed), for_weights, max(layers) - for_weights))
             continue
         decided.append(NodeMemory(name, int(budget), layers, int(kv), int(fixed), window))
     if short:
         per_token = sum(sum(layers) for layers in layer_bytes)
         parts = [
-            f"node {name} has {format_bytes(max(left, 0))} for weights: {format_bytes(missing)} missing for even one layer"
-            for name, left, missing in short
+            f"node {name} has a {format_bytes(budget)} budget, which after its runtime ({format_bytes(fixed)}) and "
+            f"KV cache ({format_bytes(kv)}) leaves {format_bytes(max(left, 0))} for weights: "
+            f"{format_bytes(missing)} missing for even one layer"
+            for name, budget, kv, fixed, left, missing in short
         ]
         raise MemoryPlanError(
             f"the model needs {format_bytes(per_token)} of weights per token across {len(names)} nodes but "
             + "; ".join(parts)
-            + f" ({format_bytes(sum(m for _, _, m in short))} missing in total; give those nodes more memory, "
+            + f" ({format_bytes(sum(entry[-1] for entry in short))} missing in total; give those nodes more memory, "
             "a smaller share, or use a smaller dtype)"
         )
     return MemoryPlan(tuple(decided))

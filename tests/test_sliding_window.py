@@ -198,8 +198,10 @@ def test_memory_plan_windows_and_refusal():
                     [[1024**3] * 2, [200 * 1024**2] * 2, [312 * 1024**2] * 2], [0, 0, 0], [0, 0, 0])
     message = str(info.value)
     assert message.startswith("the model needs 3.00 GiB of weights per token across 3 nodes but ")
-    assert "node b has 150.00 MiB for weights: 50.00 MiB missing for even one layer" in message
-    assert "node c has 100.00 MiB for weights: 212.00 MiB missing for even one layer" in message
+    assert ("node b has a 150.00 MiB budget, which after its runtime (0 B) and KV cache (0 B) leaves 150.00 MiB "
+            "for weights: 50.00 MiB missing for even one layer") in message
+    assert ("node c has a 100.00 MiB budget, which after its runtime (0 B) and KV cache (0 B) leaves 100.00 MiB "
+            "for weights: 212.00 MiB missing for even one layer") in message
     assert "262.00 MiB missing in total" in message and "node a" not in message
 
 

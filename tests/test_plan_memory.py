@@ -1,0 +1,46 @@
+"""The planner uses memory budgets: windows where they are needed, a refusal with the numbers
+where not even one layer fits, before a single shard is written or sent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from llm_reference import smollm
+
+from edgeweave.coordinator.client import NodeClient
+from edgeweave.coordinator.local_cluster import LocalCluster
+from edgeweave.coordinator.tp_driver import DistributedLlama
+from edgeweave.splitting.memory_plan import MemoryPlanError
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgeweave", "plan", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_plan_windows_a_small_node_and_keeps_a_big_one_resident():
+    result = _plan("--json", "--memory-budget", "500MiB", "--memory-budget", "4GiB")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["nodes"]
+    assert rows[1]["window"] is None  # everything resident
+    assert isinstance(rows[0]["window"], int) and 1 <= rows[0]["window"] < 30
+
+
+def test_plan_refuses_a_node_too_small_for_one_layer_with_the_numbers():
+    result = _plan("--memory-budget", "30MiB", "--memory-budget", "4GiB")
+    assert result.returncode == 2
+    assert "does not fit" in result.stderr and "node 0 has a 30.00 MiB budget" in result.stderr
+    assert "missing for even one layer" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_driver_refuses_before_sending_any_shard(tmp_path):
+    with LocalCluster(1, base_dir=tmp_path, advertise=False, memory_budgets=["30MiB"]) as cluster:
+        with NodeClient(cluster.addresses[0]) as client, pytest.raises(MemoryPlanError, match="missing"):
+            DistributedLlama(smollm(), [client], [1.0], cache_dir=tmp_path / "cache", show_progress=False)
+        shards = tmp_path / cluster.names[0] / "shards"
+        assert not shards.exists() or not any(shards.iterdir())
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing written either
