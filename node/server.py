@@ -165,9 +165,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         perf = time.perf_counter
         Reply, Tensor = pb.ForwardReply, pb.Tensor
         try:
-            _trace = [] if os.environ.get("EW_TRACE") else None
             for req in request_iterator:
-                _t0 = perf()
                 job = get_job(req.job_id)
                 tensors = [decode_quantized(t) if t.quantized else decode(t) for t in req.tensors]
                 executor = job.executor
@@ -179,15 +177,8 @@ class NodeServicer(pb_grpc.NodeServicer):
                     job.requests += 1
                     job.compute_s += compute_s
                     job.stall_s += stall_s
-                _r = Reply(seq=req.seq, tensors=[Tensor(**encode(t)) for t in outputs],
+                yield Reply(seq=req.seq, tensors=[Tensor(**encode(t)) for t in outputs],
                             compute_s=compute_s, stall_s=stall_s)
-                _t3 = perf()
-                yield _r
-                if _trace is not None:
-                    _trace.append((req.seq, _t0, start, start + compute_s, _t3, perf()))
-                    if len(_trace) % 200 == 0:
-                        import json as _j
-                        open(os.environ["EW_TRACE"] + str(os.getpid()), "w").write(_j.dumps(_trace))
         except Exception as exc:
             if context.is_active():
                 _abort(context, "Forward", exc)

@@ -39,9 +39,9 @@ def test_package_imports_follow_the_design(package):
             continue
         for name in _imports(path):
             parts = name.split(".")
-            if parts[0] == "edgeweave" and len(parts) > 1 and parts[1] in ALLOWED:
-                if parts[1] != package and parts[1] not in ALLOWED[package]:
-                    violations.append(f"{path.relative_to(ROOT)} imports {name}")
+            layer = parts[1] if parts[0] == "edgeweave" and len(parts) > 1 else None
+            if layer in ALLOWED and layer != package and layer not in ALLOWED[package]:
+                violations.append(f"{path.relative_to(ROOT)} imports {name}")
             if package in ("runtime", "splitting") and parts[0] in FORBIDDEN_PURE:
                 violations.append(f"{path.relative_to(ROOT)} imports {name} (pure layer)")
     assert not violations, "\n".join(violations)
