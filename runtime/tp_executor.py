@@ -75,11 +75,18 @@ class TensorParallelExecutor(Executor):
         if memory_budget <= 0:
             return None
         context = int(self.config.get("context", model.get("max_position_embeddings", 2048)))
-        kv = kv_cache_bytes(self.n_layers, int(model.get("num_kv_heads", 1)), self.head_dim, min(context, 4096))
+        kv = kv_cache_bytes(self.n_layers, self._local_kv_heads(paths[0]), self.head_dim, min(context, 4096))
         try:
             return choose_window(layer_file_sizes(paths), memory_budget, kv_cache_bytes=kv)
         except MemoryBudgetError as exc:
             raise ExecutorInputError(str(exc)) from None
+
+    def _local_kv_heads(self, first_layer: Path) -> int:
+        """This node's share of KV heads (sizes its KV cache), read from the shard header only."""
+        from safetensors import safe_open
+
+        with safe_open(str(first_layer), framework="pt") as f:
+            return f.get_slice("wk").get_shape()[0] // self.head_dim
 
     def details(self) -> dict[str, Any]:
         return {
