@@ -16,9 +16,11 @@ from llm_reference import single_torch_thread, smollm, smollm_in_memory
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.engine import DistributedEngine
 from edgeweave.coordinator.local_cluster import LocalCluster
-from edgeweave.coordinator.recovery import ClusterLostError
+from edgeweave.coordinator.recovery import FIT_CONTEXT, ClusterLostError
 from edgeweave.coordinator.tp_driver import DistributedLlama
+from edgeweave.runtime.memory_budget import kv_cache_bytes
 from edgeweave.runtime.sampling import SamplingParams
+from edgeweave.splitting.memory_plan import DEFAULT_NODE_OVERHEAD
 from edgeweave.splitting.tensor_parallel import layer_file, plan_shards, write_shards
 from edgeweave.splitting.tokenizer import Tokenizer
 
@@ -150,10 +152,24 @@ def test_engine_recovers_mid_request_and_uses_a_restarted_node_next(cluster, cac
         engine.close()
 
 
+def _one_layer_budget(plan, rank: int) -> int:
+    """The smallest budget with which `rank` of `plan` passes the memory plan (one layer at a time)."""
+    cfg = plan.config
+    context = min(cfg.max_position_embeddings, FIT_CONTEXT)
+    kv = kv_cache_bytes(cfg.num_layers, plan.shards[rank].n_kv_heads, cfg.head_dim, context)
+    return DEFAULT_NODE_OVERHEAD + kv + plan.layer_bytes(rank, 4)
+
+
 @LLM
 def test_survivors_too_small_raise_a_clear_error(cluster, cache_dir, prompt_ids):
-    """Budgets far below the model (window planning off: every layer resident) -> ClusterLostError naming the node."""
-    cluster.memory_budgets = ["1MiB"] * 3
+    """Budgets that hold a 2-node share but not the whole model on one node -> ClusterLostError naming
+    the lost node (the initial deploy passes the memory plan; the survivor alone cannot)."""
+    config = smollm_in_memory().config
+    two, one = plan_shards(config, [1.0, 1.0]), plan_shards(config, [1.0])
+    fits_two = max(_one_layer_budget(two, r) for r in (0, 1))
+    fits_one = _one_layer_budget(one, 0)
+    assert fits_two < fits_one
+    cluster.memory_budgets = [str((fits_two + fits_one) // 2)] * 3
     for r in (0, 1):
         cluster.restart(r)
     clients = _clients(cluster, [0, 1])
