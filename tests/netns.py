@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import re
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 NAMESPACE_PREFIX = "ewtb"  # edgeweave test bed
 _NAME = re.compile(rf"^{NAMESPACE_PREFIX}-(\d+)-")
@@ -94,6 +97,23 @@ class Testbed:
 
     def python(self, host: int, code_or_args: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
         return self.run(host, [sys.executable, *code_or_args], **kwargs)
+
+    def start_node(self, host: int, name: str, folder: Path, args: Sequence[str] = (), env: dict | None = None,
+                   timeout: float = 90) -> str:
+        """Start `edgeweave node` on `host` (its log and data under `folder`); its address once serving."""
+        ready = folder / f"{name}.ready.json"
+        with open(folder / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
+            proc = self.popen(host, [sys.executable, "-m", "edgeweave", "node", "--name", name, "--host", self.ips[host],
+                                     "--interface", self.ips[host], "--port", "0", "--data-dir", str(folder / name),
+                                     "--ready-file", str(ready), *args], stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"node {name} exited with {proc.returncode}: {(folder / f'{name}.log').read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {name} not ready after {timeout} s")
+            time.sleep(0.1)
+        return json.loads(ready.read_text())["address"]
 
     def shape(self, host: int, rate_mbit: float, burst_kbit: int = 32, latency_ms: int = 400) -> None:
         """Cap host's egress with a token bucket (tc tbf)."""

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 from delay_proxy import DelayProxy
@@ -27,29 +25,12 @@ ECHO_CLIENT = textwrap.dedent("""
 """)
 
 
-def _wait_ready(path: Path, proc, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"node exited with {proc.returncode}"
-        assert time.monotonic() < deadline, "node not ready in time"
-        time.sleep(0.1)
-    return json.loads(path.read_text())
-
-
 @pytest.mark.root
 @pytest.mark.slow
 def test_discovery_and_forward_across_namespaces(netns_testbed, tmp_path):
     bed = netns_testbed(3)
     names = [f"ns-node{i}-{bed.prefix[-4:]}" for i in range(2)]
-    procs, ready = [], []
-    for i, name in enumerate(names):
-        path = tmp_path / f"{name}.ready.json"
-        with open(tmp_path / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
-            procs.append(bed.popen(i, [sys.executable, "-m", "edgeweave", "node", "--name", name, "--host",
-                                       bed.ips[i], "--interface", bed.ips[i], "--port", "0", "--data-dir",
-                                       str(tmp_path / name), "--ready-file", str(path)], stdout=log, stderr=log))
-        ready.append(path)
-    addresses = [_wait_ready(path, proc)["address"] for path, proc in zip(ready, procs, strict=True)]
+    addresses = [bed.start_node(i, name, tmp_path) for i, name in enumerate(names)]
     assert addresses[0].startswith(bed.ips[0] + ":") and addresses[1].startswith(bed.ips[1] + ":")
 
     bed.shape(1, rate_mbit=100)  # a shaped link still carries discovery and tensors

@@ -7,8 +7,6 @@ same graphs run in this process with torch.
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -59,30 +57,14 @@ def test_split_modes_through_two_local_nodes_match_in_process():
             assert torch.equal(session.classify(images, "split").argmax(1), want["split"].argmax(1))
 
 
-def _wait_ready(path: Path, proc, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"node exited with {proc.returncode}"
-        assert time.monotonic() < deadline, "node not ready in time"
-        time.sleep(0.1)
-    return json.loads(path.read_text())["address"]
-
-
 @pytest.mark.root
 @pytest.mark.slow
 def test_split_across_two_namespaces_matches_in_process(netns_testbed, tmp_path):
     directory = demo_artifacts()
     bed = netns_testbed(2)  # host 0: the device (node + coordinator), host 1: the server
     secret = str(create_secret(tmp_path / "cluster.secret"))  # both nodes and the coordinator share it
-    addresses = []
-    for i in range(2):
-        name = f"split-{i}-{bed.prefix[-4:]}"
-        ready = tmp_path / f"{name}.ready"
-        with open(tmp_path / f"{name}.log", "wb") as log:
-            proc = bed.popen(i, [sys.executable, "-m", "edgeweave", "node", "--name", name, "--host", bed.ips[i],
-                                 "--interface", bed.ips[i], "--port", "0", "--no-advertise", "--secret-file", secret,
-                                 "--data-dir", str(tmp_path / name), "--ready-file", str(ready)], stdout=log, stderr=log)
-        addresses.append(_wait_ready(ready, proc))
+    addresses = [bed.start_node(i, f"split-{i}-{bed.prefix[-4:]}", tmp_path, ["--no-advertise", "--secret-file", secret])
+                 for i in range(2)]
     for host in range(2):
         bed.shape(host, rate_mbit=10)
     n = 8
