@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeweave.coordinator.client import NodeClient
-from edgeweave.coordinator.split_driver import MODES, SplitSession, measure_link
+from edgeweave.coordinator.split_driver import MODES, SplitSession, classify_adaptively, measure_link
 from edgeweave.splitting.bottleneck import load_teacher
 from edgeweave.splitting.datasets import DATASETS, load_dataset
 from edgeweave.splitting.split_artifacts import (
@@ -26,7 +26,7 @@ from edgeweave.splitting.split_artifacts import (
     cached_artifacts,
     load_manifest,
 )
-from edgeweave.splitting.split_planner import Link, Plan, candidates_from_flops, format_table, plan
+from edgeweave.splitting.split_planner import Link, Plan, Replanner, candidates_from_flops, format_table, plan
 from edgeweave.splitting.split_points import split_points
 from edgeweave.splitting.vision_models import ARCHITECTURES
 
@@ -155,6 +155,9 @@ def register(app: typer.Typer) -> None:
         artifacts: Path = typer.Option(None, help="Output of `split train` (default: the cached demo model)."),
         images: int = typer.Option(16, help="How many test images to classify, one at a time."),
         mode: str = typer.Option("auto", help="auto (the planner's choice), all, or one of local/offload/split."),
+        replan_every: int = typer.Option(
+            0, help="With --mode auto: re-measure the link every N images and re-plan when its bandwidth moved "
+            "by more than 25% (0 = plan once)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON (predictions, logits, latencies)."),
     ) -> None:
         """Classify test images through the two nodes and report accuracy, latency and bytes sent."""
@@ -167,10 +170,20 @@ def register(app: typer.Typer) -> None:
         labels = torch.stack([test[i][1] for i in range(len(test))])
         report: dict[str, Any] = {"images": len(labels), "modes": {}}
         with node_pair(device_peer, server_peer) as (device, server), SplitSession(art, device, server) as session:
-            result = make_plan(session, server, None)
+            replanner = Replanner(session.time_candidates(torch.zeros(session.manifest["input_shape"])),
+                                  measure_link(server))
+            result = replanner.current
             report["plan"] = plan_json(result)
-            for m in MODES if mode == "all" else [result.choice.kind if mode == "auto" else mode]:
-                report["modes"][m] = run_images(session, batch, labels, m)
+            if mode == "auto" and replan_every > 0:
+                start = time.perf_counter()
+                logits, used, replans = classify_adaptively(session, server, replanner, batch, replan_every)
+                predictions = logits.argmax(dim=1)
+                report["adaptive"] = {"accuracy": float((predictions == labels).float().mean()), "modes_used": used,
+                                      "replans": replans, "wall_s": time.perf_counter() - start,
+                                      "predictions": predictions.tolist()}
+            else:
+                for m in MODES if mode == "all" else [result.choice.kind if mode == "auto" else mode]:
+                    report["modes"][m] = run_images(session, batch, labels, m)
         if as_json:
             print(json.dumps(report))
             return
@@ -180,7 +193,14 @@ def register(app: typer.Typer) -> None:
             table.add_column(column)
         for m, r in report["modes"].items():
             table.add_row(m, f"{r['accuracy']:.3f}", f"{r['latency_ms_median']:.3f}", str(r["bytes_up"]))
-        console.print(table)
+        if report["modes"]:
+            console.print(table)
+        if "adaptive" in report:
+            adaptive = report["adaptive"]
+            console.print(f"adaptive run: accuracy {adaptive['accuracy']:.3f}, {len(adaptive['replans'])} re-plan(s)")
+            for r in adaptive["replans"]:
+                console.print(f"  at image {r['image']}: link {r['bandwidth_mbit']:.1f} Mbit/s, RTT {r['rtt_ms']:.2f} ms "
+                              f"-> {r['mode']} ({r['cut']})")
 
 
 def run_images(session: SplitSession, batch: torch.Tensor, labels: torch.Tensor, mode: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import torch
 from edgeweave.coordinator.client import ForwardStream, NodeClient
 from edgeweave.runtime.codec import Quantized
 from edgeweave.splitting.split_artifacts import load_manifest
-from edgeweave.splitting.split_planner import LOCAL, OFFLOAD, SPLIT, Candidate, Link
+from edgeweave.splitting.split_planner import LOCAL, OFFLOAD, SPLIT, Candidate, Link, Replanner
 
 MODES = (LOCAL, OFFLOAD, SPLIT)
 #: which graph each mode runs where: mode -> (device graph or None, server graph or None)
@@ -180,6 +180,26 @@ class SplitSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def classify_adaptively(
+    session: SplitSession, server: NodeClient, replanner: Replanner, images: torch.Tensor, every: int
+) -> tuple[torch.Tensor, list[str], list[dict[str, Any]]]:
+    """Classify images one at a time in the planner's current mode, re-measuring the link to the
+    server every `every` images; the Replanner switches mode when bandwidth moved past its threshold.
+    Returns (logits, mode used per image, the re-plans made)."""
+    logits, used, replans = [], [], []
+    for i in range(len(images)):
+        if every > 0 and i > 0 and i % every == 0:
+            link = measure_link(server)
+            new = replanner.observe(link.bandwidth_bps, link.rtt_s)
+            if new is not None:
+                replans.append({"image": i, "bandwidth_mbit": link.bandwidth_bps / 1e6, "rtt_ms": link.rtt_s * 1e3,
+                                "mode": new.choice.kind, "cut": new.choice.name})
+        mode = replanner.current.choice.kind
+        used.append(mode)
+        logits.append(session.classify(images[i : i + 1], mode))
+    return torch.cat(logits), used, replans
 
 
 def split_demo_step(addresses: list[str] | None = None) -> str:

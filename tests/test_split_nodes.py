@@ -16,9 +16,10 @@ from split_helpers import demo_artifacts, sample_images
 
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.local_cluster import LocalCluster
-from edgeweave.coordinator.split_driver import MODES, SplitSession, image_as_uint8
+from edgeweave.coordinator.split_driver import MODES, SplitSession, classify_adaptively, image_as_uint8
 from edgeweave.security import create_secret
 from edgeweave.splitting.bottleneck import load_student, load_teacher
+from edgeweave.splitting.split_planner import Link, Replanner
 
 #: tolerance on split logits: ONNX and torch heads differ by ~1e-6, which can move a value across a
 #: rounding boundary of the uint8 bottleneck (one step); local and offload carry no such rounding.
@@ -48,6 +49,16 @@ def test_split_modes_through_two_local_nodes_match_in_process():
                 assert torch.equal(got.argmax(1), want[mode].argmax(1)), mode
                 assert torch.allclose(got, want[mode], atol=ATOL[mode]), mode
             assert session.bytes_up("split") <= 0.25 * images[0].numel() * 4
+
+            # re-planning: start from a link believed to carry 1 kbit/s (so all-local wins); the first
+            # re-measurement of the real loopback link moves bandwidth far past the threshold
+            replanner = Replanner(session.time_candidates(images[:1]), Link(bandwidth_bps=1e3, rtt_s=0.1))
+            assert replanner.current.choice.kind == "local"
+            logits, used, replans = classify_adaptively(session, server, replanner, images[:6], every=2)
+            assert replans and replans[0]["image"] == 2 and replans[0]["bandwidth_mbit"] > 1.0
+            assert used[:2] == ["local", "local"] and used[2] == replans[0]["mode"]
+            for i, mode in enumerate(used):
+                assert int(logits[i].argmax()) == int(want[mode][i].argmax()), (i, mode)
 
             # a wrong tensor gets INVALID_ARGUMENT and a sentence; the node keeps serving
             head_job = session.jobs[("device", "head")].job_id
