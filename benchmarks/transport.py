@@ -2,7 +2,7 @@
 
 Compares, for each payload size: raw TCP echo (length-prefixed, a tiny socket server in its own
 process), gRPC unary Echo, gRPC EchoStream (bidi, one message in flight), and the Forward stream
-through the codec and the echo executor. Median round trip, and throughput counted as payload
+through the codec and the echo executor, over gRPC and over the node's raw-TCP data plane (TLS). Median round trip, and throughput counted as payload
 bytes moved both ways per second. The ratio Forward/EchoStream at 16 KiB is the codec+executor
 overhead a decode step pays per layer half (goal <= 1.5x).
 
@@ -110,7 +110,8 @@ def main() -> None:
     rows = []
     with LocalCluster(1, advertise=False) as cluster, NodeClient(cluster.addresses[0], timeout=60) as client:
         client.load("bench-echo", "echo", {}, {})
-        tcp, echo_stream, forward = TcpEcho(), EchoStream(client), client.open_stream(reply_timeout=60)
+        tcp, echo_stream, forward = TcpEcho(), EchoStream(client), client.open_stream(reply_timeout=60, transport="grpc")
+        forward_tcp = client.open_stream(reply_timeout=60, transport="tcp")
         try:
             for label, size in SIZES.items():
                 n = iterations(size, args.quick)
@@ -122,6 +123,7 @@ def main() -> None:
                     "gRPC Echo": lambda m=message: client.stub.Echo(m, timeout=60),
                     "gRPC EchoStream": lambda m=message: echo_stream.round_trip(m),
                     "Forward (codec)": lambda t=tensor: forward.call("bench-echo", "echo", [t]),
+                    "Forward raw TCP": lambda t=tensor: forward_tcp.call("bench-echo", "echo", [t]),
                 }, n)
                 for path, seconds in results.items():
                     rows.append({"size": label, "bytes": size, "path": path, "iterations": n,
@@ -130,11 +132,13 @@ def main() -> None:
             tcp.close()
             echo_stream.close()
             forward.close()
+            forward_tcp.close()
 
     def rtt(size: str, path: str) -> float:
         return next(r["median_rtt_us"] for r in rows if r["size"] == size and r["path"] == path)
 
     ratio = rtt("16 KiB", "Forward (codec)") / rtt("16 KiB", "gRPC EchoStream")
+    tcp_ratio = rtt("16 KiB", "Forward raw TCP") / rtt("16 KiB", "raw TCP")
     table = Table(title="loopback round trips (median)")
     for column in ("size", "path", "n", "RTT µs", "GB/s", "vs raw TCP"):
         table.add_column(column, justify="right" if column not in ("size", "path") else "left")
@@ -144,9 +148,11 @@ def main() -> None:
     console = Console()
     console.print(table)
     console.print(f"Forward / EchoStream at 16 KiB: {ratio:.2f}x (goal <= 1.5x)")
+    console.print(f"Forward raw TCP / raw TCP at 16 KiB: {tcp_ratio:.2f}x (TLS + codec + executor on the data plane)")
     out = Path(__file__).resolve().parent / "results" / "transport.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "forward_over_echostream_16k": ratio}, indent=2))
+    out.write_text(json.dumps({"rows": rows, "forward_over_echostream_16k": ratio,
+                               "forward_tcp_over_raw_tcp_16k": tcp_ratio}, indent=2))
     console.print(f"wrote {out}")
 
 

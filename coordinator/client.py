@@ -4,9 +4,13 @@ and the pipelined Forward stream that carries 2 x layers round trips per token.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import os
 import queue
+import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -17,8 +21,10 @@ from typing import Any
 import grpc
 import torch
 
+from edgeweave import security
 from edgeweave.coordinator import identity
 from edgeweave.proto import pb, pb_grpc
+from edgeweave.proto.framing import FrameClosed, read_exact, read_length, send_frame
 from edgeweave.runtime.codec import Quantized, decode, decode_quantized, encode
 from edgeweave.runtime.shard_files import CHUNK_BYTES, check_shard_name, sha256_file
 
@@ -36,6 +42,9 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 Progress = Callable[[int, int], None]  # (bytes sent, total bytes)
+#: "grpc" (default) or "tcp": which transport open_stream uses when the caller does not say
+DATA_PLANE_ENV = "EDGEWEAVE_DATA_PLANE"
+_STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class NodeError(RuntimeError):
@@ -85,6 +94,7 @@ class NodeClient:
     ) -> None:
         self.address = address
         self.timeout = timeout
+        self.cluster = cluster
         self.channel = make_channel(address, credentials, extra_options, cluster)
         self.stub = pb_grpc.NodeStub(self.channel)
 
@@ -171,7 +181,18 @@ class NodeClient:
         return json.loads(self._call(self.stub.JobStats, pb.JobStatsRequest(job_id=job_id)).stats_json or "{}")
 
     # -- streams -----------------------------------------------------------------------------
-    def open_stream(self, reply_timeout: float | None = None) -> ForwardStream:
+    def open_stream(
+        self, reply_timeout: float | None = None, transport: str | None = None
+    ) -> ForwardStream | RawForwardStream:
+        """A Forward stream over gRPC (default) or the node's raw-TCP data plane ("tcp": no thread
+        hand-offs, used when the node announces a data_port). Default: $EDGEWEAVE_DATA_PLANE or "grpc"."""
+        transport = (transport or os.environ.get(DATA_PLANE_ENV) or "grpc").lower()
+        if transport not in ("grpc", "tcp"):
+            raise ValueError(f"unknown Forward transport {transport!r}: use 'grpc' or 'tcp' (${DATA_PLANE_ENV})")
+        if transport == "tcp":
+            port = self.info().data_port
+            if port:
+                return RawForwardStream(self, port, reply_timeout)
         return ForwardStream(self, reply_timeout)
 
     def close(self) -> None:
@@ -280,6 +301,123 @@ class ForwardStream:
         self._call.cancel()
 
     def __enter__(self) -> ForwardStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@functools.lru_cache(maxsize=8)
+def _client_ssl_context(material: security.TlsMaterial) -> ssl.SSLContext:
+    return security.ssl_context(material, server=False)
+
+
+def connect_data_plane(address: str, port: int, cluster: identity.Identity | None = None,
+                       timeout: float | None = 10.0) -> socket.socket:
+    """A connected socket to a node's raw-TCP data plane (same host as its gRPC `address`), with
+    mutual TLS from the cluster identity (plaintext only in --insecure mode), like make_channel."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    material = (cluster or identity.current()).material
+    if material is None:
+        return sock
+    try:
+        return _client_ssl_context(material).wrap_socket(sock, server_hostname=security.SERVER_NAME)
+    except BaseException:
+        sock.close()
+        raise
+
+
+class RawForwardStream:
+    """ForwardStream's interface over the node's raw-TCP data plane (node/dataplane.py): `send` is
+    one sendall of a length-prefixed ForwardRequest, `recv` reads one reply in the caller's thread
+    with the socket timeout. No threads. Pipelining works while the unread replies fit the socket
+    buffers (small activations); errors raise NodeError with the same codes as ForwardStream."""
+
+    def __init__(self, client: NodeClient, port: int, reply_timeout: float | None = None) -> None:
+        self.address = client.address
+        self.reply_timeout = reply_timeout
+        self._seq = itertools.count(1)
+        self._expected: deque[int] = deque()
+        self._closed = False
+        try:
+            self._sock = connect_data_plane(client.address, port, client.cluster, timeout=client.timeout)
+        except ssl.SSLError as exc:
+            raise NodeError(self.address, grpc.StatusCode.UNAUTHENTICATED,
+                            f"TLS handshake with the data plane (port {port}) failed: {exc} "
+                            "(this device and the node do not share a cluster secret)") from None
+        except OSError as exc:
+            raise NodeError(self.address, grpc.StatusCode.UNAVAILABLE,
+                            f"cannot reach the data plane on port {port}: {exc} (is the node running and reachable?)") from None
+
+    def _fail(self, code: grpc.StatusCode, message: str) -> NodeError:
+        self.close()
+        return NodeError(self.address, code, message)
+
+    def send(
+        self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int = 0, position: int = 0,
+        session: str = "",
+    ) -> int:
+        """Write one request; returns its sequence number."""
+        if self._closed:
+            raise NodeError(self.address, grpc.StatusCode.CANCELLED, "this Forward stream is closed")
+        seq = next(self._seq)
+        body = pb.ForwardRequest(
+            job_id=job_id, seq=seq, op=op, layer=layer, position=position, session=session,
+            tensors=[pb.Tensor(**encode(t)) for t in tensors],
+        ).SerializeToString()
+        try:
+            self._sock.settimeout(self.reply_timeout)
+            send_frame(self._sock, body)
+        except TimeoutError:
+            raise self._fail(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"the node did not take a Forward request within {self.reply_timeout} s") from None
+        except OSError as exc:
+            raise self._fail(grpc.StatusCode.UNAVAILABLE, f"the data plane connection broke: {exc}") from None
+        self._expected.append(seq)
+        return seq
+
+    def recv(self, timeout: float | None = None, raw: bool = False) -> tuple[list[torch.Tensor | Quantized], pb.ForwardReply]:
+        """The next reply, decoded (quantized tensors dequantized unless raw=True)."""
+        if self._closed:
+            raise NodeError(self.address, grpc.StatusCode.CANCELLED, "this Forward stream is closed")
+        timeout = timeout if timeout is not None else self.reply_timeout
+        try:
+            self._sock.settimeout(timeout)
+            reply = pb.ForwardReply.FromString(read_exact(self._sock, read_length(self._sock)))
+        except TimeoutError:
+            raise self._fail(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"no Forward reply within {timeout} s; the stream was closed") from None
+        except FrameClosed:
+            raise self._fail(grpc.StatusCode.UNAVAILABLE, "the node closed the Forward stream") from None
+        except OSError as exc:
+            raise self._fail(grpc.StatusCode.UNAVAILABLE,
+                             f"the data plane connection broke: {exc} (is the node running and reachable?)") from None
+        if reply.error_code:
+            code = _STATUS_BY_VALUE.get(reply.error_code, grpc.StatusCode.UNKNOWN)
+            raise self._fail(code, reply.error_message or "no details")
+        expected = self._expected.popleft() if self._expected else None
+        if reply.seq != expected:
+            raise self._fail(grpc.StatusCode.INTERNAL, f"reply seq {reply.seq} but expected {expected}")
+        if raw:
+            tensors = [decode_quantized(t) if t.quantized else decode(t) for t in reply.tensors]
+        else:
+            tensors = [decode(t) for t in reply.tensors]
+        return tensors, reply
+
+    def call(self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int = 0,
+             position: int = 0, session: str = "", timeout: float | None = None,
+             raw: bool = False) -> tuple[list[torch.Tensor | Quantized], pb.ForwardReply]:
+        self.send(job_id, op, tensors, layer, position, session)
+        return self.recv(timeout, raw)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._sock.close()
+
+    def __enter__(self) -> RawForwardStream:
         return self
 
     def __exit__(self, *exc: object) -> None:

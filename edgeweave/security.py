@@ -188,3 +188,25 @@ def resolve_tls(secret_file: str | Path | None, insecure: bool, member_name: str
         )
         return None
     return issue_member_material(load_secret(Path(secret_file) if secret_file else None), member_name)
+
+
+def ssl_context(material: TlsMaterial, *, server: bool, key_dir: str | Path | None = None):
+    """An `ssl` mutual-TLS context from the same material as gRPC's credentials (the raw-TCP
+    data plane). Both sides demand a peer certificate from the cluster CA; clients verify
+    SERVER_NAME. load_cert_chain only reads paths, so the key passes through a 0600 temp file
+    in `key_dir` that is removed at once."""
+    import ssl
+    import tempfile
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=material.ca_pem.decode())
+    fd, name = tempfile.mkstemp(prefix=".tls-", suffix=".pem", dir=key_dir)  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(material.cert_pem + material.key_pem)
+        ctx.load_cert_chain(name)
+    finally:
+        os.unlink(name)
+    return ctx

@@ -53,4 +53,5 @@ def register(app: typer.Typer) -> None:
             advertise=not no_advertise and cfg.advertise,
             ready_file=ready_file,
             credentials=security.server_credentials(tls) if tls else None,
+            tls=tls,
         ))

@@ -13,7 +13,9 @@ from pathlib import Path
 import grpc
 
 import edgeweave
+from edgeweave import security
 from edgeweave.node.advertiser import Advertiser, choose_interfaces
+from edgeweave.node.dataplane import DataPlane
 from edgeweave.node.server import NodeServicer, build_server
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ class NodeOptions:
     advertise: bool = True
     ready_file: Path | None = None
     credentials: grpc.ServerCredentials | None = None
+    tls: security.TlsMaterial | None = None  # the material behind `credentials`; secures the raw-TCP data plane
 
 
 def write_ready_file(path: Path, info: dict) -> None:
@@ -45,6 +48,12 @@ def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
     servicer = NodeServicer(opts.name, opts.data_dir, opts.memory_budget, secure=opts.credentials is not None)
     server, port = build_server(servicer, opts.host, opts.port, opts.credentials)
+    dataplane = None
+    if opts.credentials is not None and opts.tls is None:
+        log.warning("no TLS material for the raw-TCP data plane (NodeOptions.tls); serving Forward over gRPC only")
+    else:  # a secure node never opens a plaintext data plane
+        dataplane = DataPlane(servicer.handle_forward, opts.host, opts.tls, key_dir=opts.data_dir).start()
+        servicer.data_port = dataplane.port
     server.start()
     interfaces = choose_interfaces(opts.host, opts.interface)
     advertiser = None
@@ -70,5 +79,7 @@ def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
         log.info("node %s stopping", opts.name)
         if advertiser:
             advertiser.close()
+        if dataplane:
+            dataplane.close()
         server.stop(grace=2.0).wait()
         servicer.close()

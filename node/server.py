@@ -53,15 +53,18 @@ def _status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _abort(context: grpc.ServicerContext, rpc: str, exc: BaseException) -> None:
+def error_status(rpc: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(status, sentence) for a failed request, logged; shared by gRPC aborts and the raw data plane."""
     code = _status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed unexpectedly", rpc)
-        message = f"{rpc} failed on the node: {type(exc).__name__}: {exc}"
-    else:
-        log.info("%s refused (%s): %s", rpc, code.name, exc)
-        message = str(exc)
-    context.abort(code, message)
+        return code, f"{rpc} failed on the node: {type(exc).__name__}: {exc}"
+    log.info("%s refused (%s): %s", rpc, code.name, exc)
+    return code, str(exc)
+
+
+def _abort(context: grpc.ServicerContext, rpc: str, exc: BaseException) -> None:
+    context.abort(*error_status(rpc, exc))
 
 
 def _node_id(data_dir: Path) -> str:
@@ -90,6 +93,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.node_id = _node_id(self.data_dir)
         self.memory_budget = memory_budget
         self.secure = secure
+        self.data_port = 0  # set by the daemon once the raw-TCP data plane listens
         self.store = ShardStore(self.data_dir, **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}))
         self.jobs = JobTable(self.store, memory_budget)
         self.started = time.time()
@@ -105,7 +109,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         return pb.InfoReply(
             name=self.name, node_id=self.node_id, version=edgeweave.__version__,
             resources=pb.Resources(**vars(r)), uptime_s=time.time() - self.started,
-            jobs=self.jobs.ids(), secure=self.secure,
+            jobs=self.jobs.ids(), secure=self.secure, data_port=self.data_port,
         )
 
     def Health(self, request, context):
@@ -159,26 +163,29 @@ class NodeServicer(pb_grpc.NodeServicer):
             _abort(context, "JobStats", exc)
         return pb.JobStatsReply(job_id=request.job_id, stats_json=json.dumps(stats, default=str))
 
+    def handle_forward(self, req: pb.ForwardRequest) -> pb.ForwardReply:
+        """One Forward message: decode, compute, encode. Shared by the gRPC stream and the raw
+        TCP data plane (node/dataplane.py), so both paths compute and account exactly alike."""
+        job = self.jobs.get(req.job_id)
+        tensors = [decode_quantized(t) if t.quantized else decode(t) for t in req.tensors]
+        executor = job.executor
+        with job.lock:
+            start = time.perf_counter()
+            outputs = executor.forward(req.op, req.layer, req.position, req.session, tensors)
+            compute_s = time.perf_counter() - start
+            stall_s = getattr(executor, "last_stall_s", 0.0)
+            job.requests += 1
+            job.compute_s += compute_s
+            job.stall_s += stall_s
+        return pb.ForwardReply(seq=req.seq, tensors=[pb.Tensor(**encode(t)) for t in outputs],
+                               compute_s=compute_s, stall_s=stall_s)
+
     def Forward(self, request_iterator, context):
-        """The hot path: decode, compute, encode, in order, on one long-lived stream."""
-        get_job = self.jobs.get
-        perf = time.perf_counter
-        Reply, Tensor = pb.ForwardReply, pb.Tensor
+        """The hot path: one long-lived stream, messages handled in order."""
+        handle = self.handle_forward
         try:
             for req in request_iterator:
-                job = get_job(req.job_id)
-                tensors = [decode_quantized(t) if t.quantized else decode(t) for t in req.tensors]
-                executor = job.executor
-                with job.lock:
-                    start = perf()
-                    outputs = executor.forward(req.op, req.layer, req.position, req.session, tensors)
-                    compute_s = perf() - start
-                    stall_s = getattr(executor, "last_stall_s", 0.0)
-                    job.requests += 1
-                    job.compute_s += compute_s
-                    job.stall_s += stall_s
-                yield Reply(seq=req.seq, tensors=[Tensor(**encode(t)) for t in outputs],
-                            compute_s=compute_s, stall_s=stall_s)
+                yield handle(req)
         except Exception as exc:
             if context.is_active():
                 _abort(context, "Forward", exc)

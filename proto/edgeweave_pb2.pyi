@@ -53,7 +53,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("name", "node_id", "version", "resources", "uptime_s", "jobs", "secure")
+    __slots__ = ("name", "node_id", "version", "resources", "uptime_s", "jobs", "secure", "data_port")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class InfoReply(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     JOBS_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     name: str
     node_id: str
     version: str
@@ -68,7 +69,8 @@ class InfoReply(_message.Message):
     uptime_s: float
     jobs: _containers.RepeatedScalarFieldContainer[str]
     secure: bool
-    def __init__(self, name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., uptime_s: _Optional[float] = ..., jobs: _Optional[_Iterable[str]] = ..., secure: _Optional[bool] = ...) -> None: ...
+    data_port: int
+    def __init__(self, name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., uptime_s: _Optional[float] = ..., jobs: _Optional[_Iterable[str]] = ..., secure: _Optional[bool] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
     __slots__ = ("matmul_size", "budget_s")
@@ -203,16 +205,20 @@ class ForwardRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., op: _Optional[str] = ..., layer: _Optional[int] = ..., position: _Optional[int] = ..., session: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("seq", "tensors", "compute_s", "stall_s")
+    __slots__ = ("seq", "tensors", "compute_s", "stall_s", "error_code", "error_message")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     STALL_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     compute_s: float
     stall_s: float
-    def __init__(self, seq: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., compute_s: _Optional[float] = ..., stall_s: _Optional[float] = ...) -> None: ...
+    error_code: int
+    error_message: str
+    def __init__(self, seq: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., compute_s: _Optional[float] = ..., stall_s: _Optional[float] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
