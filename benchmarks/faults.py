@@ -1,7 +1,8 @@
 """Fault tolerance and TLS cost, measured side by side in one run on a local cluster.
 
 1. Recovery: a 3-node SmolLM2 cluster, kill -9 one node mid-generation, several times (the node
-   is restarted between kills). Reports detection time (start of the failing step -> error), the
+   is restarted between kills); on a local cluster, and (as root, --namespaces) with the three
+   nodes and the coordinator on four network-namespace hosts joined by a bridge. Reports detection time (start of the failing step -> error), the
    stall (error -> next token) and the shard bytes re-sent. The first kill also writes the
    survivors' plan; later kills find it cached and the survivors already holding it.
 2. TLS vs insecure on the Forward stream: decode-sized messages (1x576 and 1x2048 float32)
@@ -15,10 +16,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -30,6 +36,7 @@ from edgeweave.coordinator.client import NodeClient
 from edgeweave.coordinator.identity import Identity
 from edgeweave.coordinator.local_cluster import LocalCluster
 from edgeweave.coordinator.tp_driver import DistributedLlama
+from edgeweave.security import create_secret
 from edgeweave.splitting.checkpoints import open_checkpoint
 from edgeweave.splitting.tokenizer import Tokenizer
 
@@ -53,6 +60,60 @@ def recovery_runs(checkpoint, prompt_ids: list[int], kills: int, cache: Path) ->
                 client.close()
             cluster.restart(2)
     return records
+
+
+#: the coordinator of the namespace run: prints one line per token, then its recovery records
+NS_COORDINATOR = textwrap.dedent("""
+    import json, sys
+    from edgeweave.coordinator.client import NodeClient
+    from edgeweave.coordinator.tp_driver import DistributedLlama
+    from edgeweave.splitting.checkpoints import open_checkpoint
+    from edgeweave.splitting.tokenizer import Tokenizer
+    checkpoint = open_checkpoint()
+    ids = Tokenizer.from_checkpoint(checkpoint).encode_chat(json.loads(sys.argv[1]))
+    clients = [NodeClient(a, timeout=60) for a in sys.argv[2:]]
+    with DistributedLlama(checkpoint, clients, [1.0] * len(clients), show_progress=False) as llm:
+        for i, _ in enumerate(llm.generate(ids, 16)):
+            print(f"token {i}", flush=True)
+        print(json.dumps(llm.last_stats.recoveries), flush=True)
+""")
+
+
+def recovery_across_namespaces(kills: int) -> list[dict]:
+    """The same kill -9 as `recovery_runs`, with nodes on hosts 0-2 and the coordinator on host 3."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from netns import Testbed
+
+    records: list[dict] = []
+    with Testbed(4) as bed, tempfile.TemporaryDirectory(prefix="edgeweave-ns-faults-") as tmp:
+        folder = Path(tmp)
+        env = {**os.environ, **ONE_THREAD, "EDGEWEAVE_CACHE": str(folder / "cache"),
+               "EDGEWEAVE_CLUSTER_SECRET_FILE": str(create_secret(folder / "cluster.secret"))}
+        for _ in range(kills):
+            # same names and data dirs every round: later rounds find their shards already there
+            addresses = [bed.start_node(i, f"fault-node{i}", folder, ["--no-advertise"], env=env) for i in range(3)]
+            coordinator = subprocess.Popen(bed.argv(3, [sys.executable, "-c", NS_COORDINATOR, json.dumps(PROMPT),
+                                                        *addresses]), stdout=subprocess.PIPE, text=True, env=env)
+            assert coordinator.stdout is not None
+            for line in coordinator.stdout:
+                if line.startswith("token 5"):
+                    _signal_host(bed.hosts[2], signal.SIGKILL)
+                elif line.startswith("["):
+                    records += json.loads(line)
+            if coordinator.wait(120) != 0:
+                raise RuntimeError(f"the namespaced coordinator failed with exit code {coordinator.returncode}")
+            for host in bed.hosts[:3]:
+                _signal_host(host, signal.SIGTERM)
+            time.sleep(1.0)
+    return records
+
+
+def _signal_host(namespace: str, sig: int) -> None:
+    """Signal every process of a namespace host (`ip netns pids`)."""
+    pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), sig)
 
 
 def forward_rtts(rounds: int) -> dict[str, dict[str, float]]:
@@ -103,6 +164,7 @@ def decode_speeds(checkpoint, prompt_ids: list[int], rounds: int, tokens: int, c
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer kills, rounds and tokens")
+    parser.add_argument("--namespaces", action="store_true", help="also measure recovery across network namespaces (root)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     kills, rtt_rounds, rounds, tokens = (2, 300, 2, 16) if args.quick else (4, 2000, 3, 32)
@@ -112,6 +174,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgeweave-faults-") as cache_dir:
         cache = Path(cache_dir)
         records = recovery_runs(checkpoint, prompt_ids, kills, cache)
+        ns_records = recovery_across_namespaces(kills) if args.namespaces else []
         rtts = forward_rtts(rtt_rounds)
         decode = decode_speeds(checkpoint, prompt_ids, rounds, tokens, cache)
 
@@ -121,6 +184,13 @@ def main() -> None:
     for i, r in enumerate(records):
         table.add_row(str(i + 1), f"{r['detected_after_s']:.3f}", f"{r['stall_s']:.2f}", f"{r['resent_bytes']:,}")
     console.print(table)
+    if ns_records:
+        table = Table(title=f"the same across network namespaces ({len(ns_records)} kills)")
+        for col in ("kill", "detected after (s)", "stall to next token (s)", "bytes re-sent"):
+            table.add_column(col, justify="right")
+        for i, r in enumerate(ns_records):
+            table.add_row(str(i + 1), f"{r['detected_after_s']:.3f}", f"{r['stall_s']:.2f}", f"{r['resent_bytes']:,}")
+        console.print(table)
     table = Table(title="TLS vs insecure (medians, same run, interleaved)")
     for col in ("measure", "TLS", "insecure", "TLS / insecure"):
         table.add_column(col, justify="right")
@@ -136,6 +206,8 @@ def main() -> None:
         "median_detected_after_s": statistics.median(r["detected_after_s"] for r in records),
         "median_stall_s": statistics.median(r["stall_s"] for r in records),
         "median_stall_cached_s": statistics.median(r["stall_s"] for r in records[1:]) if len(records) > 1 else None,
+        "namespace_recoveries": ns_records,
+        "namespace_median_stall_s": statistics.median(r["stall_s"] for r in ns_records) if ns_records else None,
         "forward_rtt_s": rtts,
         "decode_s_per_token": decode,
         "decode_tls_cost": decode["tls"] / decode["insecure"] - 1,
