@@ -102,6 +102,7 @@ class Testbed:
                    timeout: float = 90) -> str:
         """Start `edgeweave node` on `host` (its log and data under `folder`); its address once serving."""
         ready = folder / f"{name}.ready.json"
+        ready.unlink(missing_ok=True)  # a restarted node must not be mistaken for its previous run
         with open(folder / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
             proc = self.popen(host, [sys.executable, "-m", "edgeweave", "node", "--name", name, "--host", self.ips[host],
                                      "--interface", self.ips[host], "--port", "0", "--data-dir", str(folder / name),
