@@ -161,6 +161,15 @@ def decode_speeds(checkpoint, prompt_ids: list[int], rounds: int, tokens: int, c
     return {m: statistics.median(s) for m, s in per_token.items()}
 
 
+def recovery_table(title: str, records: list[dict]) -> Table:
+    table = Table(title=title)
+    for col in ("kill", "detected after (s)", "stall to next token (s)", "bytes re-sent"):
+        table.add_column(col, justify="right")
+    for i, r in enumerate(records):
+        table.add_row(str(i + 1), f"{r['detected_after_s']:.3f}", f"{r['stall_s']:.2f}", f"{r['resent_bytes']:,}")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer kills, rounds and tokens")
@@ -178,19 +187,9 @@ def main() -> None:
         rtts = forward_rtts(rtt_rounds)
         decode = decode_speeds(checkpoint, prompt_ids, rounds, tokens, cache)
 
-    table = Table(title=f"recovery after kill -9 of 1 of 3 nodes ({len(records)} kills)")
-    for col in ("kill", "detected after (s)", "stall to next token (s)", "bytes re-sent"):
-        table.add_column(col, justify="right")
-    for i, r in enumerate(records):
-        table.add_row(str(i + 1), f"{r['detected_after_s']:.3f}", f"{r['stall_s']:.2f}", f"{r['resent_bytes']:,}")
-    console.print(table)
+    console.print(recovery_table(f"recovery after kill -9 of 1 of 3 nodes ({len(records)} kills)", records))
     if ns_records:
-        table = Table(title=f"the same across network namespaces ({len(ns_records)} kills)")
-        for col in ("kill", "detected after (s)", "stall to next token (s)", "bytes re-sent"):
-            table.add_column(col, justify="right")
-        for i, r in enumerate(ns_records):
-            table.add_row(str(i + 1), f"{r['detected_after_s']:.3f}", f"{r['stall_s']:.2f}", f"{r['resent_bytes']:,}")
-        console.print(table)
+        console.print(recovery_table(f"the same across network namespaces ({len(ns_records)} kills)", ns_records))
     table = Table(title="TLS vs insecure (medians, same run, interleaved)")
     for col in ("measure", "TLS", "insecure", "TLS / insecure"):
         table.add_column(col, justify="right")

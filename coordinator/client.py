@@ -208,7 +208,24 @@ class NodeClient:
 _CLOSE = object()
 
 
-class ForwardStream:
+def _reply_tensors(reply: pb.ForwardReply, raw: bool) -> list[torch.Tensor | Quantized]:
+    """A reply's tensors; with `raw`, quantized ones stay uint8 + scale (`Quantized`)."""
+    if raw:
+        return [decode_quantized(t) if t.quantized else decode(t) for t in reply.tensors]
+    return [decode(t) for t in reply.tensors]
+
+
+class _ForwardCalls:
+    """What both Forward transports share on top of their own send/recv."""
+
+    def call(self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int = 0,
+             position: int = 0, session: str = "", timeout: float | None = None,
+             raw: bool = False) -> tuple[list[torch.Tensor | Quantized], pb.ForwardReply]:
+        self.send(job_id, op, tensors, layer, position, session)
+        return self.recv(timeout, raw)
+
+
+class ForwardStream(_ForwardCalls):
     """One long-lived Forward stream. `send` queues without waiting (pipelining); `recv` returns
     replies in order. No thread is created per message: gRPC pulls requests from a queue, and
     replies are read in the caller's thread."""
@@ -266,17 +283,7 @@ class ForwardStream:
         expected = self._expected.popleft() if self._expected else None
         if reply.seq != expected:
             raise NodeError(self.address, grpc.StatusCode.INTERNAL, f"reply seq {reply.seq} but expected {expected}")
-        if raw:
-            tensors = [decode_quantized(t) if t.quantized else decode(t) for t in reply.tensors]
-        else:
-            tensors = [decode(t) for t in reply.tensors]
-        return tensors, reply
-
-    def call(self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int = 0,
-             position: int = 0, session: str = "", timeout: float | None = None,
-             raw: bool = False) -> tuple[list[torch.Tensor | Quantized], pb.ForwardReply]:
-        self.send(job_id, op, tensors, layer, position, session)
-        return self.recv(timeout, raw)
+        return _reply_tensors(reply, raw), reply
 
     def _arm(self, timeout: float) -> None:
         """Set a reply deadline, watched by one lazily started thread (cancels the stream when missed)."""
@@ -329,7 +336,7 @@ def connect_data_plane(address: str, port: int, cluster: identity.Identity | Non
         raise
 
 
-class RawForwardStream:
+class RawForwardStream(_ForwardCalls):
     """ForwardStream's interface over the node's raw-TCP data plane (node/dataplane.py): `send` is
     one sendall of a length-prefixed ForwardRequest, `recv` reads one reply in the caller's thread
     with the socket timeout. No threads. Pipelining works while the unread replies fit the socket
@@ -400,17 +407,7 @@ class RawForwardStream:
         expected = self._expected.popleft() if self._expected else None
         if reply.seq != expected:
             raise self._fail(grpc.StatusCode.INTERNAL, f"reply seq {reply.seq} but expected {expected}")
-        if raw:
-            tensors = [decode_quantized(t) if t.quantized else decode(t) for t in reply.tensors]
-        else:
-            tensors = [decode(t) for t in reply.tensors]
-        return tensors, reply
-
-    def call(self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int = 0,
-             position: int = 0, session: str = "", timeout: float | None = None,
-             raw: bool = False) -> tuple[list[torch.Tensor | Quantized], pb.ForwardReply]:
-        self.send(job_id, op, tensors, layer, position, session)
-        return self.recv(timeout, raw)
+        return _reply_tensors(reply, raw), reply
 
     def close(self) -> None:
         if not self._closed:
