@@ -31,7 +31,7 @@ from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.runtime.sampling import Sampler, SamplingParams
 from edgeweave.runtime.tp_hub import TensorParallelHub
 from edgeweave.splitting.checkpoints import Checkpoint
-from edgeweave.splitting.tensor_parallel import Manifest, TensorParallelPlan, layer_file, plan_shards, write_shards
+from edgeweave.splitting.tensor_parallel import Manifest, TensorParallelPlan, plan_shards, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class DistributedLlama:
         reply_timeout: float = 120.0,
         show_progress: bool = False,
         recover: bool = True,
+        fuse_single_node: bool = True,
     ) -> None:
         if not nodes:
             raise ValueError("tensor-parallel inference needs at least one node")
@@ -107,6 +108,8 @@ class DistributedLlama:
         self.show_progress = show_progress
         self.dtype, self.window, self.reply_timeout = dtype, window, reply_timeout
         self.recover_on_failure = recover
+        #: with one node holding everything, run all layers there per step (no per-layer hub)
+        self.fuse_single_node = fuse_single_node
         self.streams: list = []
         self.bytes_sent = self._deploy(nodes, self.weights)
         self.hub = TensorParallelHub.from_file(self.config, self.manifest.coordinator_file)
@@ -136,6 +139,7 @@ class DistributedLlama:
             self.load_details.append(details)
             sent += resent
         self.streams = [client.open_stream(self.reply_timeout) for client in self.nodes]
+        self._fused = self.fuse_single_node and "layers" in self.load_details[0].get("ops", [])
         self._attn_ranks = [s.rank for s in self.plan.shards if s.n_kv_heads > 0]
         self._mlp_ranks = [s.rank for s in self.plan.shards if s.n_columns > 0]
         return sent
@@ -196,7 +200,7 @@ class DistributedLlama:
         """Upload each node's missing layer files (nodes keep them by sha256); returns bytes sent."""
         missing: list[tuple[NodeClient, str, Path, str]] = []
         for rank, client in enumerate(self.nodes):
-            files = {f"layer.{i:03d}": layer_file(rank, i) for i in range(self.config.num_layers)}
+            files = self.manifest.shard_files(rank)
             digests = {name: self.manifest.sha256(rel) for name, rel in files.items()}
             present = client.has_shards(list(digests.values()))
             missing += [(client, n, self.manifest.path(files[n]), d) for n, d in digests.items() if d not in present]
@@ -230,9 +234,7 @@ class DistributedLlama:
             "window": window,
             "dtype": "float32",  # compute in float32 whatever the file dtype (16-bit files halve transfer and disk)
         }
-        shards = {
-            f"layer.{i:03d}": self.manifest.sha256(layer_file(rank, i)) for i in range(self.config.num_layers)
-        }
+        shards = {name: self.manifest.sha256(rel) for name, rel in self.manifest.shard_files(rank).items()}
         return self.nodes[rank].load(self.job_ids[rank], "tp_llm", config, shards)
 
     # -- the hub -----------------------------------------------------------------------------
@@ -267,10 +269,27 @@ class DistributedLlama:
 
         return reduce
 
+    def _stack_for(self, session: str, stats: GenerationStats):
+        """The one-message step of a 1-node plan: the node runs every layer (op "layers")."""
+        stream, job = self.streams[0], self.job_ids[0]
+
+        def stack(x: torch.Tensor, position: int) -> torch.Tensor:
+            start = time.perf_counter()
+            stream.send(job, "layers", [x], layer=0, position=position, session=session)
+            (out,), reply = stream.recv()
+            stats.wait_s += time.perf_counter() - start
+            stats.node_compute_s += reply.compute_s
+            stats.round_trips += 1
+            return out
+
+        return stack
+
     def forward(
-        self, token_ids: list[int], position: int, session: str, stats: GenerationStats | None = None
+        self, token_ids: list[int], position: int, session: str, stats: GenerationStats | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits [T, vocab] of `token_ids` placed at `position` in `session`'s sequence.
+        """Logits [T, vocab] of `token_ids` placed at `position` in `session`'s sequence ([1, vocab]
+        for the last position only with `last_only`).
 
         Not thread-safe: one thread drives the streams (interleave sessions from that thread)."""
         if self._closed:
@@ -280,7 +299,10 @@ class DistributedLlama:
                 f"sequence of {position + len(token_ids)} tokens exceeds the model's {self.config.max_position_embeddings}"
             )
         self._sessions.add(session)
-        return self.hub.forward(token_ids, position, self._reduce_for(session, stats or GenerationStats()))
+        stats = stats or GenerationStats()
+        if self._fused:
+            return self.hub.forward(token_ids, position, stack=self._stack_for(session, stats), last_only=last_only)
+        return self.hub.forward(token_ids, position, self._reduce_for(session, stats), last_only=last_only)
 
     def generate(
         self,
@@ -347,7 +369,7 @@ class DistributedLlama:
                 stream.reply_timeout = deadline
             step_start = time.perf_counter()
             try:
-                logits = self.forward(tokens, at, session, stats)[-1]
+                logits = self.forward(tokens, at, session, stats, last_only=True)[-1]
             except NodeError as exc:
                 if not (self.recover_on_failure and recovery.is_node_lost(exc)):
                     raise
@@ -371,6 +393,11 @@ class DistributedLlama:
                 self.streams[r].call(self.job_ids[r], "reset", [], session=session)
             except NodeError as exc:  # a lost node; the next step's recovery deals with it
                 log.warning("resetting session %s on %s failed: %s", session, exc.address, exc.message)
+
+    @property
+    def fused(self) -> bool:
+        """True when one node runs every layer per step (1 message per step instead of 2 x layers)."""
+        return self._fused
 
     @property
     def active_sessions(self) -> int:

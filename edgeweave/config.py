@@ -49,6 +49,7 @@ class NodeSettings:
     name: str = ""
     host: str = "0.0.0.0"
     port: int = 50551
+    data_port: int = -1  # -1: port + 1 (0 when port is 0); 0: ephemeral
     data_dir: str = ""
     interface: str = ""
     memory_budget: str = "0"

@@ -26,6 +26,7 @@ class NodeOptions:
     name: str
     host: str = "0.0.0.0"
     port: int = 50551
+    data_port: int = -1  # the raw-TCP data plane: -1 = port + 1 (ephemeral when port is 0), 0 = ephemeral
     data_dir: Path = Path(".")
     interface: str | None = None
     memory_budget: int = 0
@@ -52,7 +53,8 @@ def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
     if opts.credentials is not None and opts.tls is None:
         log.warning("no TLS material for the raw-TCP data plane (NodeOptions.tls); serving Forward over gRPC only")
     else:  # a secure node never opens a plaintext data plane
-        dataplane = DataPlane(servicer.handle_forward, opts.host, opts.tls, key_dir=opts.data_dir).start()
+        data_port = opts.data_port if opts.data_port >= 0 else (opts.port + 1 if opts.port else 0)
+        dataplane = DataPlane(servicer.handle_forward, opts.host, opts.tls, key_dir=opts.data_dir, port=data_port).start()
         servicer.data_port = dataplane.port
     server.start()
     interfaces = choose_interfaces(opts.host, opts.interface)

@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from edgeweave import security
 from edgeweave.node.server import MAX_MESSAGE_BYTES, error_status
 from edgeweave.proto import pb
-from edgeweave.proto.framing import FrameClosed, read_exact, read_length, send_frame
+from edgeweave.proto.framing import FrameClosed, read_exact, read_length, send_frame, tune_data_socket
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,17 @@ class RequestError(Exception):
 
 
 class DataPlane:
-    """Listens on host:<ephemeral port>; `port` is what InfoReply.data_port announces."""
+    """Listens on host:port (0 = an ephemeral one); `port` is what InfoReply.data_port announces."""
 
     def __init__(
         self, handle: Handler, host: str, tls: security.TlsMaterial | None = None,
-        key_dir: str | Path | None = None, max_frame_bytes: int = MAX_MESSAGE_BYTES,
+        key_dir: str | Path | None = None, max_frame_bytes: int = MAX_MESSAGE_BYTES, port: int = 0,
     ) -> None:
         self.handle = handle
         self.max_frame_bytes = max_frame_bytes
         self._ssl = security.ssl_context(tls, server=True, key_dir=key_dir) if tls else None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host, 0), family=family)
+        self._listener = socket.create_server((host, port), family=family)
         self.port: int = self._listener.getsockname()[1]
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -73,7 +73,7 @@ class DataPlane:
                              daemon=True).start()
 
     def _serve(self, conn: socket.socket, peer: tuple) -> None:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune_data_socket(conn)
         try:
             if self._ssl is not None:
                 conn.settimeout(HANDSHAKE_TIMEOUT_S)

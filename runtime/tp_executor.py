@@ -3,6 +3,11 @@
 The coordinator sends the normed hidden state of one layer (`attn` or `mlp`); the executor
 computes its shard with the kernels of `runtime.llama` and returns a partial sum, keeping its own
 KV cache per session. Weights come from a layer store that may hold only a window of layers.
+
+A node that holds the WHOLE model (a 1-node plan) also gets the layers' norms (the `norms` shard)
+and answers `layers`: the embedded hidden state in, every layer with norms and residuals run
+here, the last layer's output back. With one participant there is nothing to reduce, so one
+message per step replaces 2 x layers round trips.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from edgeweave.runtime.codec import Quantized
 from edgeweave.runtime.executor import Executor, ExecutorInputError, ExecutorStateError, TensorLike
 from edgeweave.runtime.layer_store import LayerStore, layer_file_sizes
-from edgeweave.runtime.llama import KVCache, Rotary, attention_shard, mlp_shard
+from edgeweave.runtime.llama import KVCache, LayerNorms, Rotary, attention_shard, mlp_shard, rms_norm
 from edgeweave.runtime.memory_budget import MemoryBudgetError, choose_window, kv_cache_bytes
 
 _COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -61,10 +66,33 @@ class TensorParallelExecutor(Executor):
                 f"shard layer.000 has hidden size {first['wq'].shape[1]}, config says {self.hidden_size}"
             )
         self.rotary = Rotary(self.head_dim, float(model["rope_theta"]), model.get("rope_scaling"))
+        self.rms_norm_eps = float(model.get("rms_norm_eps", 1e-5))
+        self.norms = self._load_norms(shards.get("norms"), model)
         self.caches: dict[str, KVCache] = {}
         self.tokens = 0
         self.compute_s = 0.0
         self._lock = threading.Lock()
+
+    def _load_norms(self, path: Path | None, model: dict[str, Any]) -> list[LayerNorms] | None:
+        """The per-layer norms of a node that holds every head and column, else None (no `layers` op)."""
+        if path is None:
+            return None
+        complete = self.n_kv_heads == int(model.get("num_kv_heads", -1)) and self.n_columns == int(
+            model.get("intermediate_size", -1))
+        if not complete:
+            raise ExecutorInputError("a 'norms' shard is only for a node that holds all heads and MLP columns")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            missing = [f"input_norm.{i}" for i in range(self.n_layers) if f"input_norm.{i}" not in names]
+            if missing:
+                raise ExecutorInputError(f"the norms shard lacks {missing[:3]}")
+            return [
+                LayerNorms(f.get_tensor(f"input_norm.{i}").to(self.dtype), f.get_tensor(f"post_norm.{i}").to(self.dtype),
+                           f.get_tensor(f"o_bias.{i}").to(self.dtype) if f"o_bias.{i}" in names else None)
+                for i in range(self.n_layers)
+            ]
 
     def _window(self, window: Any, paths: list[Path], model: dict[str, Any], memory_budget: int) -> int | None:
         """The configured window, else one sized from the node's memory budget (None = all resident)."""
@@ -97,6 +125,7 @@ class TensorParallelExecutor(Executor):
             "columns": self.n_columns,
             "window": self.window,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "ops": ["attn", "mlp", "reset", "truncate"] + (["layers"] if self.norms is not None else []),
         }
 
     def forward(
@@ -112,11 +141,15 @@ class TensorParallelExecutor(Executor):
                 if session in self.caches:
                     self.caches[session].truncate(position)
                 return []
-            if op not in ("attn", "mlp"):
-                raise ExecutorInputError(f"tp_llm knows ops attn, mlp, reset, truncate; not {op!r}")
+            if op not in ("attn", "mlp", "layers"):
+                raise ExecutorInputError(f"tp_llm knows ops attn, mlp, layers, reset, truncate; not {op!r}")
             x = self._check_input(op, layer, tensors)
             start = time.perf_counter()
             with torch.inference_mode():
+                if op == "layers":
+                    out = self._layers(x, layer, position, session)
+                    self.compute_s += time.perf_counter() - start
+                    return [out.to(torch.float32) if out.dtype != torch.float32 else out]
                 weights = self.store.layer(layer)
                 if op == "attn":
                     out = self._attention(x, weights, layer, position, session)
@@ -126,6 +159,21 @@ class TensorParallelExecutor(Executor):
                     out = mlp_shard(x, self._cast(weights))
             self.compute_s += time.perf_counter() - start
             return [out.to(torch.float32) if out.dtype != torch.float32 else out]
+
+    def _layers(self, x: torch.Tensor, first: int, position: int, session: str) -> torch.Tensor:
+        """Layers first .. last with norms and residuals (the hub's loop, run where the weights are)."""
+        if self.norms is None:
+            raise ExecutorInputError("op 'layers' needs a node that holds the whole model and its 'norms' shard")
+        eps = self.rms_norm_eps
+        for i in range(first, self.n_layers):
+            weights, norms = self._cast(self.store.layer(i)), self.norms[i]
+            x = x + self._attention(rms_norm(x, norms.input_norm, eps), weights, i, position, session)
+            if norms.o_bias is not None:
+                x = x + norms.o_bias
+            x = x + mlp_shard(rms_norm(x, norms.post_attention_norm, eps), weights)
+        if first == 0:
+            self.tokens += x.shape[0]
+        return x
 
     def _cast(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if all(w.dtype == self.dtype for w in weights.values()):

@@ -19,6 +19,9 @@ from edgeweave.runtime.llama import LlamaShape, rms_norm
 
 #: (op "attn"|"mlp", layer, normed hidden state [T, H], position) -> sum of all shards' partials [T, H]
 AllReduce = Callable[[str, int, torch.Tensor, int], torch.Tensor]
+#: (embedded hidden state [T, H], position) -> the last layer's output [T, H]: every layer run
+#: elsewhere in one go (a node holding the whole model), instead of per-layer reductions here
+LayerStack = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 class TensorParallelHub:
@@ -41,16 +44,28 @@ class TensorParallelHub:
             return cls(config, {key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
 
     @torch.inference_mode()
-    def forward(self, token_ids: list[int] | torch.Tensor, position: int, reduce: AllReduce) -> torch.Tensor:
-        """Logits [T, vocab] for T tokens placed at `position` of the sequence."""
+    def forward(
+        self, token_ids: list[int] | torch.Tensor, position: int, reduce: AllReduce | None = None,
+        stack: LayerStack | None = None, last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [T, vocab] for T tokens placed at `position` of the sequence ([1, vocab] with
+        `last_only`: generation needs only the last position, and the LM head is the hub's biggest
+        matmul). The layers run through `stack` when given, else through per-layer `reduce`."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.embed.shape[0]:
             raise ValueError(f"token ids must be in [0, {self.embed.shape[0]}), got {ids.tolist()[:8]}")
         eps = self.config.rms_norm_eps
         x = self.embed[ids]
-        for i in range(self.config.num_layers):
-            x = x + reduce("attn", i, rms_norm(x, self.input_norms[i], eps), position)
-            if self.o_bias[i] is not None:
-                x = x + self.o_bias[i]
-            x = x + reduce("mlp", i, rms_norm(x, self.post_norms[i], eps), position)
+        if stack is not None:
+            x = stack(x, position)
+        elif reduce is not None:
+            for i in range(self.config.num_layers):
+                x = x + reduce("attn", i, rms_norm(x, self.input_norms[i], eps), position)
+                if self.o_bias[i] is not None:
+                    x = x + self.o_bias[i]
+                x = x + reduce("mlp", i, rms_norm(x, self.post_norms[i], eps), position)
+        else:
+            raise ValueError("TensorParallelHub.forward needs a reduce or a stack callback")
+        if last_only:
+            x = x[-1:]
         return F.linear(rms_norm(x, self.final_norm, eps), self.lm_head)

@@ -4,7 +4,8 @@ Attention is cut by KV-head groups (the query heads of a group follow their KV h
 intermediate columns; each node's share follows its weight with largest-remainder rounding, so
 uneven splits (3 KV heads over 2 nodes = 2 + 1) are normal and a node may hold no heads at all.
 Per node and layer one safetensors file holds that node's slices; `coordinator.safetensors` holds
-what the hub computes itself (embedding, norms, lm_head). Tensors are read one at a time, so the
+what the hub computes itself (embedding, norms, lm_head). A node that holds everything (a 1-node
+plan) also gets `norms.safetensors`, so it can run the layers without a per-layer hub. Tensors are read one at a time, so the
 peak memory of writing is about one layer.
 """
 
@@ -26,7 +27,7 @@ from edgeweave.runtime.shard_files import sha256_file
 from edgeweave.splitting.checkpoints import Checkpoint
 from edgeweave.splitting.llama_config import LlamaConfig
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: 1-node plans carry node0/norms.safetensors
 SHARD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int, int, str], None]
 
@@ -188,6 +189,22 @@ def layer_file(rank: int, layer: int) -> str:
     return f"node{rank}/layer.{layer:03d}.safetensors"
 
 
+def norms_file(rank: int) -> str:
+    return f"node{rank}/norms.safetensors"
+
+
+def layer_norm_tensors(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """Every layer's two norms (+ o_proj bias) under the names `runtime.tp_executor` reads."""
+    out = {}
+    for i in range(checkpoint.config.num_layers):
+        p = f"model.layers.{i}."
+        out[f"input_norm.{i}"] = checkpoint.tensor(p + "input_layernorm.weight").contiguous()
+        out[f"post_norm.{i}"] = checkpoint.tensor(p + "post_attention_layernorm.weight").contiguous()
+        if checkpoint.has(p + "self_attn.o_proj.bias"):
+            out[f"o_bias.{i}"] = checkpoint.tensor(p + "self_attn.o_proj.bias").contiguous()
+    return out
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What `write_shards` produced: config, plan, and each file's sha256 and size."""
@@ -211,10 +228,18 @@ class Manifest:
         return self.root / relative
 
     def node_files(self, rank: int) -> dict[str, Path]:
-        """Logical shard names ("layer.000", ...) -> local files of node `rank`."""
+        """Logical shard names ("layer.000", ...) -> local files of node `rank`'s layers."""
         return {
             f"layer.{i:03d}": self.root / layer_file(rank, i) for i in range(self.data["config"]["num_layers"])
         }
+
+    def shard_files(self, rank: int) -> dict[str, str]:
+        """Every shard node `rank` needs, logical name -> path relative to the root: its layers,
+        plus "norms" when it holds the whole model."""
+        files = {f"layer.{i:03d}": layer_file(rank, i) for i in range(self.data["config"]["num_layers"])}
+        if norms_file(rank) in self.data["files"]:
+            files["norms"] = norms_file(rank)
+        return files
 
     def sha256(self, relative: str) -> str:
         return self.data["files"][relative]["sha256"]
@@ -266,6 +291,7 @@ def write_shards(
     existing = Manifest.load(root)
     if (
         existing is not None
+        and existing.data.get("format") == MANIFEST_FORMAT
         and existing.data.get("checkpoint") == checkpoint.fingerprint
         and existing.data.get("plan", {}).get("plan_id") == plan.plan_id
         and existing.data.get("dtype") == dtype
@@ -285,6 +311,9 @@ def write_shards(
         del layer
         if progress:
             progress(i + 1, total, f"layer {i + 1}/{cfg.num_layers}")
+    if len(plan.shards) == 1:
+        norms = {k: v.to(torch_dtype) for k, v in layer_norm_tensors(checkpoint).items()}
+        _save(norms, root / norms_file(0), files, root)
     hub = {name: checkpoint.tensor(name).contiguous() for name in coordinator_tensor_names(checkpoint)}
     _save(hub, root / "coordinator.safetensors", files, root)
     if progress:

@@ -114,3 +114,37 @@ def test_plaintext_connection_is_refused(client):
     # at most a TLS alert record (content type 21), never a ForwardReply frame
     assert received == b"" or received[:2] == b"\x15\x03", received[:16]
     _assert_serving(client)
+
+
+def test_tcp_is_the_default_transport(client, monkeypatch):
+    monkeypatch.delenv("EDGEWEAVE_DATA_PLANE", raising=False)
+    with client.open_stream() as s:
+        assert isinstance(s, RawForwardStream)
+
+
+def test_unreachable_data_port_falls_back_to_grpc(tmp_path, caplog):
+    """A node whose announced data port cannot be reached (a firewall REJECT, here a closed port)
+    still serves Forward: the coordinator warns and uses the gRPC stream."""
+    from edgeweave import security
+    from edgeweave.coordinator import identity
+    from edgeweave.node.server import NodeServicer, build_server
+
+    tls = security.issue_member_material(security.load_secret(identity.current().secret_file), "fallback-node")
+    servicer = NodeServicer("fallback-node", tmp_path, 0, secure=True)
+    server, port = build_server(servicer, "127.0.0.1", 0, security.server_credentials(tls))
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    servicer.data_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there any more: connecting is refused
+    server.start()
+    try:
+        with NodeClient(f"127.0.0.1:{port}", timeout=30) as c:
+            c.load(JOB, "echo", {}, {})
+            with c.open_stream(reply_timeout=30) as s:
+                assert not isinstance(s, RawForwardStream)
+                (out,), _ = s.call(JOB, "echo", [torch.arange(4)])
+                assert torch.equal(out, torch.arange(4))
+        assert any("using gRPC for Forward instead" in r.getMessage() for r in caplog.records)
+    finally:
+        server.stop(0)
+        servicer.close()

@@ -146,3 +146,36 @@ def test_index_sharded_checkpoint_is_read_lazily(tmp_path_factory):
     name = "model.layers.1.mlp.down_proj.weight"
     with safe_open(str(ckpt._where[name]), framework="pt") as f:
         assert torch.equal(f.get_tensor(name), ckpt.tensor(name))
+
+
+def test_whole_model_node_runs_all_layers_with_its_norms(tiny, tmp_path):
+    """A 1-node plan ships the norms; op "layers" (norms, biases, residuals on the node) equals
+    transformers, prefill then decode, and a partial shard cannot take the norms."""
+    model, folder = tiny
+    ckpt = open_checkpoint(folder)
+    manifest = write_shards(ckpt, plan_shards(ckpt.config, [1.0]), tmp_path / "one")
+    files = {name: manifest.path(rel) for name, rel in manifest.shard_files(0).items()}
+    assert "norms" in files
+    ex = TensorParallelExecutor({"model": manifest.data["config"]}, files)
+    assert "layers" in ex.details()["ops"]
+    hub = TensorParallelHub.from_file(ckpt.config, manifest.coordinator_file)
+
+    def stack(x, position):
+        return ex.forward("layers", 0, position, "s", [x])[0]
+
+    got = torch.cat([hub.forward(IDS[:9], 0, stack=stack), hub.forward(IDS[9:10], 9, stack=stack),
+                     hub.forward(IDS[10:], 10, stack=stack)])
+    with torch.inference_mode():
+        theirs = model(torch.tensor([IDS])).logits[0]
+    torch.testing.assert_close(got, theirs, rtol=0, atol=1e-4)
+    torch.testing.assert_close(hub.forward(IDS[:5], 0, stack=lambda x, p: ex.forward("layers", 0, p, "t", [x])[0],
+                                           last_only=True), theirs[4:5], rtol=0, atol=1e-4)
+
+    two = write_shards(ckpt, plan_shards(ckpt.config, [1.0, 1.0]), tmp_path / "two")
+    assert not any("norms" in rel for rel in two.data["files"])
+    partial = {**{n: two.path(r) for n, r in two.shard_files(0).items()}, "norms": files["norms"]}
+    with pytest.raises(ExecutorInputError, match="all heads and MLP columns"):
+        TensorParallelExecutor({"model": two.data["config"]}, partial)
+    without = TensorParallelExecutor({"model": two.data["config"]}, two.node_files(0))
+    with pytest.raises(ExecutorInputError, match="whole model"):
+        without.forward("layers", 0, 0, "s", [torch.randn(2, 64)])

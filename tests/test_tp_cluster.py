@@ -52,8 +52,22 @@ def _check_against_transformers(llm: DistributedLlama) -> None:
     p = len(ref.prompt_ids)
     torch.testing.assert_close(torch.stack(logits), ref.logits[p - 1 : -1], rtol=0, atol=1e-3)
     stats = llm.last_stats
-    assert stats.round_trips == 2 * llm.config.num_layers * len(ref.tokens)
+    per_step = 1 if llm.fused else 2 * llm.config.num_layers
+    assert stats.round_trips == per_step * len(ref.tokens)
     assert stats.ttft_s > 0 and len(stats.token_s) == len(ref.tokens) - 1
+
+
+def test_one_node_runs_every_layer_in_one_message_and_matches_transformers(cluster, cache_dir):
+    """A node holding the whole model gets the norms and runs all layers per step ("layers" op);
+    the per-layer star path on the same node must give the same tokens and logits."""
+    with NodeClient(cluster.addresses[0], cluster=cluster.identity) as client:
+        with DistributedLlama(smollm_in_memory(), [client], [1.0], cache_dir=cache_dir / "shards") as llm:
+            assert llm.fused
+            _check_against_transformers(llm)
+        with DistributedLlama(smollm_in_memory(), [client], [1.0], cache_dir=cache_dir / "shards",
+                              fuse_single_node=False) as star:
+            assert not star.fused and star.bytes_sent == 0
+            _check_against_transformers(star)
 
 
 @pytest.mark.parametrize(("n_nodes", "weights"), [(2, [1.0, 1.0]), (3, [3.0, 2.0, 1.0])])
