@@ -117,6 +117,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(None, help="Random seed for sampling."),
         chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
         dtype: str = typer.Option("float32", help="Shard dtype on disk and on the wire to nodes: float32, float16, bfloat16."),
+        coordinator_share: float = typer.Option(
+            0.0, help="Let this device compute a share too, with this weight (0 = off; with --weights, "
+                      "relative to them). Saves a message per allreduce, as TPI-LLM's master does."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     ) -> None:
         """Generate text with the model split across nodes by tensor parallelism."""
@@ -143,8 +146,16 @@ def register(app: typer.Typer) -> None:
                 cluster = stack.enter_context(LocalCluster(nodes, interface=interface or "127.0.0.1", advertise=False))
                 addresses = list(cluster.addresses)
             clients = [stack.enter_context(NodeClient(a)) for a in addresses]
+            members, member_weights = clients, parse_weights(weights, len(clients))
+            if coordinator_share < 0:
+                raise typer.BadParameter("must be >= 0", param_hint="--coordinator-share")
+            if coordinator_share > 0:
+                from edgeweave.coordinator.local_member import LocalMember
+
+                members = [stack.enter_context(LocalMember()), *clients]
+                member_weights = [coordinator_share, *(member_weights or [1.0] * len(clients))]
             llm = stack.enter_context(DistributedLlama(
-                checkpoint, clients, parse_weights(weights, len(clients)), dtype=dtype, show_progress=not as_json
+                checkpoint, members, member_weights, dtype=dtype, show_progress=not as_json
             ))
             decoder = tokenizer.stream_decoder()
             tokens: list[int] = []
@@ -164,5 +175,5 @@ def register(app: typer.Typer) -> None:
                 return
             sys.stdout.write(decoder.flush() + "\n")
             per_token = f"{stats.per_token_s * 1e3:.1f} ms" if stats.per_token_s else "n/a"
-            err.print(f"{len(tokens)} tokens on {len(clients)} nodes: first token {stats.ttft_s * 1e3:.0f} ms, "
+            err.print(f"{len(tokens)} tokens on {len(members)} members: first token {stats.ttft_s * 1e3:.0f} ms, "
                       f"then {per_token} per token (median); {stats.comm_s:.2f} s waiting on the network")

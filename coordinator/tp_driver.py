@@ -28,6 +28,7 @@ import torch
 
 from edgeweave.coordinator import recovery
 from edgeweave.coordinator.client import NodeClient, NodeError
+from edgeweave.coordinator.local_member import LocalMember
 from edgeweave.runtime.sampling import Sampler, SamplingParams
 from edgeweave.runtime.tp_hub import TensorParallelHub
 from edgeweave.splitting.checkpoints import Checkpoint
@@ -131,6 +132,9 @@ class DistributedLlama:
         self.memory_plan = recovery.fit_plan_to_nodes(self.plan, self.nodes)
         folder = self._root / self.checkpoint.fingerprint / f"{self.plan.plan_id}-{self.dtype}"
         self.manifest: Manifest = self._write(folder, self.dtype)
+        for client in self.nodes:
+            if isinstance(client, LocalMember):  # computes from the files written here: nothing to send
+                client.offer_files({meta["sha256"]: self.manifest.path(rel) for rel, meta in self.manifest.data["files"].items()})
         sent = self._ship()
         self.job_ids = [f"tp-{self.checkpoint.fingerprint}-{self.plan.plan_id}-r{r}" for r in range(len(nodes))]
         self.load_details = []
@@ -140,8 +144,10 @@ class DistributedLlama:
             sent += resent
         self.streams = [client.open_stream(self.reply_timeout) for client in self.nodes]
         self._fused = self.fuse_single_node and "layers" in self.load_details[0].get("ops", [])
-        self._attn_ranks = [s.rank for s in self.plan.shards if s.n_kv_heads > 0]
-        self._mlp_ranks = [s.rank for s in self.plan.shards if s.n_columns > 0]
+        # a local member's share is computed in recv: receive it first, while remote nodes compute
+        local_first = sorted(range(len(self.nodes)), key=lambda r: not isinstance(self.nodes[r], LocalMember))
+        self._attn_ranks = [r for r in local_first if self.plan.shards[r].n_kv_heads > 0]
+        self._mlp_ranks = [r for r in local_first if self.plan.shards[r].n_columns > 0]
         return sent
 
     def redeploy(self, nodes: list[NodeClient], weights: list[float]) -> int:

@@ -90,14 +90,32 @@ def test_greedy_tokens_match_transformers(cluster, cache_dir, n_nodes, weights):
 
 
 def test_cli_run_answers_paris(cache_dir):
-    """`edgeweave run` with no peers starts its own local cluster and streams the answer."""
+    """`edgeweave run` with no peers starts its own local cluster (1 node here) and streams the
+    answer; --coordinator-share makes this process the second member."""
     env = {**os.environ, **ONE_THREAD, "EDGEWEAVE_CACHE": str(cache_dir)}
     result = subprocess.run(
-        [sys.executable, "-m", "edgeweave", "run", "--prompt", "What is the capital of France?", "--nodes", "2",
-         "--weights", "1,1", "--interface", "127.0.0.1", "--discovery-timeout", "0", "--max-tokens", "16", "--json"],
+        [sys.executable, "-m", "edgeweave", "run", "--prompt", "What is the capital of France?", "--nodes", "1",
+         "--weights", "1", "--coordinator-share", "1", "--interface", "127.0.0.1", "--discovery-timeout", "0",
+         "--max-tokens", "16", "--json"],
         capture_output=True, text=True, env=env, timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert "Paris" in out["text"]
-    assert len(out["nodes"]) == 2 and out["ttft_s"] > 0 and out["per_token_s"] > 0
+    assert [n["address"] == "local" for n in out["nodes"]] == [True, False]
+    assert out["ttft_s"] > 0 and out["per_token_s"] > 0
+
+
+def test_coordinator_share_with_one_node_matches_transformers(cluster, cache_dir):
+    """The coordinator computes rank 0's share in process (TPI-LLM's master) next to a real node:
+    nothing is shipped to it, and tokens and logits still match transformers."""
+    from edgeweave.coordinator.local_member import LocalMember
+
+    me, client = LocalMember(), NodeClient(cluster.addresses[0], cluster=cluster.identity)
+    with me, client, DistributedLlama(smollm_in_memory(), [me, client], [1.0, 1.0],
+                                      cache_dir=cache_dir / "shards") as llm:
+        assert [row["address"] for row in llm.describe()] == ["local", client.address]
+        node_bytes = sum(llm.manifest.path(rel).stat().st_size for rel in llm.manifest.shard_files(1).values())
+        assert llm.bytes_sent <= node_bytes  # rank 0's files stay where they were written
+        _check_against_transformers(llm)
+        assert me.job_stats(llm.job_ids[0])["tokens_computed"] > 0
