@@ -16,8 +16,14 @@ reading it, so every windowed token re-reads from disk; to compare like with lik
 child drops the checkpoint's and its offload folder's pages before each token too (a device
 without spare RAM has no page cache to hold a model it cannot hold itself).
 
-I/O floor = layer bytes per token / cold sequential read bandwidth (O_DIRECT into one reused
-buffer) measured in the same run. This is a VM: "cold" means cold in the guest.
+I/O floor = layer bytes per token / read bandwidth, measured in the same run with the store's own
+reader (`safetensors_read.read_file_into`: one reused slot buffer, O_DIRECT, concurrent chunk
+reads) on the same 22 layer files, twice: a cold first read after dropping every cache the guest
+can drop, and steady re-reads. This is a VM and its host caches the files it reads, so the token
+loop (which reads every layer every token) sees the steady re-read rate, not the cold one: the
+"within 1.2x of the I/O floor" goal is judged against the steady floor; the cold figure is
+reported beside it. Per token the windowed rows also report the stall (time the compute waited
+for a read) and the rest (compute, hub, scheduling).
 
     python benchmarks/sliding_window.py [--tokens 4] [--skip-accelerate]
 """
@@ -27,7 +33,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import mmap
 import os
 import statistics
 import subprocess
@@ -76,9 +81,10 @@ def drop_all_caches(paths: list[str]) -> bool:
 # -- children ---------------------------------------------------------------------------------
 
 
-def child_edgeweave(window: int | None, tokens: int, threads: int = 0) -> dict:
+def child_edgeweave(window: int | None, tokens: int, threads: int = 0, read_threads: int = 0) -> dict:
     import torch
 
+    from edgeweave.runtime import safetensors_read
     from edgeweave.runtime.tp_executor import TensorParallelExecutor
     from edgeweave.runtime.tp_hub import TensorParallelHub
     from edgeweave.splitting.tensor_parallel import Manifest
@@ -86,6 +92,8 @@ def child_edgeweave(window: int | None, tokens: int, threads: int = 0) -> dict:
     torch.set_grad_enabled(False)
     if threads:
         torch.set_num_threads(threads)
+    if read_threads:
+        safetensors_read.READ_THREADS = read_threads
     manifest = Manifest.load(SHARD_DIR)
     hub = TensorParallelHub.from_file(manifest.config, manifest.coordinator_file)
     base = vm_hwm()
@@ -100,16 +108,20 @@ def child_edgeweave(window: int | None, tokens: int, threads: int = 0) -> dict:
     start = time.perf_counter()
     logits = hub.forward(PROMPT, 0, reduce)[-1]
     ttft = time.perf_counter() - start
-    step_s, out = [], []
+    step_s, stall_s, read_s, out = [], [], [], []
     for _ in range(tokens):
         out.append(int(logits.argmax()))
+        before = executor.store.stats()
         start = time.perf_counter()
         logits = hub.forward([out[-1]], len(PROMPT) + len(out) - 1, reduce)[-1]
         step_s.append(time.perf_counter() - start)
+        after = executor.store.stats()
+        stall_s.append(after["stall_s"] - before["stall_s"])
+        read_s.append(after["read_s"] - before["read_s"])
     stats = executor.stats()["layer_store"]
     executor.close()
-    return {"setup_s": setup_s, "ttft_s": ttft, "token_s": step_s, "tokens": out, "base_hwm": base,
-            "hwm": vm_hwm(), "store": stats}
+    return {"setup_s": setup_s, "ttft_s": ttft, "token_s": step_s, "token_stall_s": stall_s, "token_read_s": read_s,
+            "tokens": out, "base_hwm": base, "hwm": vm_hwm(), "store": stats}
 
 
 def child_accelerate(max_cpu_bytes: int, tokens: int) -> dict:
@@ -163,34 +175,28 @@ def prepare() -> None:
     write_shards(checkpoint, plan_shards(checkpoint.config, [1.0]), SHARD_DIR, dtype="float32")
 
 
-def cold_read_bandwidth(paths: list[str]) -> float:
-    """Bytes/s of a cold sequential read of `paths`: the disk's rate, the best any loader can do.
+def read_bandwidth(paths: list[str], steady_passes: int = 2) -> tuple[float, float]:
+    """Bytes/s of (a cold first read, steady re-reads) of `paths` with the store's own reader.
 
-    Read like the store reads (O_DIRECT where allowed, else buffered) but into ONE reused 64 MiB
-    buffer, so neither page faults nor page-cache copies count against the disk.
+    Same reader, same bytes: `read_file_into` into ONE reused slot buffer (as the windowed store
+    does), O_DIRECT with concurrent chunk reads. Cold: after dropping every cache the guest can.
+    Steady: the mean of `steady_passes` further passes (the host may still cache what the guest
+    dropped, as it does for the token loop).
     """
-    drop_all_caches(paths)
-    chunk = 64 << 20
-    region = mmap.mmap(-1, chunk, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    view = memoryview(region)
-    total, start = 0, time.perf_counter()
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-        except OSError:
-            fd = os.open(path, os.O_RDONLY)
-        try:
-            offset = 0
-            while n := os.preadv(fd, [view], offset):
-                offset += n
-                total += n
-        finally:
-            os.close(fd)
-    elapsed = time.perf_counter() - start
-    view.release()
-    region.close()
+    from edgeweave.runtime.safetensors_read import aligned_buffer, read_file_into
+
+    buffer = aligned_buffer(max(os.path.getsize(p) for p in paths))
+    read_file_into(paths[0], buffer)  # fault the buffer in: the store's slots are warm after the first pass too
+    rates = []
+    for n in range(1 + steady_passes):
+        if n == 0:
+            drop_all_caches(paths)
+        total, start = 0, time.perf_counter()
+        for path in paths:
+            total += read_file_into(path, buffer)
+        rates.append(total / (time.perf_counter() - start))
     drop_page_cache(paths)
-    return total / elapsed
+    return rates[0], statistics.mean(rates[1:])
 
 
 def run_child(args: list[str], cold_paths: list[str]) -> dict:
@@ -217,9 +223,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--max-cpu", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--read-threads", type=int, default=0,
+                        help="concurrent chunk reads per layer file (default: the store's, 4)")
     args = parser.parse_args()
     if args.child == "edgeweave":
-        print(json.dumps(child_edgeweave(args.window or None, args.tokens, args.threads)))
+        print(json.dumps(child_edgeweave(args.window or None, args.tokens, args.threads, args.read_threads)))
         return
     if args.child == "accelerate":
         print(json.dumps(child_accelerate(args.max_cpu, args.tokens)))
@@ -234,13 +242,19 @@ def main() -> None:
     layer_bytes = [os.path.getsize(p) for p in layer_paths]
     per_token = sum(layer_bytes)
     cold_paths = layer_paths + sorted(glob.glob(str(MODEL_DIR / "*.safetensors")))
-    bandwidth = cold_read_bandwidth(layer_paths)
-    floor_s = per_token / bandwidth
+    from edgeweave.runtime import safetensors_read
+
+    if args.read_threads:
+        safetensors_read.READ_THREADS = args.read_threads
+    read_threads = safetensors_read.READ_THREADS
+    cold_bandwidth, bandwidth = read_bandwidth(layer_paths)
+    floor_s, cold_floor_s = per_token / bandwidth, per_token / cold_bandwidth
 
     configs = [("all resident", 0), (f"window L/4 = {n_layers // 4}", n_layers // 4), ("window 2", 2)]
     rows = []
     for name, window in configs:
-        result = run_child(["--child", "edgeweave", "--window", str(window), "--tokens", str(args.tokens)], cold_paths)
+        result = run_child(["--child", "edgeweave", "--window", str(window), "--tokens", str(args.tokens),
+                            "--read-threads", str(args.read_threads)], cold_paths)
         rows.append({"config": name, "window": window or None, **result})
         print(f"  done: {name}", file=sys.stderr)
     if not args.skip_accelerate:
@@ -254,10 +268,14 @@ def main() -> None:
     # what the resident run holds beyond the shard files: activations, KV cache, kernel scratch
     compute_overhead = max(rows[0]["hwm"] - rows[0]["base_hwm"] - per_token, 0)
     print(f"\nrandom 1.1B Llama, float32, {n_layers} layers x {layer_bytes[0] / MB:.1f} MB = {per_token / MB:.0f} MB "
-          f"per token; cold read {bandwidth / MB:.0f} MB/s -> I/O floor {floor_s:.2f} s/token; "
-          f"prompt {len(PROMPT)} tokens, {args.tokens} decode tokens")
-    header = (f"{'config':<40} {'ttft s':>8} {'token s':>8} {'/floor':>7} {'peak RSS MB':>12} {'above base MB':>14} "
-              f"{'goal MB':>8} {'stall s':>8}")
+          f"per token; prompt {len(PROMPT)} tokens, {args.tokens} decode tokens")
+    print(f"store's reader ({read_threads} concurrent O_DIRECT chunk reads into one reused buffer): cold first read "
+          f"{cold_bandwidth / MB:.0f} MB/s ({cold_floor_s:.2f} s/token), steady re-read {bandwidth / MB:.0f} MB/s "
+          f"-> I/O floor {floor_s:.2f} s/token")
+    print("/floor is against the steady re-read floor: the bandwidth the token loop sees (the VM host caches "
+          "re-reads); /cold against the cold one")
+    header = (f"{'config':<40} {'ttft s':>7} {'token s':>8} {'/floor':>7} {'/cold':>6} {'stall s':>8} {'rest s':>7} "
+              f"{'peak RSS MB':>12} {'above base MB':>14} {'goal MB':>8}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -265,31 +283,55 @@ def main() -> None:
         row["peak_rss"] = max(row["hwm"], row["sampled_peak_rss"])
         row["above_base"] = row["hwm"] - row["base_hwm"]
         row["vs_floor"] = row["median_token_s"] / floor_s
+        row["vs_cold_floor"] = row["median_token_s"] / cold_floor_s
         window = row["window"]
         row["goal_above_base"] = None if not window or row["config"].startswith("accelerate") else (
             (window + 1) / n_layers * per_token + compute_overhead)
         goal = f"{row['goal_above_base'] / MB:.0f}" if row["goal_above_base"] else "-"
-        stall = f"{row['store']['stall_s']:.2f}" if "store" in row else "-"
-        print(f"{row['config']:<40} {row['ttft_s']:>8.2f} {row['median_token_s']:>8.2f} {row['vs_floor']:>7.2f} "
-              f"{row['peak_rss'] / MB:>12.0f} {row['above_base'] / MB:>14.0f} {goal:>8} {stall:>8}")
-    if not args.skip_accelerate:
-        accel = rows[-1]
-        print()
-        for row in rows[1:3]:
-            print(f"{row['config']} vs accelerate: {accel['median_token_s'] / row['median_token_s']:.2f}x faster per "
-                  f"token, peak RSS {row['peak_rss'] / MB:.0f} MB vs {accel['peak_rss'] / MB:.0f} MB")
-    print(f"goal: peak above base <= (window+1)/L x {per_token / MB:.0f} MB + {compute_overhead / MB:.0f} MB "
+        stall = rest = "-"
+        if "token_stall_s" in row:  # stall: compute waiting for a read; rest: compute, hub, scheduling
+            row["median_stall_s"] = statistics.median(row["token_stall_s"])
+            rest_s = [t - w for t, w in zip(row["token_s"], row["token_stall_s"], strict=True)]
+            row["median_rest_s"] = statistics.median(rest_s)
+            stall, rest = f"{row['median_stall_s']:.2f}", f"{row['median_rest_s']:.2f}"
+        print(f"{row['config']:<40} {row['ttft_s']:>7.2f} {row['median_token_s']:>8.2f} {row['vs_floor']:>7.2f} "
+              f"{row['vs_cold_floor']:>6.2f} {stall:>8} {rest:>7} {row['peak_rss'] / MB:>12.0f} "
+              f"{row['above_base'] / MB:>14.0f} {goal:>8}")
+    print()
+    goals = {}
+    for row in rows[1:3]:
+        name = row["config"]
+        goals[name] = {"vs_floor": row["vs_floor"], "within_1.2x_of_floor": row["vs_floor"] <= 1.2,
+                       "memory_goal_met": row["above_base"] <= row["goal_above_base"]}
+        memory_met = "met" if goals[name]["memory_goal_met"] else "missed"
+        line = (f"{name}: {row['vs_floor']:.2f}x the steady I/O floor (goal <= 1.2x: "
+                f"{'met' if row['vs_floor'] <= 1.2 else 'missed'}), peak above base {row['above_base'] / MB:.0f} MB "
+                f"(goal <= {row['goal_above_base'] / MB:.0f} MB: {memory_met})")
+        if not args.skip_accelerate:
+            accel = rows[-1]
+            speedup = accel["median_token_s"] / row["median_token_s"]
+            goals[name].update(vs_accelerate=speedup, faster_2x_than_accelerate=speedup >= 2,
+                               less_memory_than_accelerate=row["peak_rss"] < accel["peak_rss"])
+            line += (f"; {speedup:.2f}x faster per token than accelerate (goal >= 2x: "
+                     f"{'met' if speedup >= 2 else 'missed'}), peak RSS {row['peak_rss'] / MB:.0f} MB vs "
+                     f"{accel['peak_rss'] / MB:.0f} MB")
+        print(line)
+    print(f"memory goal: peak above base <= (window+1)/L x {per_token / MB:.0f} MB + {compute_overhead / MB:.0f} MB "
           "(the resident run's memory beyond its shard files)")
     same = all(r["tokens"] == rows[0]["tokens"] for r in rows[:3])
     print(f"edgeweave configs generated identical tokens: {same}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "model": "random-1b float32 (TinyLlama-1.1B shape)", "layers": n_layers, "layer_bytes": layer_bytes[0],
-        "bytes_per_token": per_token, "compute_overhead_bytes": compute_overhead, "cold_read_bytes_per_s": bandwidth, "io_floor_s": floor_s,
-        "prompt_tokens": len(PROMPT), "decode_tokens": args.tokens, "identical_tokens": same, "rows": rows,
+        "bytes_per_token": per_token, "compute_overhead_bytes": compute_overhead, "read_threads": read_threads,
+        "cold_read_bytes_per_s": cold_bandwidth, "steady_read_bytes_per_s": bandwidth,
+        "io_floor_s": floor_s, "io_floor_cold_s": cold_floor_s,
+        "io_floor_basis": "steady re-read with the store's reader: the bandwidth the token loop sees "
+                          "(the VM host caches re-reads); io_floor_cold_s is the cold first read",
+        "goals": goals, "prompt_tokens": len(PROMPT), "decode_tokens": args.tokens, "identical_tokens": same,
+        "rows": rows,
     }, indent=1))
     print(f"wrote {RESULTS}")
-
 
 if __name__ == "__main__":
     main()

@@ -9,11 +9,16 @@ layer i+1 overlaps the compute of layer i; window=1 still works, reading each la
 Any access order is correct (attention and MLP of one layer, prefill, decode, a restart at
 layer 0 after a failure); only the amount of overlap depends on it.
 
-Loads are real reads into fresh memory (see `safetensors_read`), the page cache of the file is
-dropped, and released layers are freed and returned to the OS (`malloc_trim` on glibc), so the
-resident set really follows the window. At most `window` layers are resident or being read,
-except transiently after a jump in the access order: a background read already in flight for a
-layer no longer wanted finishes and is then discarded (window + 1 layers for that moment).
+Memory is a fixed pool of `window` slots, each an anonymous page-aligned buffer as large as the
+largest layer file, mapped lazily once and then reused forever: a load reads the file into a free
+slot (O_DIRECT, several concurrent chunk reads: see `safetensors_read`), the layer's tensors are
+views into that slot, and releasing the layer only returns the slot to the free list. So a token
+costs no page faults, no zeroing, no munmap and no malloc_trim, and the resident set is exactly
+the window: at most `window` layers are resident or being read at any time. After a jump in the
+access order a background read already in flight for a layer no longer wanted cannot be
+cancelled; it finishes, and a caller that needs its slot waits for it and reuses it.
+
+With every layer resident (window None) each layer gets a buffer of its own, read once.
 """
 
 from __future__ import annotations
@@ -32,8 +37,14 @@ from typing import Any
 import psutil
 import torch
 
+from edgeweave.runtime import safetensors_read
 from edgeweave.runtime.memory_budget import choose_window
-from edgeweave.runtime.safetensors_read import read_safetensors
+from edgeweave.runtime.safetensors_read import (
+    aligned_buffer,
+    aligned_size,
+    parse_safetensors,
+    read_file_into,
+)
 
 Layer = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -91,11 +102,27 @@ class LayerStore:
     """Per-layer weights of one node, all resident or through a sliding window of `window` layers.
 
     `layer(i)` returns layer i's tensors (blocking only while they are read; that time is the
-    stall). Callers must not keep the returned dict after asking for a layer outside the window,
-    or the memory cannot be freed. Thread-safe.
+    stall). Thread-safe: concurrent calls never corrupt the store or deadlock.
+
+    THE CONTRACT (a correctness rule, not a memory hint): with a window, the returned dict and
+    its tensors are views into a reused slot buffer. They stay valid only until the next call of
+    `layer(j)` for a j outside [i, i+window), by this caller or any other: that call hands the
+    slot to the next read, which overwrites it in place. A caller must therefore finish with a
+    layer's tensors before asking for a layer outside the window and never keep them (copy what
+    must outlive that). Concurrent callers must serialize "get layer, compute with it" as a whole.
+    The tensor-parallel executor obeys this: it runs ops one at a time under its lock and keeps
+    no weights between ops. With every layer resident (window None) the tensors stay valid
+    until `close`.
     """
 
-    def __init__(self, paths: Sequence[str | Path], window: int | None = None, *, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        window: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        read_threads: int | None = None,
+    ) -> None:
         if not paths:
             raise ValueError("a layer store needs at least one layer file")
         if window is not None and int(window) < 1:
@@ -106,8 +133,15 @@ class LayerStore:
             raise FileNotFoundError(f"layer files not found: {', '.join(missing[:3])}")
         self.n_layers = len(self.paths)
         self.dtype = dtype
+        #: concurrent chunk reads per layer file (default `safetensors_read.READ_THREADS`)
+        self.read_threads = max(1, int(read_threads or safetensors_read.READ_THREADS))
         self.window = None if window is None or int(window) >= self.n_layers else int(window)
         self._sizes = layer_file_sizes(self.paths)
+        #: bytes of one slot: the largest layer file, rounded up to whole pages for O_DIRECT
+        self.slot_bytes = aligned_size(max(self._sizes))
+        self._slots: list[torch.Tensor] = []  # buffers mapped so far (at most `window`; one per layer if resident)
+        self._free: list[int] = []  # indices into _slots not holding a layer or a read
+        self._slot_of: dict[int, int] = {}  # layer -> its slot, for resident layers and reads in flight
         self._resident: dict[int, Layer] = {}
         self._in_flight: set[int] = set()
         self._queue: deque[int] = deque()
@@ -117,14 +151,17 @@ class LayerStore:
         self._process = psutil.Process()
         self.bytes_read = 0
         self.loads = 0
+        self.read_s = 0.0
         self.stall_s = 0.0
         self.last_stall_s = 0.0
         self.peak_resident_bytes = 0
         self.peak_rss = self._process.memory_info().rss
         self._thread: threading.Thread | None = None
         if self.window is None:
-            for i in range(self.n_layers):
-                self._store(i, self._read(i))
+            with self._cond:
+                for i in range(self.n_layers):
+                    self._slots.append(aligned_buffer(self._sizes[i]))
+                    self._load(i, i)
         else:
             self._thread = threading.Thread(target=self._io_loop, name="layer-store-io", daemon=True)
             self._thread.start()
@@ -134,7 +171,11 @@ class LayerStore:
     # -- public API ------------------------------------------------------------------------
 
     def layer(self, index: int) -> Layer:
-        """Layer `index`'s tensors by shard key name; slides the window to start at `index`."""
+        """Layer `index`'s tensors by shard key name; slides the window to start at `index`.
+
+        With a window the tensors are valid only until a layer outside [index, index+window) is
+        asked for (see the class docstring).
+        """
         if not 0 <= index < self.n_layers:
             raise IndexError(f"layer {index} is out of range: this store holds layers 0..{self.n_layers - 1}")
         if self.window is None:
@@ -144,33 +185,28 @@ class LayerStore:
         start = time.perf_counter()
         with self._cond:
             self._check_open()
-            released = self._slide(index, include_current=False)
-            if released:  # drop them now, before waiting, so the next read never coexists with them
-                released.clear()
-                return_freed_memory()
+            self._slide(index, include_current=False)
             while (tensors := self._resident.get(index)) is None:
-                if index in self._in_flight:  # the I/O thread is reading it: wait for that read
+                if index not in self._wanted:  # another caller moved the window while this one waited
+                    self._slide(index, include_current=False)
+                    continue
+                slot = None if index in self._in_flight else self._take_slot()
+                if slot is None:  # being read, or every slot holds a wanted layer or a read in flight
                     self._cond.wait()
                     self._check_open()
                     continue
-                self._in_flight.add(index)
-                self._note_resident_bytes()
-                self._cond.release()
-                try:
-                    tensors = self._read(index)
-                finally:
-                    self._cond.acquire()
-                    self._in_flight.discard(index)
-                if index in self._wanted:  # another caller may have moved the window meanwhile
-                    self._store(index, tensors)
-                self._cond.notify_all()
+                tensors = self._load(index, slot)  # raises the reader's error
                 break
             self.last_stall_s = time.perf_counter() - start
             self.stall_s += self.last_stall_s
         return tensors
 
     def stats(self) -> dict[str, Any]:
-        """Counters for the node's job stats and for benchmarks."""
+        """Counters for the node's job stats and for benchmarks.
+
+        `slots` buffers of `slot_bytes` each (`buffer_bytes` in all) were ever mapped: with a
+        window that stops at `window` after the first pass, however many tokens follow.
+        """
         with self._cond:
             return {
                 "window": self.window,
@@ -178,8 +214,14 @@ class LayerStore:
                 "resident_layers": sorted(self._resident),
                 "in_flight_layers": sorted(self._in_flight),
                 "resident_bytes": self._resident_bytes(),
+                "slots": len(self._slots),
+                "free_slots": len(self._free),
+                "slot_bytes": self.slot_bytes,
+                "buffer_bytes": sum(s.numel() for s in self._slots),
+                "read_threads": self.read_threads,
                 "bytes_read": self.bytes_read,
                 "loads": self.loads,
+                "read_s": self.read_s,
                 "stall_s": self.stall_s,
                 "last_stall_s": self.last_stall_s,
                 "peak_resident_bytes": self.peak_resident_bytes,
@@ -198,7 +240,7 @@ class LayerStore:
         return True
 
     def close(self) -> None:
-        """Stop the I/O thread and free every layer."""
+        """Stop the I/O thread and free every layer and slot."""
         with self._cond:
             self._closed = True
             self._queue.clear()
@@ -206,6 +248,10 @@ class LayerStore:
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
+        with self._cond:  # a read still in flight keeps its own reference to its slot until it ends
+            self._slots.clear()
+            self._free.clear()
+            self._slot_of.clear()
         return_freed_memory(collect=True)
 
     def __enter__(self) -> LayerStore:
@@ -216,60 +262,94 @@ class LayerStore:
 
     # -- scheduling (all called with self._cond held) ------------------------------------------
 
-    def _slide(self, index: int, include_current: bool) -> list[Layer]:
-        """Make [index, index+window) the wanted set; return the released layers (freed by the caller)."""
+    def _slide(self, index: int, include_current: bool) -> None:
+        """Make [index, index+window) the wanted set; the slots of the layers outside it become free."""
         assert self.window is not None
         upcoming = [(index + k) % self.n_layers for k in range(self.window)]
         self._wanted = set(upcoming)
-        released = [self._resident.pop(i) for i in list(self._resident) if i not in self._wanted]
+        released = [i for i in self._resident if i not in self._wanted]
+        for i in released:
+            del self._resident[i]
+            self._free.append(self._slot_of.pop(i))
+        if released and self.dtype is not None:  # converted copies live on the heap, not in the slots
+            return_freed_memory()
         todo = upcoming if include_current else upcoming[1:]
         self._queue = deque(i for i in todo if i not in self._resident and i not in self._in_flight)
-        if self._queue:
+        if self._queue or released:
             self._cond.notify_all()
-        return released
+
+    def _take_slot(self) -> int | None:
+        """A free slot (mapping a new one while fewer than `window` exist), or None when all are busy."""
+        assert self.window is not None
+        if self._free:
+            return self._free.pop()
+        if len(self._slots) < self.window:
+            self._slots.append(aligned_buffer(self.slot_bytes))
+            return len(self._slots) - 1
+        return None
 
     def _io_loop(self) -> None:
-        """The one background reader: takes the next queued layer, reads it, keeps it if still wanted."""
+        """The one background reader: takes the next queued layer and a free slot, reads, keeps it if still wanted."""
         with self._cond:
             while True:
-                while not self._queue and not self._closed:
+                while not self._closed and not (self._next_queued() and (slot := self._take_slot()) is not None):
                     self._cond.wait()
                 if self._closed:
                     return
                 index = self._queue.popleft()
-                self._in_flight.add(index)
-                self._note_resident_bytes()
-                self._cond.release()
-                tensors: Layer | None = None
                 try:
-                    tensors = self._read(index)
+                    self._load(index, slot)
                 except Exception as exc:  # the caller that needs this layer reads it again and sees the error
                     log.warning("background read of layer %d (%s) failed: %s", index, self.paths[index], exc)
-                finally:
-                    self._cond.acquire()
-                    self._in_flight.discard(index)
-                if tensors is not None and index in self._wanted and not self._closed:
-                    self._store(index, tensors)
-                else:
-                    tensors = None
-                    self._cond.release()
-                    return_freed_memory()
-                    self._cond.acquire()
-                self._cond.notify_all()
 
-    def _read(self, index: int) -> Layer:
-        tensors, nbytes = read_safetensors(self.paths[index])
+    def _next_queued(self) -> bool:
+        """Drop queued layers another caller has read or is reading meanwhile; True if one is left to read."""
+        while self._queue and (self._queue[0] in self._resident or self._queue[0] in self._in_flight):
+            self._queue.popleft()
+        return bool(self._queue)
+
+    def _load(self, index: int, slot: int) -> Layer:
+        """Read layer `index` into `slot` with the lock released; keep it if still wanted, else free the slot.
+
+        Returns the tensors either way (a caller that asked for a layer no longer wanted still gets
+        it, valid until the slot's next read). On error the slot is freed and the error raised.
+        """
+        assert index not in self._in_flight and index not in self._resident, f"layer {index} read twice"
+        self._in_flight.add(index)
+        self._slot_of[index] = slot
+        self._note_resident_bytes()
+        buffer = self._slots[slot]
+        tensors: Layer | None = None
+        self._cond.release()
+        try:
+            tensors = self._read(index, buffer)
+        finally:
+            self._cond.acquire()
+            self._in_flight.discard(index)
+            if tensors is not None and index in self._wanted and not self._closed:
+                self._resident[index] = tensors
+                self._note_resident_bytes()
+            else:
+                del self._slot_of[index]
+                if not self._closed:
+                    self._free.append(slot)
+            self._cond.notify_all()
+        return tensors
+
+    def _read(self, index: int, buffer: torch.Tensor) -> Layer:
+        start = time.perf_counter()
+        path = self.paths[index]
+        nbytes = read_file_into(path, buffer, self.read_threads)
+        elapsed = time.perf_counter() - start
+        tensors = parse_safetensors(buffer, nbytes, path)
         if self.dtype is not None:
             tensors = {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in tensors.items()}
         with self._cond:
             self.bytes_read += nbytes
             self.loads += 1
+            self.read_s += elapsed
         self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
         return tensors
-
-    def _store(self, index: int, tensors: Layer) -> None:
-        self._resident[index] = tensors
-        self._note_resident_bytes()
 
     def _resident_bytes(self) -> int:
         return sum(self._sizes[i] for i in self._resident) + sum(self._sizes[i] for i in self._in_flight)

@@ -1,7 +1,7 @@
 """Generation through the tensor-parallel executor is the same token for token, whatever the window.
 
 A 6-layer random Llama (written by `splitting.random_llama`) is cut over 2 nodes; the nodes'
-executors read their layers through the sliding window (1 and 3 layers) or keep them all. The
+executors read their layers through the sliding window (1, 2 and 3 layers) or keep them all. The
 all-resident run is checked against Hugging Face transformers on the same checkpoint, and the
 windowed runs must give bit-identical logits: the same weights through the same kernels.
 """
@@ -56,7 +56,7 @@ def _generate(checkpoint, manifest, window):
     return tokens, torch.stack(steps), stats
 
 
-def test_window_1_3_and_resident_generate_identically(sharded):
+def test_window_1_2_3_and_resident_generate_identically(sharded):
     folder, checkpoint, manifest = sharded
     tokens, logits, stats = _generate(checkpoint, manifest, None)
     assert [s["loads"] for s in stats] == [N_LAYERS, N_LAYERS]
@@ -67,7 +67,7 @@ def test_window_1_3_and_resident_generate_identically(sharded):
     torch.testing.assert_close(logits, theirs, rtol=0, atol=1e-4)
     assert tokens == theirs[:-1].argmax(-1).tolist()
 
-    for window in (1, 3):
+    for window in (1, 2, 3):
         got_tokens, got_logits, got_stats = _generate(checkpoint, manifest, window)
         assert got_tokens == tokens
         assert torch.equal(got_logits, logits), f"window={window} changed the logits"
@@ -77,3 +77,5 @@ def test_window_1_3_and_resident_generate_identically(sharded):
             # every pass re-reads every layer, the look-ahead may have read up to w-1 layers of the next pass
             assert passes * N_LAYERS <= s["loads"] <= passes * N_LAYERS + window - 1
             assert s["stall_s"] > 0
+            # the window's slots, mapped once and reused for every pass
+            assert s["slots"] <= window and s["peak_resident_bytes"] <= window * s["slot_bytes"]
