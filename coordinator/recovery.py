@@ -1,8 +1,9 @@
 """What the tensor-parallel driver does when a node dies mid-generation.
 
 Detection bound: a node killed outright is noticed at once (its kernel resets the TCP
-connection, the pending Forward recv fails); a node that vanishes silently is noticed by HTTP/2
-keepalive within ~2 s (coordinator/client.py KEEPALIVE_MS, ping + ack timeout); a node that is
+connection, the pending Forward recv fails); a node that vanishes silently is noticed by TCP
+keepalive on the data plane within ~3 s (proto/framing.py DEAD_PEER_S; HTTP/2 keepalive on gRPC
+channels, coordinator/client.py KEEPALIVE_MS); a node that is
 connected but hangs misses its reply deadline, `step_deadline` = max(3 s, 10 x the median of the
 recent decode steps). So a lost node is detected within ~3 s of its death in decode.
 
