@@ -148,3 +148,15 @@ def test_unreachable_data_port_falls_back_to_grpc(tmp_path, caplog):
     finally:
         server.stop(0)
         servicer.close()
+
+
+def test_data_plane_sockets_detect_a_vanished_peer(client):
+    """A host that disappears without a RST (power, cable) must fail the connection within
+    seconds, as HTTP/2 keepalive does for gRPC: keepalive probes and a user timeout are set."""
+    from edgeweave.proto.framing import DEAD_PEER_S
+
+    with connect_data_plane(client.address, client.info().data_port, client.cluster) as sock:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == DEAD_PEER_S * 1000
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
