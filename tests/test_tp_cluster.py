@@ -58,16 +58,13 @@ def _check_against_transformers(llm: DistributedLlama) -> None:
 
 
 def test_one_node_runs_every_layer_in_one_message_and_matches_transformers(cluster, cache_dir):
-    """A node holding the whole model gets the norms and runs all layers per step ("layers" op);
-    the per-layer star path on the same node must give the same tokens and logits."""
-    with NodeClient(cluster.addresses[0], cluster=cluster.identity) as client:
-        with DistributedLlama(smollm_in_memory(), [client], [1.0], cache_dir=cache_dir / "shards") as llm:
-            assert llm.fused
-            _check_against_transformers(llm)
-        with DistributedLlama(smollm_in_memory(), [client], [1.0], cache_dir=cache_dir / "shards",
-                              fuse_single_node=False) as star:
-            assert not star.fused and star.bytes_sent == 0
-            _check_against_transformers(star)
+    """A node holding the whole model gets the norms and runs all layers per step ("layers" op).
+    (The per-layer star path is what the 2- and 3-node runs below use.)"""
+    client = NodeClient(cluster.addresses[0], cluster=cluster.identity)
+    with client, DistributedLlama(smollm_in_memory(), [client], [1.0], cache_dir=cache_dir / "shards") as llm:
+        assert llm.fused
+        _check_against_transformers(llm)
+        assert client.job_stats(llm.job_ids[0])["tokens_computed"] == len(hf_reference().prompt_ids) + 31
 
 
 @pytest.mark.parametrize(("n_nodes", "weights"), [(2, [1.0, 1.0]), (3, [3.0, 2.0, 1.0])])
