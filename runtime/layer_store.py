@@ -68,8 +68,9 @@ _MALLOC_TRIM = _libc_malloc_trim()
 def return_freed_memory(collect: bool = False) -> None:
     """Hand free heap pages back to the OS so RSS drops after a release.
 
-    Layer dicts hold no cycles, so reference counting frees them at once; `gc.collect` (tens of
-    ms in a process with torch loaded) is only worth it on close.
+    Slots never need it (they are reused, and unmapped on close); converted copies (`dtype`) live on
+    the heap. Layer dicts hold no cycles, so reference counting frees them at once; `gc.collect`
+    (tens of ms in a process with torch loaded) is only worth it on close.
     """
     if collect:
         gc.collect()
@@ -104,15 +105,16 @@ class LayerStore:
     `layer(i)` returns layer i's tensors (blocking only while they are read; that time is the
     stall). Thread-safe: concurrent calls never corrupt the store or deadlock.
 
-    THE CONTRACT (a correctness rule, not a memory hint): with a window, the returned dict and
-    its tensors are views into a reused slot buffer. They stay valid only until the next call of
-    `layer(j)` for a j outside [i, i+window), by this caller or any other: that call hands the
-    slot to the next read, which overwrites it in place. A caller must therefore finish with a
-    layer's tensors before asking for a layer outside the window and never keep them (copy what
-    must outlive that). Concurrent callers must serialize "get layer, compute with it" as a whole.
-    The tensor-parallel executor obeys this: it runs ops one at a time under its lock and keeps
-    no weights between ops. With every layer resident (window None) the tensors stay valid
-    until `close`.
+    THE CONTRACT (a correctness rule, not a memory hint): with a window, the dict returned by
+    `layer(i)` and its tensors are views into a reused slot buffer. They are valid only while i
+    stays in the window: the first later call `layer(j)`, by this caller or any other, whose
+    window [j, j+window) (cyclic) does not contain i (in a forward walk: the call for layer i+1,
+    whatever the window) frees i's slot, and the next read overwrites it in place at once. Finish
+    with a layer's tensors before asking for a layer that moves the window past it, never keep
+    them (copy what must outlive that), and let concurrent callers serialize "get a layer,
+    compute with it" as a whole. The tensor-parallel executor obeys this: it runs ops one at a
+    time under its lock and keeps no weights between ops. With every layer resident (window None)
+    the tensors stay valid until `close`.
     """
 
     def __init__(

@@ -93,6 +93,16 @@ def _reader_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_in_child() -> None:
+    """A forked child has none of the pool's threads: it starts its own on first use."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _read_range(fd: int, view: memoryview, start: int, end: int, size: int, path: Path) -> None:
     """Fill view[start:min(end, size)] from the same offsets of the file (lengths stay page multiples)."""
     done, stop = start, min(end, size)
