@@ -28,12 +28,18 @@ class TensorParallelHub:
 
     def __init__(self, config: LlamaShape, tensors: dict[str, torch.Tensor]) -> None:
         self.config = config
-        embed = tensors["model.embed_tokens.weight"].float()
         # The LM head is kept as [hidden, vocab]: for one token, x @ W^T from that layout is about
         # twice as fast on CPU as F.linear over [vocab, hidden] (a tall, thin GEMV). With tied
         # embeddings the lookup reads the same matrix's columns, so nothing is held twice.
-        self.lm_head_t = tensors.get("lm_head.weight", embed).float().t().contiguous()
-        self._embed = None if "lm_head.weight" not in tensors else embed
+        # write_shards stores it so ("lm_head_t"); HF-named dicts are transposed here.
+        if "lm_head_t" in tensors:
+            self.lm_head_t = tensors["lm_head_t"].float()
+            embed = tensors.get("model.embed_tokens.weight")
+            self._embed = embed.float() if embed is not None else None
+        else:
+            embed = tensors["model.embed_tokens.weight"].float()
+            self.lm_head_t = tensors.get("lm_head.weight", embed).float().t().contiguous()
+            self._embed = None if "lm_head.weight" not in tensors else embed
         self.vocab_size = self.lm_head_t.shape[1]
         self.final_norm = tensors["model.norm.weight"].float()
         layers = range(config.num_layers)

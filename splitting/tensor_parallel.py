@@ -4,7 +4,7 @@ Attention is cut by KV-head groups (the query heads of a group follow their KV h
 intermediate columns; each node's share follows its weight with largest-remainder rounding, so
 uneven splits (3 KV heads over 2 nodes = 2 + 1) are normal and a node may hold no heads at all.
 Per node and layer one safetensors file holds that node's slices; `coordinator.safetensors` holds
-what the hub computes itself (embedding, norms, lm_head). A node that holds everything (a 1-node
+what the hub computes itself (embedding, norms, the LM head stored transposed as `lm_head_t`). A node that holds everything (a 1-node
 plan) also gets `norms.safetensors`, so it can run the layers without a per-layer hub. Tensors are read one at a time, so the
 peak memory of writing is about one layer.
 """
@@ -27,7 +27,7 @@ from edgeweave.runtime.shard_files import sha256_file
 from edgeweave.splitting.checkpoints import Checkpoint
 from edgeweave.splitting.llama_config import LlamaConfig
 
-MANIFEST_FORMAT = 2  # 2: 1-node plans carry node0/norms.safetensors
+MANIFEST_FORMAT = 3  # 2: 1-node plans carry node0/norms.safetensors; 3: the hub's lm_head_t
 SHARD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int, int, str], None]
 
@@ -314,7 +314,13 @@ def write_shards(
     if len(plan.shards) == 1:
         norms = {k: v.to(torch_dtype) for k, v in layer_norm_tensors(checkpoint).items()}
         _save(norms, root / norms_file(0), files, root)
-    hub = {name: checkpoint.tensor(name).contiguous() for name in coordinator_tensor_names(checkpoint)}
+    names = coordinator_tensor_names(checkpoint)
+    tied = "lm_head.weight" not in names
+    hub = {name: checkpoint.tensor(name).contiguous() for name in names
+           if name != "lm_head.weight" and not (tied and name == "model.embed_tokens.weight")}
+    # the LM head stored as [hidden, vocab] (see runtime.tp_hub): loaded as is, never transposed in
+    # memory; with tied embeddings it is also where the embedding rows are read from
+    hub["lm_head_t"] = checkpoint.tensor("model.embed_tokens.weight" if tied else "lm_head.weight").t().contiguous()
     _save(hub, root / "coordinator.safetensors", files, root)
     if progress:
         progress(total, total, "coordinator tensors")
