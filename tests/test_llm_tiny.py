@@ -179,3 +179,48 @@ def test_whole_model_node_runs_all_layers_with_its_norms(tiny, tmp_path):
     without = TensorParallelExecutor({"model": two.data["config"]}, two.node_files(0))
     with pytest.raises(ExecutorInputError, match="whole model"):
         without.forward("layers", 0, 0, "s", [torch.randn(2, 64)])
+
+
+def test_coordinator_share_drives_like_a_node_and_reports_errors_as_nodes_do(tiny, tmp_path):
+    """LocalMember + LocalStream (the coordinator's own share) give the in-process reference's
+    logits, and refuse bad requests with the statuses a node would send."""
+    import grpc
+
+    from edgeweave.coordinator.client import NodeError
+    from edgeweave.coordinator.local_member import LocalMember
+
+    model, folder = tiny
+    ckpt = open_checkpoint(folder)
+    manifest = write_shards(ckpt, plan_shards(ckpt.config, [1.0, 1.0]), tmp_path)
+    config = {"model": manifest.data["config"], "n_layers": ckpt.config.num_layers}
+    members = [LocalMember(), LocalMember()]
+    digests = [{n: manifest.sha256(rel) for n, rel in manifest.shard_files(r).items()} for r in range(2)]
+    with pytest.raises(NodeError) as missing:
+        members[0].load("job", "tp_llm", {**config, "rank": 0}, digests[0])
+    assert missing.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    for member in members:
+        member.offer_files({meta["sha256"]: manifest.path(rel) for rel, meta in manifest.data["files"].items()})
+    for rank, member in enumerate(members):
+        member.load("job", "tp_llm", {**config, "rank": rank}, digests[rank])
+    streams = [m.open_stream() for m in members]
+    hub = TensorParallelHub.from_file(ckpt.config, manifest.coordinator_file)
+
+    def reduce(op, layer, x, position):
+        for s in streams:
+            s.send("job", op, [x], layer=layer, position=position, session="s")
+        return sum(s.recv()[0][0] for s in streams)
+
+    with torch.inference_mode():
+        theirs = model(torch.tensor([IDS[:7]])).logits[0]
+    torch.testing.assert_close(hub.forward(IDS[:7], 0, reduce), theirs, rtol=0, atol=1e-4)
+    for call, code in ((lambda: streams[0].call("job", "dance", [torch.randn(1, 64)]), grpc.StatusCode.INVALID_ARGUMENT),
+                       (lambda: streams[0].call("job", "attn", [torch.randn(1, 64)], position=3, session="s"),
+                        grpc.StatusCode.FAILED_PRECONDITION),
+                       (lambda: streams[0].call("nope", "attn", [torch.randn(1, 64)]), grpc.StatusCode.NOT_FOUND)):
+        with pytest.raises(NodeError) as err:
+            call()
+        assert err.value.code is code
+    assert members[0].job_stats("job")["tokens_computed"] == 7
+    for member in members:
+        member.close()
+        assert member.info().jobs == []
