@@ -202,6 +202,19 @@ def mlp_shard(x_normed: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch
     return F.linear(hidden, weights["w_down"])
 
 
+def decoder_layer(
+    x: torch.Tensor, weights: dict[str, torch.Tensor], norms: LayerNorms, eps: float,
+    attend: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+) -> torch.Tensor:
+    """One whole decoder layer where every head and column is held: norm, attention (`attend`:
+    normed state, weights -> attention output, so callers bring their own KV cache), o_proj bias,
+    residual; norm, MLP, residual."""
+    x = x + attend(rms_norm(x, norms.input_norm, eps), weights)
+    if norms.o_bias is not None:
+        x = x + norms.o_bias
+    return x + mlp_shard(rms_norm(x, norms.post_attention_norm, eps), weights)
+
+
 def full_layer_weights(get: Callable[[str], torch.Tensor], names: set[str], layer: int) -> dict[str, torch.Tensor]:
     """All heads and columns of one HF-named layer under the shard key names (= a single shard)."""
     prefix = f"model.layers.{layer}."
@@ -266,11 +279,11 @@ class LlamaModel:
         cfg = self.config
         x = self.embed[torch.as_tensor(token_ids, dtype=torch.long)]
         for i, (weights, norms) in enumerate(zip(self.layers, self.norms, strict=True)):
-            attn = attention_shard(
-                rms_norm(x, norms.input_norm, cfg.rms_norm_eps), weights, cache.layer(i), position, self.rotary, cfg.head_dim
-            )
-            x = x + attn if norms.o_bias is None else x + attn + norms.o_bias
-            x = x + mlp_shard(rms_norm(x, norms.post_attention_norm, cfg.rms_norm_eps), weights)
+
+            def attend(h: torch.Tensor, w: dict[str, torch.Tensor], kv: LayerKV = cache.layer(i)) -> torch.Tensor:
+                return attention_shard(h, w, kv, position, self.rotary, cfg.head_dim)
+
+            x = decoder_layer(x, weights, norms, cfg.rms_norm_eps, attend)
         return F.linear(rms_norm(x, self.final_norm, cfg.rms_norm_eps), self.lm_head).float()
 
     def generate(

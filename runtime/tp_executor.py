@@ -22,7 +22,7 @@ import torch
 from edgeweave.runtime.codec import Quantized
 from edgeweave.runtime.executor import Executor, ExecutorInputError, ExecutorStateError, TensorLike
 from edgeweave.runtime.layer_store import LayerStore, layer_file_sizes
-from edgeweave.runtime.llama import KVCache, LayerNorms, Rotary, attention_shard, mlp_shard, rms_norm
+from edgeweave.runtime.llama import KVCache, LayerNorms, Rotary, attention_shard, decoder_layer, mlp_shard
 from edgeweave.runtime.memory_budget import MemoryBudgetError, choose_window, kv_cache_bytes
 
 _COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -148,15 +148,12 @@ class TensorParallelExecutor(Executor):
             with torch.inference_mode():
                 if op == "layers":
                     out = self._layers(x, layer, position, session)
-                    self.compute_s += time.perf_counter() - start
-                    return [out.to(torch.float32) if out.dtype != torch.float32 else out]
-                weights = self.store.layer(layer)
-                if op == "attn":
-                    out = self._attention(x, weights, layer, position, session)
+                elif op == "attn":
+                    out = self._attention(x, self.store.layer(layer), layer, position, session)
                     if layer == 0:
                         self.tokens += x.shape[0]
                 else:
-                    out = mlp_shard(x, self._cast(weights))
+                    out = mlp_shard(x, self._cast(self.store.layer(layer)))
             self.compute_s += time.perf_counter() - start
             return [out.to(torch.float32) if out.dtype != torch.float32 else out]
 
@@ -164,13 +161,12 @@ class TensorParallelExecutor(Executor):
         """Layers first .. last with norms and residuals (the hub's loop, run where the weights are)."""
         if self.norms is None:
             raise ExecutorInputError("op 'layers' needs a node that holds the whole model and its 'norms' shard")
-        eps = self.rms_norm_eps
         for i in range(first, self.n_layers):
-            weights, norms = self._cast(self.store.layer(i)), self.norms[i]
-            x = x + self._attention(rms_norm(x, norms.input_norm, eps), weights, i, position, session)
-            if norms.o_bias is not None:
-                x = x + norms.o_bias
-            x = x + mlp_shard(rms_norm(x, norms.post_attention_norm, eps), weights)
+
+            def attend(h: torch.Tensor, w: dict[str, torch.Tensor], i: int = i) -> torch.Tensor:
+                return self._attention(h, w, i, position, session)
+
+            x = decoder_layer(x, self._cast(self.store.layer(i)), self.norms[i], self.rms_norm_eps, attend)
         if first == 0:
             self.tokens += x.shape[0]
         return x
