@@ -226,8 +226,23 @@ def _reply_tensors(reply: pb.ForwardReply, raw: bool) -> list[torch.Tensor | Qua
     return [decode(t) for t in reply.tensors]
 
 
-class _ForwardCalls:
-    """What both Forward transports share on top of their own send/recv."""
+class ForwardCalls:
+    """What every Forward stream (gRPC, raw TCP, the coordinator's own LocalStream) shares on top
+    of its own send/recv."""
+
+    address: str
+    _closed: bool
+    _seq: Iterator[int]
+
+    def _request(self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int,
+                 position: int, session: str) -> pb.ForwardRequest:
+        """The next request with its sequence number; refused once the stream is closed."""
+        if self._closed:
+            raise NodeError(self.address, grpc.StatusCode.CANCELLED, "this Forward stream is closed")
+        return pb.ForwardRequest(
+            job_id=job_id, seq=next(self._seq), op=op, layer=layer, position=position, session=session,
+            tensors=[pb.Tensor(**encode(t)) for t in tensors],
+        )
 
     def call(self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int = 0,
              position: int = 0, session: str = "", timeout: float | None = None,
@@ -236,7 +251,7 @@ class _ForwardCalls:
         return self.recv(timeout, raw)
 
 
-class ForwardStream(_ForwardCalls):
+class ForwardStream(ForwardCalls):
     """One long-lived Forward stream. `send` queues without waiting (pipelining); `recv` returns
     replies in order. No thread is created per message: gRPC pulls requests from a queue, and
     replies are read in the caller's thread."""
@@ -264,15 +279,10 @@ class ForwardStream(_ForwardCalls):
         session: str = "",
     ) -> int:
         """Queue one request; returns its sequence number."""
-        if self._closed:
-            raise NodeError(self.address, grpc.StatusCode.CANCELLED, "this Forward stream is closed")
-        seq = next(self._seq)
-        self._requests.put(pb.ForwardRequest(
-            job_id=job_id, seq=seq, op=op, layer=layer, position=position, session=session,
-            tensors=[pb.Tensor(**encode(t)) for t in tensors],
-        ))
-        self._expected.append(seq)
-        return seq
+        request = self._request(job_id, op, tensors, layer, position, session)
+        self._requests.put(request)
+        self._expected.append(request.seq)
+        return request.seq
 
     def recv(self, timeout: float | None = None, raw: bool = False) -> tuple[list[torch.Tensor | Quantized], pb.ForwardReply]:
         """The next reply, decoded (quantized tensors dequantized unless raw=True)."""
@@ -347,7 +357,7 @@ def connect_data_plane(address: str, port: int, cluster: identity.Identity | Non
         raise
 
 
-class RawForwardStream(_ForwardCalls):
+class RawForwardStream(ForwardCalls):
     """ForwardStream's interface over the node's raw-TCP data plane (node/dataplane.py): `send` is
     one sendall of a length-prefixed ForwardRequest, `recv` reads one reply in the caller's thread
     with the socket timeout. No threads. Pipelining works while the unread replies fit the socket
@@ -379,13 +389,8 @@ class RawForwardStream(_ForwardCalls):
         session: str = "",
     ) -> int:
         """Write one request; returns its sequence number."""
-        if self._closed:
-            raise NodeError(self.address, grpc.StatusCode.CANCELLED, "this Forward stream is closed")
-        seq = next(self._seq)
-        body = pb.ForwardRequest(
-            job_id=job_id, seq=seq, op=op, layer=layer, position=position, session=session,
-            tensors=[pb.Tensor(**encode(t)) for t in tensors],
-        ).SerializeToString()
+        request = self._request(job_id, op, tensors, layer, position, session)
+        seq, body = request.seq, request.SerializeToString()
         try:
             self._sock.settimeout(self.reply_timeout)
             send_frame(self._sock, body)

@@ -24,7 +24,7 @@ import grpc
 import torch
 
 import edgeweave
-from edgeweave.coordinator.client import NodeError, Progress
+from edgeweave.coordinator.client import ForwardCalls, NodeError, Progress
 from edgeweave.proto import pb
 from edgeweave.runtime import resources
 from edgeweave.runtime.codec import Quantized
@@ -122,7 +122,7 @@ class LocalMember:
         self.close()
 
 
-class LocalStream:
+class LocalStream(ForwardCalls):
     """The Forward stream interface over a LocalMember: `send` only queues; `recv` computes, in
     the caller's thread, so the remote nodes (sent to before) compute at the same time."""
 
@@ -153,11 +153,6 @@ class LocalStream:
         if not raw:
             outputs = [t.dequantize() if isinstance(t, Quantized) else t for t in outputs]
         return outputs, pb.ForwardReply(seq=seq, compute_s=compute_s)
-
-    def call(self, job_id: str, op: str, tensors: list, layer: int = 0, position: int = 0, session: str = "",
-             timeout: float | None = None, raw: bool = False) -> tuple[list, pb.ForwardReply]:
-        self.send(job_id, op, tensors, layer, position, session)
-        return self.recv(timeout, raw)
 
     def close(self) -> None:
         self._pending.clear()
