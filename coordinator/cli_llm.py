@@ -13,6 +13,28 @@ from rich.table import Table
 from edgeweave.splitting.checkpoints import CheckpointError, open_checkpoint
 
 MODEL_HELP = "GGUF file or Hugging Face folder (default: the bundled SmolLM2-135M-Instruct)."
+QUANTIZE_HELP = ("Weight precision of the shards: q4, q8 or none (float32). Default: [coordinator] quantize, else "
+                 "the file's own (a Q4 GGUF stays 4-bit, exactly; a HF folder stays float).")
+
+
+def resolve_quantize(flag: str | None) -> str | None:
+    """--quantize over the config file's [coordinator] quantize; BadParameter with a sentence when unknown."""
+    from edgeweave.config import ConfigError, load_settings, pick_quantize
+
+    try:
+        return pick_quantize(flag, load_settings().coordinator.quantize)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--quantize") from None
+
+
+def layouts_table(rows: list[dict], title: str) -> Table:
+    """Which layout each kind of tensor gets in the shards, and its size (from `tensor_layouts`)."""
+    table = Table(title=title)
+    for column in ("tensor", "file type", "shard layout", "count", "MB"):
+        table.add_column(column, justify="right" if column in ("count", "MB") else "left")
+    for row in rows:
+        table.add_row(row["tensor"], row["source"], row["layout"], str(row["count"]), f"{row['bytes'] / 1e6:.1f}")
+    return table
 
 
 def parse_weights(text: str | None, n_nodes: int | None = None) -> list[float] | None:
@@ -66,21 +88,30 @@ def register(app: typer.Typer) -> None:
             None, help="Per-node memory budget (repeat once per node, e.g. 300MiB): plan sliding windows or refuse."
         ),
         context: int = typer.Option(2048, help="Context length the KV cache must hold (with --memory-budget)."),
+        quantize: str = typer.Option(None, help=QUANTIZE_HELP),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
         """Show how the model's heads and MLP columns would be cut across nodes (and, given memory
         budgets, which nodes must stream their layers through a sliding window)."""
         from edgeweave.runtime.memory_budget import parse_budget
+        from edgeweave.runtime.quantized import QuantizationError
         from edgeweave.splitting.memory_plan import MemoryPlanError, plan_memory
-        from edgeweave.splitting.tensor_parallel import plan_shards
+        from edgeweave.splitting.tensor_parallel import plan_shards, quantized_layouts, tensor_layouts
 
+        precision = resolve_quantize(quantize)
         try:
             checkpoint = open_checkpoint(model)
         except CheckpointError as exc:
             raise typer.BadParameter(str(exc), param_hint="MODEL") from None
         if nodes < 1:
             raise typer.BadParameter("at least one node", param_hint="--nodes")
-        plan_ = plan_shards(checkpoint.config, parse_weights(weights) or [1.0] * nodes)
+        try:
+            layouts = quantized_layouts(checkpoint, precision)
+            plan_ = plan_shards(checkpoint.config, parse_weights(weights) or [1.0] * nodes, layouts, precision or "file")
+            layout_rows = tensor_layouts(checkpoint, plan_)
+        except (QuantizationError, CheckpointError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
         rows = plan_.describe()
         if memory_budget:
             if len(memory_budget) != len(rows):
@@ -97,9 +128,13 @@ def register(app: typer.Typer) -> None:
                 row["memory_budget"] = node.budget
                 row["window"] = node.window  # None = every layer resident
         if as_json:
-            typer.echo(json.dumps({"plan_id": plan_.plan_id, "model": str(checkpoint.path), "nodes": rows}, indent=1))
+            typer.echo(json.dumps({"plan_id": plan_.plan_id, "model": str(checkpoint.path), "precision": plan_.precision,
+                                   "nodes": rows, "layouts": layout_rows}, indent=1))
         else:
-            Console().print(plan_table(rows, f"{checkpoint.path.name}: {checkpoint.config.num_layers} layers"))
+            console = Console()
+            console.print(plan_table(rows, f"{checkpoint.path.name}: {checkpoint.config.num_layers} layers"))
+            console.print(layouts_table(layout_rows, f"shard layouts ({plan_.precision}; MLP cuts on "
+                                                     f"{32 if layouts else 1}-column boundaries)"))
 
     @app.command("run")
     def run(
@@ -117,6 +152,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(None, help="Random seed for sampling."),
         chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
         dtype: str = typer.Option("float32", help="Shard dtype on disk and on the wire to nodes: float32, float16, bfloat16."),
+        quantize: str = typer.Option(None, help=QUANTIZE_HELP),
         coordinator_share: float = typer.Option(
             0.0, help="Let this device compute a share too, with this weight (0 = off; with --weights, "
                       "relative to them). Saves a message per allreduce, as TPI-LLM's master does."),
@@ -126,9 +162,11 @@ def register(app: typer.Typer) -> None:
         from edgeweave.coordinator.client import NodeClient
         from edgeweave.coordinator.local_cluster import LocalCluster
         from edgeweave.coordinator.tp_driver import DistributedLlama
+        from edgeweave.runtime.quantized import QuantizationError
         from edgeweave.runtime.sampling import SamplingParams
         from edgeweave.splitting.tokenizer import Tokenizer
 
+        precision = resolve_quantize(quantize)
         try:
             checkpoint = open_checkpoint(model)
             sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -154,9 +192,13 @@ def register(app: typer.Typer) -> None:
 
                 members = [stack.enter_context(LocalMember()), *clients]
                 member_weights = [coordinator_share, *(member_weights or [1.0] * len(clients))]
-            llm = stack.enter_context(DistributedLlama(
-                checkpoint, members, member_weights, dtype=dtype, show_progress=not as_json
-            ))
+            try:
+                llm = stack.enter_context(DistributedLlama(
+                    checkpoint, members, member_weights, dtype=dtype, show_progress=not as_json, quantize=precision
+                ))
+            except QuantizationError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
             decoder = tokenizer.stream_decoder()
             tokens: list[int] = []
             for token in llm.generate(prompt_ids, max_tokens, sampling):

@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgeweave.config import load_settings, pick
+from edgeweave.config import ConfigError, load_settings, pick, pick_quantize
+from edgeweave.coordinator.cli_llm import QUANTIZE_HELP
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.discovery import NodeRecord, discover
 
@@ -105,7 +106,7 @@ def server_tables(status: dict[str, Any]) -> list[Table]:
 # -- edgeweave serve -----------------------------------------------------------------------------
 def build_engine(model: str | None, engine_kind: str, peers: list[str], interfaces: list[str] | None,
                  nodes: int, discovery_timeout: float, stack: contextlib.ExitStack,
-                 weights: list[float] | None = None, dtype: str = "float32") -> Any:
+                 weights: list[float] | None = None, dtype: str = "float32", quantize: str | None = None) -> Any:
     """The engine to serve: the single-process reference, or the model spread over the cluster
     (the discovered/static nodes, else a LocalCluster of `nodes` started here)."""
     from edgeweave.coordinator import engine as engines
@@ -113,6 +114,9 @@ def build_engine(model: str | None, engine_kind: str, peers: list[str], interfac
 
     checkpoint = open_checkpoint(model)
     if engine_kind == "reference":
+        if quantize not in (None, "none"):
+            raise typer.BadParameter("the reference engine runs float32; use --engine cluster to quantize",
+                                     param_hint="--quantize")
         return stack.enter_context(contextlib.closing(engines.ReferenceEngine(checkpoint)))
     if peers:  # static peers are the whole cluster: never mix in whatever else announces itself
         addresses = [r.address for r in discover(timeout=0, peers=peers, wait_for=len(peers))]
@@ -132,7 +136,8 @@ def build_engine(model: str | None, engine_kind: str, peers: list[str], interfac
         cluster = stack.enter_context(LocalCluster(nodes, interface=(interfaces or ["127.0.0.1"])[0], advertise=False))
         addresses = list(cluster.addresses)
     return stack.enter_context(contextlib.closing(
-        engines.DistributedEngine.open(checkpoint, addresses, weights=weights, dtype=dtype, watcher=watcher)))
+        engines.DistributedEngine.open(checkpoint, addresses, weights=weights, dtype=dtype, watcher=watcher,
+                                       quantize=quantize)))
 
 
 def register(app: typer.Typer) -> None:
@@ -148,6 +153,7 @@ def register(app: typer.Typer) -> None:
         engine: str = typer.Option("cluster", help="'cluster' (tensor parallel over nodes) or 'reference' (one process)."),
         weights: str = typer.Option(None, help="Relative node capacities, e.g. 2,1 (default: measured GFLOP/s)."),
         dtype: str = typer.Option("float32", help="Shard dtype on disk and on the wire: float32, float16, bfloat16."),
+        quantize: str = typer.Option(None, help=QUANTIZE_HELP),
         max_active: int = typer.Option(8, help="Requests decoded together (round robin, one KV cache each)."),
         max_queue: int = typer.Option(64, help="Requests allowed to wait; more get HTTP 429."),
     ) -> None:
@@ -157,20 +163,25 @@ def register(app: typer.Typer) -> None:
         from edgeweave.coordinator.cli_llm import parse_weights
         from edgeweave.coordinator.http_api import create_app
         from edgeweave.coordinator.scheduler import Scheduler
+        from edgeweave.runtime.quantized import QuantizationError
         from edgeweave.splitting.checkpoints import CheckpointError
 
         if engine not in ("cluster", "reference"):
             raise typer.BadParameter("use 'cluster' or 'reference'", param_hint="--engine")
         cfg = load_settings().coordinator
+        try:
+            precision = pick_quantize(quantize, cfg.quantize)
+        except ConfigError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--quantize") from None
         with contextlib.ExitStack() as stack:
             peers = pick(peer or None, cfg.peers) or []
             try:
                 text_engine = build_engine(
                     model, engine, peers, pick(interface or None, [cfg.interface] if cfg.interface else None),
                     pick(nodes, cfg.nodes), pick(discovery_timeout, cfg.discovery_timeout), stack,
-                    parse_weights(weights, len(peers) or None), dtype,
+                    parse_weights(weights, len(peers) or None), dtype, precision,
                 )
-            except CheckpointError as exc:
+            except (CheckpointError, QuantizationError) as exc:
                 raise typer.BadParameter(str(exc), param_hint="MODEL") from None
             scheduler = Scheduler(text_engine, max_active=max_active, max_queue=max_queue)
             stack.callback(scheduler.close)

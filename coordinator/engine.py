@@ -140,6 +140,7 @@ class DistributedEngine:
     @classmethod
     def open(cls, checkpoint: Checkpoint, addresses: list[str], weights: list[float] | None = None,
              cache_dir: str | Path | None = None, dtype: str = "float32", watcher: Any | None = None,
+             quantize: str | None = None,
              ) -> DistributedEngine:
         """Connect to the nodes, cut and ship the model (cached on both sides), load the jobs.
 
@@ -149,7 +150,7 @@ class DistributedEngine:
             raise ValueError("a distributed engine needs at least one node address")
         clients = [NodeClient(address) for address in addresses]
         try:
-            llm = DistributedLlama(checkpoint, clients, weights, cache_dir=cache_dir, dtype=dtype)
+            llm = DistributedLlama(checkpoint, clients, weights, cache_dir=cache_dir, dtype=dtype, quantize=quantize)
         except BaseException:
             for client in clients:
                 client.close()

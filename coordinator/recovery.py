@@ -27,7 +27,7 @@ import grpc
 
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.splitting.memory_plan import MemoryPlan, MemoryPlanError, plan_memory
-from edgeweave.splitting.tensor_parallel import TensorParallelPlan, plan_shards
+from edgeweave.splitting.tensor_parallel import TensorParallelPlan
 
 if TYPE_CHECKING:
     from edgeweave.coordinator.tp_driver import DistributedLlama
@@ -110,7 +110,7 @@ def recover(llm: DistributedLlama, error: NodeError, detected_after_s: float) ->
         if not nodes:
             raise ClusterLostError(lost, f"lost node(s) {', '.join(lost)}: no node is left to run the model")
         try:
-            check_survivors_fit(plan_shards(llm.config, weights), nodes, lost)
+            check_survivors_fit(llm.make_plan(weights), nodes, lost)
             resent = llm.redeploy(nodes, weights)
             break
         except NodeError as exc:

@@ -32,7 +32,14 @@ from edgeweave.coordinator.local_member import LocalMember
 from edgeweave.runtime.sampling import Sampler, SamplingParams
 from edgeweave.runtime.tp_hub import TensorParallelHub
 from edgeweave.splitting.checkpoints import Checkpoint
-from edgeweave.splitting.tensor_parallel import Manifest, TensorParallelPlan, plan_shards, write_shards
+from edgeweave.splitting.quant_plan import check_quantize
+from edgeweave.splitting.tensor_parallel import (
+    Manifest,
+    TensorParallelPlan,
+    plan_shards,
+    quantized_layouts,
+    write_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +105,9 @@ class DistributedLlama:
         show_progress: bool = False,
         recover: bool = True,
         fuse_single_node: bool = True,
+        quantize: str | None = None,
+        backend: str = "ort",
+        hub_threads: int | None = None,
     ) -> None:
         if not nodes:
             raise ValueError("tensor-parallel inference needs at least one node")
@@ -108,12 +118,16 @@ class DistributedLlama:
         self._root = Path(cache_dir) if cache_dir else shard_cache_root()
         self.show_progress = show_progress
         self.dtype, self.window, self.reply_timeout = dtype, window, reply_timeout
+        #: --quantize: None keeps the file's precision class (a Q4 GGUF stays 4-bit), "none" is float
+        self.quantize, self.backend = check_quantize(quantize), backend
+        self.layouts = quantized_layouts(checkpoint, quantize, dtype)
         self.recover_on_failure = recover
         #: with one node holding everything, run all layers there per step (no per-layer hub)
         self.fuse_single_node = fuse_single_node
         self.streams: list = []
         self.bytes_sent = self._deploy(nodes, self.weights)
-        self.hub = TensorParallelHub.from_file(self.config, self.manifest.coordinator_file)
+        self.hub = TensorParallelHub.from_file(self.config, self.manifest.coordinator_file,
+                                               hub_threads or torch.get_num_threads())
         self.last_stats = GenerationStats()
         self._sessions: set[str] = set()
         self._closed = False
@@ -127,7 +141,7 @@ class DistributedLlama:
         """Plan over `nodes`, write (cached by plan id) and ship what they lack, load the jobs, open
         the streams. Returns the shard bytes sent."""
         self.nodes, self.weights = list(nodes), list(weights)
-        self.plan: TensorParallelPlan = plan_shards(self.config, self.weights)
+        self.plan: TensorParallelPlan = self.make_plan(self.weights)
         # refuse a cluster that cannot hold the model before writing or sending anything
         self.memory_plan = recovery.fit_plan_to_nodes(self.plan, self.nodes)
         folder = self._root / self.checkpoint.fingerprint / f"{self.plan.plan_id}-{self.dtype}"
@@ -149,6 +163,10 @@ class DistributedLlama:
         self._attn_ranks = [r for r in local_first if self.plan.shards[r].n_kv_heads > 0]
         self._mlp_ranks = [r for r in local_first if self.plan.shards[r].n_columns > 0]
         return sent
+
+    def make_plan(self, weights: list[float]) -> TensorParallelPlan:
+        """The cut for these node weights in this run's precision (QuantizationError if blocks forbid it)."""
+        return plan_shards(self.config, weights, self.layouts, self.quantize or "file")
 
     def redeploy(self, nodes: list[NodeClient], weights: list[float]) -> int:
         """Move the model onto `nodes` (after a loss or a rejoin): close the streams, unload the old
@@ -239,6 +257,7 @@ class DistributedLlama:
             "layer_files": [f"layer.{i:03d}" for i in range(self.config.num_layers)],
             "window": window,
             "dtype": "float32",  # compute in float32 whatever the file dtype (16-bit files halve transfer and disk)
+            "backend": self.backend,  # the kernels for quantized projections (runtime.layer_compute)
         }
         shards = {name: self.manifest.sha256(rel) for name, rel in self.manifest.shard_files(rank).items()}
         return self.nodes[rank].load(self.job_ids[rank], "tp_llm", config, shards)

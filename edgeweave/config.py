@@ -14,6 +14,7 @@ The file is `$EDGEWEAVE_CONFIG`, else `~/.config/edgeweave/config.toml`:
     [coordinator]
     peers = ["10.0.0.7:50551"]
     http_port = 8000
+    quantize = "q4"        # q4 | q8 | none; unset keeps the model file's own precision
 
 An environment variable `EDGEWEAVE_<SECTION>_<KEY>` (e.g. `EDGEWEAVE_NODE_PORT=6000`) overrides
 the file; a flag given on the command line overrides both. Unknown keys are an error, so a typo
@@ -65,6 +66,7 @@ class CoordinatorSettings:
     cache_dir: str = ""
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    quantize: str = ""  # "" keeps the model file's precision class; q4, q8 or none
 
 
 @dataclass
@@ -129,6 +131,16 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
         if overrides:
             _apply(settings, section, overrides, "environment")
     return settings
+
+
+def pick_quantize(flag: str | None, configured: str) -> str | None:
+    """--quantize, else [coordinator] quantize, else None (the file's own precision); refused when unknown."""
+    from edgeweave.runtime.quantized import QUANTIZE_CHOICES
+
+    value = flag if flag is not None else (configured or None)
+    if value is not None and value not in QUANTIZE_CHOICES:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {value!r}")
+    return value
 
 
 def pick(flag: Any, configured: Any) -> Any:

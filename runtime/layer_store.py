@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from edgeweave.runtime.safetensors_read import (
 )
 
 Layer = dict[str, torch.Tensor]
+_NO_BUFFER = torch.empty(0, dtype=torch.uint8)
 log = logging.getLogger(__name__)
 
 
@@ -124,6 +125,7 @@ class LayerStore:
         *,
         dtype: torch.dtype | None = None,
         read_threads: int | None = None,
+        prepare: Callable[[Layer], Any] | None = None,
     ) -> None:
         if not paths:
             raise ValueError("a layer store needs at least one layer file")
@@ -135,6 +137,9 @@ class LayerStore:
             raise FileNotFoundError(f"layer files not found: {', '.join(missing[:3])}")
         self.n_layers = len(self.paths)
         self.dtype = dtype
+        #: turns a layer's tensors into what `layer(i)` returns (e.g. its prepacked matmuls), on the
+        #: reading thread; when it keeps no view of them, a resident layer's buffer is freed at once
+        self.prepare = prepare
         #: concurrent chunk reads per layer file (default `safetensors_read.READ_THREADS`)
         self.read_threads = max(1, int(read_threads or safetensors_read.READ_THREADS))
         self.window = None if window is None or int(window) >= self.n_layers else int(window)
@@ -164,6 +169,10 @@ class LayerStore:
                 for i in range(self.n_layers):
                     self._slots.append(aligned_buffer(self._sizes[i]))
                     self._load(i, i)
+                    if prepare is not None:  # what prepare kept of the buffer stays alive through its views
+                        self._slots[i] = _NO_BUFFER
+            if prepare is not None:  # building kernels (e.g. ORT sessions) leaves freed heap behind
+                return_freed_memory()
         else:
             self._thread = threading.Thread(target=self._io_loop, name="layer-store-io", daemon=True)
             self._thread.start()
@@ -346,6 +355,8 @@ class LayerStore:
         tensors = parse_safetensors(buffer, nbytes, path)
         if self.dtype is not None:
             tensors = {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        if self.prepare is not None:
+            tensors = self.prepare(tensors)
         with self._cond:
             self.bytes_read += nbytes
             self.loads += 1

@@ -7,19 +7,22 @@ kernels run with every head and every column (= one shard): it is the reference 
 run is compared against, and the "1 process" baseline.
 
 Weights use the shard key names written by `splitting.tensor_parallel` (`wq wk wv wo bq bk bv
-w_gate w_up w_down`), in HF orientation ([out, in]). Plain torch, float32 by default.
+w_gate w_up w_down`, and Qwen3's per-head `q_norm k_norm`), in HF orientation ([out, in]); the projections run through
+`runtime.layer_compute.LayerMatmuls`, so float and block-quantized shards share these kernels.
 Nothing here knows about networking or about the checkpoint format.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from edgeweave.runtime.layer_compute import FloatMatmuls, LayerMatmuls
 
 
 class LlamaShape(Protocol):
@@ -37,6 +40,8 @@ class LlamaShape(Protocol):
     rope_scaling: dict[str, Any] | None
     tie_word_embeddings: bool
     max_position_embeddings: int
+    rope_freq_factors: tuple[float, ...] | None  # llama.cpp's RoPE factors (GGUF llama3 scaling)
+    sliding_window: int | None  # each query sees at most this many newest keys
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -46,8 +51,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding, with HF's "linear" and "llama3" scalings."""
+def rope_inverse_frequencies(
+    head_dim: int, theta: float, scaling: dict[str, Any] | None, freq_factors: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with HF's "linear" and "llama3" scalings.
+
+    `freq_factors` (llama.cpp's `rope_freqs` tensor, head_dim/2 values) then divide the frequencies,
+    as ggml's rope does (theta / freq_factor): that is how GGUF files carry llama3 scaling.
+    """
+    inv_freq = _scaled_inverse_frequencies(head_dim, theta, scaling)
+    if freq_factors is None:
+        return inv_freq
+    factors = torch.as_tensor(list(freq_factors), dtype=torch.float32)
+    if factors.shape != inv_freq.shape:
+        raise ValueError(f"rope frequency factors need {inv_freq.numel()} values (head_dim / 2), got {factors.numel()}")
+    return inv_freq / factors
+
+
+def _scaled_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
@@ -72,8 +93,11 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any
 class Rotary:
     """cos/sin tables for RoPE in HF's rotate-half layout, grown on demand."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, size: int = 2048) -> None:
-        self.inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
+    def __init__(
+        self, head_dim: int, theta: float, scaling: dict[str, Any] | None,
+        freq_factors: Sequence[float] | None = None, size: int = 2048,
+    ) -> None:
+        self.inv_freq = rope_inverse_frequencies(head_dim, theta, scaling, freq_factors)
         self._build(size)
 
     def _build(self, size: int) -> None:
@@ -152,67 +176,81 @@ class KVCache:
         return sum(layer.nbytes() for layer in self.layers)
 
 
-def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def grouped_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sliding_window: int | None = None
+) -> torch.Tensor:
     """Causal GQA attention of the T newest tokens: q [nq, T, hd], keys/values [nkv, S, hd] -> [nq, T, hd].
 
     The query heads of one KV group are stacked into one matrix ([nkv, g*T, hd]), so each KV head
     is read once and never repeated; token t (absolute S-T+t) sees keys 0 .. S-T+t. Written out
     instead of SDPA because SDPA's CPU kernel is slow on the strided views of a growing cache.
+    With a `sliding_window` W it sees only the W newest of those (keys S-T+t-W+1 .. S-T+t, itself
+    included: transformers' `kv_idx > q_idx - W`); keys no query can see are not multiplied at all.
     """
     n_q, T, hd = q.shape
+    if sliding_window is not None and keys.shape[1] > sliding_window + T - 1:
+        start = keys.shape[1] - (sliding_window + T - 1)
+        keys, values = keys[:, start:], values[:, start:]
     n_kv, S, _ = keys.shape
     group = n_q // n_kv
     scores = q.reshape(n_kv, group * T, hd) @ keys.transpose(1, 2) * hd**-0.5
     if T > 1:
-        future = torch.ones(T, S, dtype=torch.bool).triu(diagonal=S - T + 1)
-        scores = scores.masked_fill(future.repeat(group, 1), float("-inf"))
+        hidden = torch.ones(T, S, dtype=torch.bool).triu(diagonal=S - T + 1)  # the future
+        if sliding_window is not None:  # and what slid out of the window
+            hidden |= torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T - sliding_window)
+        scores = scores.masked_fill(hidden.repeat(group, 1), float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return (probs @ values).reshape(n_q, T, hd)
 
 
 def attention_shard(
-    x_normed: torch.Tensor, weights: dict[str, torch.Tensor], kv: LayerKV, position: int, rotary: Rotary, head_dim: int
+    x_normed: torch.Tensor, matmuls: LayerMatmuls, kv: LayerKV, position: int, rotary: Rotary, head_dim: int,
+    *, eps: float = 1e-6, sliding_window: int | None = None,
 ) -> torch.Tensor:
     """This shard's KV-head groups of one attention layer: x_normed [T, H] -> partial output [T, H].
 
     The shard holds `wq [nq*hd, H]`, `wk/wv [nkv*hd, H]` (query heads follow their KV head) and
     `wo [H, nq*hd]`, the matching columns of o_proj, so the output is this shard's share of the sum.
-    Causal over the cache: token t (absolute position+t) sees cached tokens and new ones up to itself.
+    Causal over the cache: token t (absolute position+t) sees cached tokens and new ones up to itself
+    (only the `sliding_window` newest of them when set). The projections come from `matmuls`
+    (`runtime.layer_compute`), whatever their precision; when the shard has Qwen3's per-head q/k
+    RMSNorms (`matmuls.qk_norms`), they are applied to every head before RoPE, with `eps`.
     """
     T, hidden = x_normed.shape
-    n_q, n_kv = weights["wq"].shape[0] // head_dim, weights["wk"].shape[0] // head_dim
+    n_q, n_kv = matmuls.n_q_rows // head_dim, matmuls.n_kv_rows // head_dim
     if n_kv == 0:
         return x_normed.new_zeros(T, hidden)
-    q = F.linear(x_normed, weights["wq"], weights.get("bq")).view(T, n_q, head_dim).transpose(0, 1)
-    k = F.linear(x_normed, weights["wk"], weights.get("bk")).view(T, n_kv, head_dim).transpose(0, 1)
-    v = F.linear(x_normed, weights["wv"], weights.get("bv")).view(T, n_kv, head_dim).transpose(0, 1)
-    cos, sin = rotary.tables(position, T, q.dtype)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys, values = kv.append(k, v)
-    out = grouped_attention(q, keys, values)
-    out = out.transpose(0, 1).reshape(T, n_q * head_dim)
-    return F.linear(out, weights["wo"])
+    qkv = matmuls.qkv(x_normed)  # [T, (n_q + 2 n_kv) * head_dim]: q, k and v heads side by side
+    qk = qkv[:, : (n_q + n_kv) * head_dim].reshape(T, n_q + n_kv, head_dim)
+    qk_norms = getattr(matmuls, "qk_norms", None)
+    if qk_norms is not None:  # Qwen3: q heads take one weight, k heads the other
+        weight = torch.cat((qk_norms[0].expand(n_q, head_dim), qk_norms[1].expand(n_kv, head_dim))).to(qk.dtype)
+        qk = rms_norm(qk, weight, eps)
+    v = qkv[:, (n_q + n_kv) * head_dim :].reshape(T, n_kv, head_dim).transpose(0, 1)
+    cos, sin = rotary.tables(position, T, qkv.dtype)
+    qk = apply_rope(qk.transpose(0, 1), cos, sin)  # q and k heads rotated in one go
+    keys, values = kv.append(qk[n_q:], v)
+    q = qk[:n_q]
+    out = grouped_attention(q, keys, values, sliding_window)
+    return matmuls.out(out.transpose(0, 1).reshape(T, n_q * head_dim))
 
 
-def mlp_shard(x_normed: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+def mlp_shard(x_normed: torch.Tensor, matmuls: LayerMatmuls) -> torch.Tensor:
     """SwiGLU on this shard's intermediate columns: x_normed [T, H] -> partial [T, H]."""
-    if weights["w_gate"].shape[0] == 0:
-        return torch.zeros_like(x_normed)
-    hidden = F.silu(F.linear(x_normed, weights["w_gate"])) * F.linear(x_normed, weights["w_up"])
-    return F.linear(hidden, weights["w_down"])
+    return matmuls.mlp(x_normed)
 
 
 def decoder_layer(
-    x: torch.Tensor, weights: dict[str, torch.Tensor], norms: LayerNorms, eps: float,
-    attend: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+    x: torch.Tensor, matmuls: LayerMatmuls, norms: LayerNorms, eps: float,
+    attend: Callable[[torch.Tensor, LayerMatmuls], torch.Tensor],
 ) -> torch.Tensor:
     """One whole decoder layer where every head and column is held: norm, attention (`attend`:
-    normed state, weights -> attention output, so callers bring their own KV cache), o_proj bias,
+    normed state, matmuls -> attention output, so callers bring their own KV cache), o_proj bias,
     residual; norm, MLP, residual."""
-    x = x + attend(rms_norm(x, norms.input_norm, eps), weights)
+    x = x + attend(rms_norm(x, norms.input_norm, eps), matmuls)
     if norms.o_bias is not None:
         x = x + norms.o_bias
-    return x + mlp_shard(rms_norm(x, norms.post_attention_norm, eps), weights)
+    return x + mlp_shard(rms_norm(x, norms.post_attention_norm, eps), matmuls)
 
 
 def full_layer_weights(get: Callable[[str], torch.Tensor], names: set[str], layer: int) -> dict[str, torch.Tensor]:
@@ -226,6 +264,8 @@ def full_layer_weights(get: Callable[[str], torch.Tensor], names: set[str], laye
         "bq": "self_attn.q_proj.bias",
         "bk": "self_attn.k_proj.bias",
         "bv": "self_attn.v_proj.bias",
+        "q_norm": "self_attn.q_norm.weight",
+        "k_norm": "self_attn.k_norm.weight",
         "w_gate": "mlp.gate_proj.weight",
         "w_up": "mlp.up_proj.weight",
         "w_down": "mlp.down_proj.weight",
@@ -255,9 +295,7 @@ class LlamaModel:
         self.embed = get("model.embed_tokens.weight").to(dtype)
         self.lm_head = self.embed if "lm_head.weight" not in names else get("lm_head.weight").to(dtype)
         self.final_norm = get("model.norm.weight").to(dtype)
-        self.layers = [
-            {k: v.to(dtype) for k, v in full_layer_weights(get, names, i).items()} for i in range(config.num_layers)
-        ]
+        self.layers = [FloatMatmuls(full_layer_weights(get, names, i), dtype) for i in range(config.num_layers)]
         self.norms = [
             LayerNorms(
                 get(f"model.layers.{i}.input_layernorm.weight").to(dtype),
@@ -268,7 +306,8 @@ class LlamaModel:
             )
             for i in range(config.num_layers)
         ]
-        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling,
+                             getattr(config, "rope_freq_factors", None))
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, self.dtype)
@@ -280,8 +319,9 @@ class LlamaModel:
         x = self.embed[torch.as_tensor(token_ids, dtype=torch.long)]
         for i, (weights, norms) in enumerate(zip(self.layers, self.norms, strict=True)):
 
-            def attend(h: torch.Tensor, w: dict[str, torch.Tensor], kv: LayerKV = cache.layer(i)) -> torch.Tensor:
-                return attention_shard(h, w, kv, position, self.rotary, cfg.head_dim)
+            def attend(h: torch.Tensor, w: LayerMatmuls, kv: LayerKV = cache.layer(i)) -> torch.Tensor:
+                return attention_shard(h, w, kv, position, self.rotary, cfg.head_dim, eps=cfg.rms_norm_eps,
+                                       sliding_window=getattr(cfg, "sliding_window", None))
 
             x = decoder_layer(x, weights, norms, cfg.rms_norm_eps, attend)
         return F.linear(rms_norm(x, self.final_norm, cfg.rms_norm_eps), self.lm_head).float()

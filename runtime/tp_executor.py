@@ -21,6 +21,7 @@ import torch
 
 from edgeweave.runtime.codec import Quantized
 from edgeweave.runtime.executor import Executor, ExecutorInputError, ExecutorStateError, TensorLike
+from edgeweave.runtime.layer_compute import BACKENDS, FloatMatmuls, LayerMatmuls, matmuls_factory
 from edgeweave.runtime.layer_store import LayerStore, layer_file_sizes
 from edgeweave.runtime.llama import KVCache, LayerNorms, Rotary, attention_shard, decoder_layer, mlp_shard
 from edgeweave.runtime.memory_budget import MemoryBudgetError, choose_window, kv_cache_bytes
@@ -56,16 +57,25 @@ class TensorParallelExecutor(Executor):
         self.rank = int(config.get("rank", 0))
         paths = [Path(shards[n]) for n in names]
         self.window = self._window(config.get("window"), paths, model, memory_budget)
-        self.store = LayerStore(paths, self.window)
-        first = self.store.layer(0)
-        self.n_kv_heads = first["wk"].shape[0] // self.head_dim
-        self.n_q_heads = first["wq"].shape[0] // self.head_dim
-        self.n_columns = first["w_gate"].shape[0]
-        if first["wq"].shape[1] != self.hidden_size:
+        self.backend = str(config.get("backend") or BACKENDS[0])
+        self.threads = int(config.get("threads") or torch.get_num_threads())
+        try:
+            build = matmuls_factory(self.backend, self.threads, self.dtype)
+            self.store = LayerStore(paths, self.window, prepare=build)
+            first = self.store.layer(0)
+        except (ValueError, KeyError) as exc:  # QuantizationError is a ValueError: a malformed shard
+            raise ExecutorInputError(f"tp_llm cannot use its layer shards: {exc}") from None
+        self.quantized = not isinstance(first, FloatMatmuls)
+        self.n_kv_heads = first.n_kv_rows // self.head_dim
+        self.n_q_heads = first.n_q_rows // self.head_dim
+        self.n_columns = first.n_columns
+        if first.in_features != self.hidden_size:
             raise ExecutorInputError(
-                f"shard layer.000 has hidden size {first['wq'].shape[1]}, config says {self.hidden_size}"
+                f"shard layer.000 has hidden size {first.in_features}, config says {self.hidden_size}"
             )
-        self.rotary = Rotary(self.head_dim, float(model["rope_theta"]), model.get("rope_scaling"))
+        self.rotary = Rotary(self.head_dim, float(model["rope_theta"]), model.get("rope_scaling"),
+                             model.get("rope_freq_factors"))
+        self.sliding_window = int(model["sliding_window"]) if model.get("sliding_window") is not None else None
         self.rms_norm_eps = float(model.get("rms_norm_eps", 1e-5))
         self.norms = self._load_norms(shards.get("norms"), model)
         self.caches: dict[str, KVCache] = {}
@@ -114,7 +124,8 @@ class TensorParallelExecutor(Executor):
         from safetensors import safe_open
 
         with safe_open(str(first_layer), framework="pt") as f:
-            return f.get_slice("wk").get_shape()[0] // self.head_dim
+            key = "wk.q" if "wk.q" in f.keys() else "wk"  # noqa: SIM118 (not a dict)
+            return f.get_slice(key).get_shape()[0] // self.head_dim
 
     def details(self) -> dict[str, Any]:
         return {
@@ -125,6 +136,9 @@ class TensorParallelExecutor(Executor):
             "columns": self.n_columns,
             "window": self.window,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "quantized": self.quantized,
+            "backend": self.backend if self.quantized else "float",
+            "threads": self.threads,
             "ops": ["attn", "mlp", "reset", "truncate"] + (["layers"] if self.norms is not None else []),
         }
 
@@ -153,7 +167,7 @@ class TensorParallelExecutor(Executor):
                     if layer == 0:
                         self.tokens += x.shape[0]
                 else:
-                    out = mlp_shard(x, self._cast(self.store.layer(layer)))
+                    out = mlp_shard(x, self.store.layer(layer))
             self.compute_s += time.perf_counter() - start
             return [out.to(torch.float32) if out.dtype != torch.float32 else out]
 
@@ -163,20 +177,15 @@ class TensorParallelExecutor(Executor):
             raise ExecutorInputError("op 'layers' needs a node that holds the whole model and its 'norms' shard")
         for i in range(first, self.n_layers):
 
-            def attend(h: torch.Tensor, w: dict[str, torch.Tensor], i: int = i) -> torch.Tensor:
+            def attend(h: torch.Tensor, w: LayerMatmuls, i: int = i) -> torch.Tensor:
                 return self._attention(h, w, i, position, session)
 
-            x = decoder_layer(x, self._cast(self.store.layer(i)), self.norms[i], self.rms_norm_eps, attend)
+            x = decoder_layer(x, self.store.layer(i), self.norms[i], self.rms_norm_eps, attend)
         if first == 0:
             self.tokens += x.shape[0]
         return x
 
-    def _cast(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if all(w.dtype == self.dtype for w in weights.values()):
-            return weights
-        return {k: w.to(self.dtype) for k, w in weights.items()}
-
-    def _attention(self, x: torch.Tensor, weights: dict[str, torch.Tensor], layer: int, position: int, session: str):
+    def _attention(self, x: torch.Tensor, weights: LayerMatmuls, layer: int, position: int, session: str):
         if self.n_kv_heads == 0:
             return torch.zeros_like(x)
         cache = self.caches.get(session)
@@ -192,7 +201,8 @@ class TensorParallelExecutor(Executor):
                 f"attn for session {session!r} layer {layer} at position {position}, but this node has "
                 f"{kv.length} tokens cached there; send position {kv.length} or truncate first"
             )
-        return attention_shard(x, self._cast(weights), kv, position, self.rotary, self.head_dim)
+        return attention_shard(x, weights, kv, position, self.rotary, self.head_dim, eps=self.rms_norm_eps,
+                               sliding_window=self.sliding_window)
 
     def _check_input(self, op: str, layer: int, tensors: list[TensorLike]) -> torch.Tensor:
         if not 0 <= layer < self.n_layers:

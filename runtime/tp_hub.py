@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 
 from edgeweave.runtime.llama import LlamaShape, rms_norm
+from edgeweave.runtime.ort_quantized import OrtLinear
+from edgeweave.runtime.quantized import PackedWeight, dequantize_rows, is_quantized, packed_weight
 
 #: (op "attn"|"mlp", layer, normed hidden state [T, H], position) -> sum of all shards' partials [T, H]
 AllReduce = Callable[[str, int, torch.Tensor, int], torch.Tensor]
@@ -26,8 +28,23 @@ LayerStack = Callable[[torch.Tensor, int], torch.Tensor]
 class TensorParallelHub:
     """Embedding, norms and LM head of a model whose layers live on shards."""
 
-    def __init__(self, config: LlamaShape, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, config: LlamaShape, tensors: dict[str, torch.Tensor], threads: int = 1) -> None:
         self.config = config
+        self._head: OrtLinear | None = None
+        self._packed_embed: PackedWeight | None = None
+        if is_quantized(tensors, "lm_head"):
+            # block-quantized LM head (one MatMulNBits GEMV); embedding rows dequantized per lookup
+            self._head = OrtLinear(tensors, "lm_head", threads)
+            self.vocab_size = self._head.out_features
+            tied = not is_quantized(tensors, "embed") and "model.embed_tokens.weight" not in tensors
+            if tied or is_quantized(tensors, "embed"):
+                self._packed_embed = packed_weight(tensors, "lm_head" if tied else "embed")
+                self._embed = None
+            else:
+                self._embed = tensors["model.embed_tokens.weight"].float()
+            self.lm_head_t = None
+            self._norms(config, tensors)
+            return
         # The LM head is kept as [hidden, vocab]: for one token, x @ W^T from that layout is about
         # twice as fast on CPU as F.linear over [vocab, hidden] (a tall, thin GEMV). With tied
         # embeddings the lookup reads the same matrix's columns, so nothing is held twice.
@@ -41,6 +58,9 @@ class TensorParallelHub:
             self.lm_head_t = tensors.get("lm_head.weight", embed).float().t().contiguous()
             self._embed = None if "lm_head.weight" not in tensors else embed
         self.vocab_size = self.lm_head_t.shape[1]
+        self._norms(config, tensors)
+
+    def _norms(self, config: LlamaShape, tensors: dict[str, torch.Tensor]) -> None:
         self.final_norm = tensors["model.norm.weight"].float()
         layers = range(config.num_layers)
         self.input_norms = [tensors[f"model.layers.{i}.input_layernorm.weight"].float() for i in layers]
@@ -48,10 +68,10 @@ class TensorParallelHub:
         self.o_bias = [tensors.get(f"model.layers.{i}.self_attn.o_proj.bias") for i in layers]
 
     @classmethod
-    def from_file(cls, config: LlamaShape, path: str | Path) -> TensorParallelHub:
+    def from_file(cls, config: LlamaShape, path: str | Path, threads: int = 1) -> TensorParallelHub:
         """Load `coordinator.safetensors` written by `splitting.tensor_parallel.write_shards`."""
         with safe_open(str(path), framework="pt") as handle:
-            return cls(config, {key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
+            return cls(config, {key: handle.get_tensor(key) for key in handle.keys()}, threads)  # noqa: SIM118
 
     @torch.inference_mode()
     def forward(
@@ -78,10 +98,13 @@ class TensorParallelHub:
             raise ValueError("TensorParallelHub.forward needs a reduce or a stack callback")
         if last_only:
             x = x[-1:]
-        return rms_norm(x, self.final_norm, eps) @ self.lm_head_t
+        x = rms_norm(x, self.final_norm, eps)
+        return self._head(x) if self._head is not None else x @ self.lm_head_t
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows [T, H] of `ids` (columns of the transposed LM head when they are tied)."""
+        if self._packed_embed is not None:
+            return dequantize_rows(self._packed_embed, ids)
         if self._embed is not None:
             return self._embed[ids]
         return self.lm_head_t.index_select(1, ids).t().contiguous()

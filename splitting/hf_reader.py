@@ -16,7 +16,56 @@ from safetensors import safe_open
 from edgeweave.splitting.checkpoints import Checkpoint, CheckpointError
 from edgeweave.splitting.llama_config import LlamaConfig
 
-_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _sliding_window(data: dict[str, Any], model_type: str) -> int | None:
+    """The sliding window all layers attend with, as transformers builds it; None = full attention.
+
+    Mistral slides every layer (4096 when the key is absent); Qwen2/Qwen3 only with
+    `use_sliding_window`, and then only the layers `layer_types` (or `max_window_layers`) name.
+    """
+    if model_type == "mistral":
+        window = data.get("sliding_window", 4096)
+        return None if window is None else int(window)
+    if model_type not in ("qwen2", "qwen3") or not data.get("use_sliding_window"):
+        return None
+    window = data.get("sliding_window", 4096)
+    if window is None:
+        return None
+    layers = int(data["num_hidden_layers"])
+    first = int(data.get("max_window_layers", 28))
+    types = data.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    sliding = {t == "sliding_attention" for t in types}
+    if sliding == {True, False}:
+        raise CheckpointError(
+            "checkpoints that mix sliding-window and full-attention layers (use_sliding_window with "
+            "max_window_layers/layer_types) are not supported"
+        )
+    return int(window) if sliding == {True} else None
+
+
+def _refuse_unsupported(data: dict[str, Any], rope: dict[str, Any], scaling: dict[str, Any] | None) -> None:
+    """CheckpointError for configuration features that change the math and that the kernels lack."""
+    if data.get("mlp_bias"):
+        raise CheckpointError("checkpoints with mlp_bias are not supported")
+    if data.get("quantization_config"):
+        method = (data["quantization_config"] or {}).get("quant_method", "quantized")
+        raise CheckpointError(
+            f"pre-quantized ({method}) Hugging Face checkpoints are not supported; use the float checkpoint or a GGUF file"
+        )
+    if data.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise CheckpointError(f"hidden_act {data['hidden_act']!r} is not supported; only SwiGLU (silu) MLPs are")
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise CheckpointError("per-layer-type rope_parameters are not supported")
+    if scaling is not None and scaling["rope_type"] not in _ROPE_TYPES:
+        raise CheckpointError(
+            f"rope scaling {scaling['rope_type']!r} is not supported; supported: {', '.join(_ROPE_TYPES)}"
+        )
+    partial = (scaling or {}).get("partial_rotary_factor", data.get("partial_rotary_factor", 1.0))
+    if float(partial) != 1.0:
+        raise CheckpointError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported")
 
 
 def config_from_hf(data: dict[str, Any]) -> LlamaConfig:
@@ -24,16 +73,15 @@ def config_from_hf(data: dict[str, Any]) -> LlamaConfig:
     model_type = data.get("model_type", "llama")
     if model_type not in _SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"model_type {model_type!r} is not supported; supported: {', '.join(_SUPPORTED_MODEL_TYPES)}")
-    if data.get("mlp_bias"):
-        raise CheckpointError("checkpoints with mlp_bias are not supported")
     rope = dict(data.get("rope_parameters") or {})
     theta = float(data.get("rope_theta", rope.get("rope_theta", 10000.0)))
     scaling = data.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} or None)
     if scaling is not None:
         scaling = dict(scaling)
         scaling.setdefault("rope_type", scaling.pop("type", "default"))
-        if scaling["rope_type"] == "default":
-            scaling = None
+    _refuse_unsupported(data, rope, scaling)
+    if scaling is not None and scaling["rope_type"] == "default":
+        scaling = None
     heads = int(data["num_attention_heads"])
     eos = data.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -44,7 +92,7 @@ def config_from_hf(data: dict[str, Any]) -> LlamaConfig:
         num_layers=int(data["num_hidden_layers"]),
         num_heads=heads,
         num_kv_heads=int(data.get("num_key_value_heads") or heads),
-        head_dim=int(data.get("head_dim") or data["hidden_size"] // heads),
+        head_dim=int(data.get("head_dim") or (128 if model_type == "qwen3" else data["hidden_size"] // heads)),
         rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
@@ -54,6 +102,8 @@ def config_from_hf(data: dict[str, Any]) -> LlamaConfig:
         bos_token_id=data.get("bos_token_id"),
         eos_token_ids=eos_ids,
         model_type="llama" if model_type == "mistral" else model_type,
+        sliding_window=_sliding_window(data, model_type),
+        qk_norm=model_type == "qwen3",
     )
 
 
@@ -87,6 +137,14 @@ class HFCheckpoint(Checkpoint):
     def _read(self, name: str) -> torch.Tensor:
         with safe_open(str(self._where[name]), framework="pt") as handle:
             return handle.get_tensor(name)
+
+    def source_type(self, name: str) -> str:
+        with safe_open(str(self._where[name]), framework="pt") as handle:
+            return handle.get_slice(name).get_dtype()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(str(self._where[name]), framework="pt") as handle:
+            return tuple(handle.get_slice(name).get_shape())
 
     @property
     def tokenizer_source(self) -> Path:

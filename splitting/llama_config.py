@@ -31,6 +31,13 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     model_type: str = "llama"
+    #: llama.cpp's per-frequency RoPE factors (GGUF `rope_freqs`, head_dim/2 values) that divide the inverse
+    #: frequencies: how llama3 scaling is stored in GGUF files
+    rope_freq_factors: tuple[float, ...] | None = None
+    #: each query attends to at most this many newest keys, itself included (Mistral, Qwen2 with use_sliding_window)
+    sliding_window: int | None = None
+    #: Qwen3: RMSNorm over each head's q and k (weights [head_dim]) after the projection, before RoPE
+    qk_norm: bool = False
 
     @property
     def group_size(self) -> int:
@@ -44,10 +51,12 @@ class LlamaConfig:
     def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
         data = dict(data)
         data["eos_token_ids"] = tuple(data.get("eos_token_ids") or ())
+        if data.get("rope_freq_factors") is not None:
+            data["rope_freq_factors"] = tuple(float(f) for f in data["rope_freq_factors"])
         return cls(**data)
 
     def layer_parameter_count(self) -> int:
         h, d = self.hidden_size, self.head_dim
         attn = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2
         mlp = 3 * h * self.intermediate_size
-        return attn + mlp + 2 * h
+        return attn + mlp + 2 * h + (2 * d if self.qk_norm else 0)

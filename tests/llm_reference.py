@@ -93,6 +93,12 @@ class MemoryCheckpoint(Checkpoint):
     def files(self):
         return self.inner.files()
 
+    def source_type(self, name: str) -> str:
+        return "F32"  # the tensors are held dequantized: to the shard writer this is a float32 checkpoint
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.inner.shape(name)
+
     @property
     def fingerprint(self) -> str:
         return self.inner.fingerprint

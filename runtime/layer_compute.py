@@ -1,0 +1,138 @@
+"""The matmuls of one decoder layer's shard, behind one small interface whatever the precision.
+
+`runtime.llama`'s kernels (attention over the KV cache, RoPE, norms, residuals) are one code path
+for every precision; only the projections depend on how the weights are stored. A shard's
+tensors become a `LayerMatmuls` with three calls, grouped so that a quantized backend runs each
+group as ONE kernel launch (call overhead counts: 7 projections per layer, 30+ layers per token):
+
+    qkv(x)   -> [q | k | v] the attention input projections (+ their biases), side by side in one
+                           tensor [T, q rows + 2 x kv rows], so RoPE can rotate q and k in one go
+    out(a)   -> o_proj(a)  this shard's columns of the output projection
+    mlp(x)   -> down(silu(gate(x)) * up(x))
+
+The shard's other per-head tensors (Qwen3's q/k RMSNorm weights) are no matmuls: each backend
+only keeps them, as `qk_norms` (see `qk_norm_weights`), for the attention kernel.
+
+`FloatMatmuls` is the float32 reference (plain `F.linear`); `runtime.ort_quantized` runs
+block-quantized weights on ONNX Runtime's MatMulNBits, `runtime.torch_quantized` on torch's
+int4/int8 weight-only kernels. `build_matmuls` picks one by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from edgeweave.runtime.quantized import QuantizationError, is_quantized
+
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+BIASES = ("bq", "bk", "bv")
+#: Qwen3's per-head RMSNorm weights of q and k ([head_dim] each, full in every shard with KV heads): not matmuls,
+#: so every backend keeps them as float tensors in `qk_norms` for `runtime.llama.attention_shard`
+QK_NORMS = ("q_norm", "k_norm")
+#: the matmul backends a node can run quantized shards with; the first is the default
+BACKENDS = ("ort", "torch")
+
+
+class LayerMatmuls(Protocol):
+    """One shard's projections of one layer (see the module docstring)."""
+
+    n_q_rows: int  # rows of wq (= this shard's query heads x head_dim)
+    n_kv_rows: int
+    n_columns: int  # MLP intermediate columns
+    in_features: int  # the hidden size
+    nbytes: int  # weight bytes held
+    qk_norms: tuple[torch.Tensor, torch.Tensor] | None  # Qwen3's q/k RMSNorm weights (see `qk_norm_weights`)
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def out(self, attn: torch.Tensor) -> torch.Tensor: ...
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _rows(tensors: Mapping[str, torch.Tensor], name: str) -> int:
+    return int(tensors[f"{name}.q"].shape[0]) if is_quantized(tensors, name) else int(tensors[name].shape[0])
+
+
+def _in_features(tensors: Mapping[str, torch.Tensor], name: str) -> int:
+    if is_quantized(tensors, name):
+        return int(tensors[f"{name}.layout"][2])
+    return int(tensors[name].shape[1])
+
+
+def shard_dimensions(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int, int, int]:
+    """(wq rows, wk rows, MLP columns, hidden) of a layer shard, quantized or not."""
+    for name in PROJECTIONS:
+        if name not in tensors and not is_quantized(tensors, name):
+            raise QuantizationError(f"the layer shard has no {name!r} weight")
+    return _rows(tensors, "wq"), _rows(tensors, "wk"), _rows(tensors, "w_gate"), _in_features(tensors, "wq")
+
+
+def qk_norm_weights(
+    tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The shard's (q_norm, k_norm) weights in `dtype`, or None when it has none (all but Qwen3)."""
+    if not any(name in tensors for name in QK_NORMS):
+        return None
+    missing = [name for name in QK_NORMS if name not in tensors]
+    if missing:
+        raise QuantizationError(f"the layer shard has one of the q/k norms but no {missing[0]!r}")
+    q_norm, k_norm = (tensors[name].to(dtype) for name in QK_NORMS)
+    return q_norm, k_norm
+
+
+class FloatMatmuls:
+    """The float reference: `F.linear` over float tensors, cast once to the compute dtype."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
+        self.w = {k: (v if v.dtype == dtype else v.to(dtype)) for k, v in tensors.items()}
+        self.n_q_rows, self.n_kv_rows, self.n_columns, self.in_features = shard_dimensions(self.w)
+        self.nbytes = sum(v.numel() * v.element_size() for v in self.w.values())
+        self.qk_norms = qk_norm_weights(self.w, dtype)
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.w
+        return torch.cat((F.linear(x, w["wq"], w.get("bq")), F.linear(x, w["wk"], w.get("bk")),
+                          F.linear(x, w["wv"], w.get("bv"))), dim=-1)
+
+    def out(self, attn: torch.Tensor) -> torch.Tensor:
+        return F.linear(attn, self.w["wo"])
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.n_columns == 0:
+            return torch.zeros_like(x)
+        w = self.w
+        return F.linear(F.silu(F.linear(x, w["w_gate"])) * F.linear(x, w["w_up"]), w["w_down"])
+
+
+def has_quantized(tensors: Mapping[str, torch.Tensor]) -> bool:
+    return any(is_quantized(tensors, name) for name in PROJECTIONS)
+
+
+def matmuls_factory(backend: str = "ort", threads: int = 1,
+                    dtype: torch.dtype = torch.float32) -> Callable[[Mapping[str, torch.Tensor]], LayerMatmuls]:
+    """A function from a layer shard's tensors to its `LayerMatmuls`: float tensors take the float
+    path, quantized ones the named backend (ValueError for an unknown one)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"matmul backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+
+    def build(tensors: Mapping[str, torch.Tensor]) -> LayerMatmuls:
+        if not has_quantized(tensors):
+            return FloatMatmuls(tensors, dtype)
+        matmuls: LayerMatmuls
+        if backend == "torch":
+            from edgeweave.runtime.torch_quantized import TorchQuantizedMatmuls
+
+            matmuls = TorchQuantizedMatmuls(tensors)
+        else:
+            from edgeweave.runtime.ort_quantized import OrtQuantizedMatmuls
+
+            matmuls = OrtQuantizedMatmuls(tensors, threads=threads)
+        matmuls.qk_norms = qk_norm_weights(tensors)  # float32: what both quantized backends return
+        return matmuls
+
+    return build

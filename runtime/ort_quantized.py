@@ -1,0 +1,189 @@
+"""Block-quantized projections on ONNX Runtime's `MatMulNBits` (MLAS kernels: AVX2/AVX-512 on x86,
+NEON on aarch64), chosen over torch's int4/int8 kernels by `benchmarks/quantized.py`.
+
+Each `LayerMatmuls` group (qkv, out, mlp) is one small ONNX graph with the weights as constant
+initializers, so ORT prepacks them once and a call is one `session.run`. `accuracy_level=4`
+quantizes the activations to int8 per block inside the kernel (as llama.cpp does with its Q8
+activations); the weights stay exactly as stored. The offset term of `runtime.quantized`
+(GGUF's "d * q + m" formats) is the block sums of the input times the offsets: a ReduceSum and a
+matmul 1/block the size of the main one, in the same graph.
+
+A session is built from a shard's tensors (copied into the graph), so the buffer they came from
+can be reused at once: this is what lets the sliding window hand its slot to the next layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeweave.runtime.layer_compute import shard_dimensions
+from edgeweave.runtime.quantized import PackedWeight, is_quantized, packed_weight
+
+#: MatMulNBits' accuracy level 4: int8 activations, int32 accumulation (the fast MLAS path)
+ACCURACY_LEVEL = 4
+_OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+
+
+def _pack_zero_points(zero: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [N, nb] -> MatMulNBits' zero_points: one byte per block (8 bits) or two per byte, per row."""
+    if bits == 8:
+        return np.ascontiguousarray(zero, dtype=np.uint8).reshape(-1)
+    if zero.shape[1] % 2:
+        zero = np.concatenate([zero, np.zeros((zero.shape[0], 1), dtype=np.uint8)], axis=1)
+    return np.ascontiguousarray(zero[:, 0::2] | (zero[:, 1::2] << 4), dtype=np.uint8).reshape(-1)
+
+
+class _Graph:
+    """A tiny ONNX graph builder: one float input `x` [T, K], named outputs."""
+
+    def __init__(self, in_features: int) -> None:
+        self.in_features = in_features
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def name(self, stem: str) -> str:
+        self._count += 1
+        return f"{stem}_{self._count}"
+
+    def constant(self, array: np.ndarray, stem: str) -> str:
+        name = self.name(stem)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], domain: str = "", **attrs) -> str:
+        out = self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], domain=domain, **attrs))
+        return out
+
+    def linear(self, x: str, tensors: Mapping[str, torch.Tensor], name: str, bias: str | None = None) -> str:
+        """y = x @ W^T (+ bias) for a quantized or float weight `name` of the shard."""
+        if is_quantized(tensors, name):
+            y = self._quantized(x, packed_weight(tensors, name))
+        else:
+            y = self.node("MatMul", [x, self.constant(tensors[name].float().numpy().T, name)])
+        if bias is not None and bias in tensors:
+            y = self.node("Add", [y, self.constant(tensors[bias].float().numpy(), bias)])
+        return y
+
+    def fused_linear(self, x: str, tensors: Mapping[str, torch.Tensor], names: list[str],
+                     biases: list[str]) -> str:
+        """[x @ W1^T | x @ W2^T | ...] as ONE output: weights of one block layout are stacked into a
+        single MatMulNBits (one kernel launch for q, k and v, or for gate and up)."""
+        layouts = {(w.bits, w.block, w.offset is not None) for w in
+                   (packed_weight(tensors, n) for n in names if is_quantized(tensors, n))}
+        if len(layouts) == 1 and all(is_quantized(tensors, n) for n in names):
+            parts = [packed_weight(tensors, n) for n in names]
+            cat = (lambda attr: torch.cat([getattr(w, attr) for w in parts]))  # noqa: E731
+            stacked = PackedWeight(cat("q"), cat("scale"), cat("zero"), cat("offset") if parts[0].offset is not None
+                                   else None, parts[0].bits, parts[0].block, parts[0].in_features)
+            y = self._quantized(x, stacked)
+        else:
+            y = self.node("Concat", [self.linear(x, tensors, n) for n in names], axis=-1)
+        if any(b in tensors for b in biases):
+            bias = np.concatenate([tensors[b].float().numpy() if b in tensors else
+                                   np.zeros(self._rows(tensors, n), np.float32) for n, b in zip(names, biases, strict=True)])
+            y = self.node("Add", [y, self.constant(bias, "bias")])
+        return y
+
+    @staticmethod
+    def _rows(tensors: Mapping[str, torch.Tensor], name: str) -> int:
+        return int(tensors[f"{name}.q"].shape[0] if is_quantized(tensors, name) else tensors[name].shape[0])
+
+    def _quantized(self, x: str, w: PackedWeight) -> str:
+        n, nb = w.out_features, w.in_features // w.block
+        inputs = [x, self.constant(w.q.numpy(), "qweight"), self.constant(w.scale.numpy().reshape(-1), "scale"),
+                  self.constant(_pack_zero_points(w.zero.numpy(), w.bits), "zero")]
+        y = self.node("MatMulNBits", inputs, domain="com.microsoft", K=w.in_features, N=n, bits=w.bits,
+                      block_size=w.block, accuracy_level=ACCURACY_LEVEL)
+        if w.offset is not None:  # + (block sums of x) @ offset^T
+            shape = self.constant(np.array([-1, nb, w.block], dtype=np.int64), "shape")
+            sums = self.node("ReduceSum", [self.node("Reshape", [x, shape]),
+                                           self.constant(np.array([-1], dtype=np.int64), "axis")], keepdims=0)
+            y = self.node("Add", [y, self.node("MatMul", [sums, self.constant(w.offset.numpy().T, "offset")])])
+        return y
+
+    def session(self, outputs: list[str], threads: int) -> ort.InferenceSession:
+        names = [f"out{i}" for i in range(len(outputs))]
+        nodes = self.nodes + [helper.make_node("Identity", [o], [n]) for o, n in zip(outputs, names, strict=True)]
+        graph = helper.make_graph(
+            nodes, "edgeweave", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", self.in_features])],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names], initializer=self.initializers,
+        )
+        model = helper.make_model(graph, opset_imports=_OPSETS)
+        session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                       providers=["CPUExecutionProvider"])
+        self.initializers.clear()  # the session holds its own (prepacked) copy
+        return session
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """One intra-op thread runs in the caller's thread (no pool); more get a pool that does not spin,
+    since a node holds ~3 sessions per layer and spinning pools would fight over the cores."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
+def _run(session: ort.InferenceSession, x: torch.Tensor) -> list[torch.Tensor]:
+    arrays = session.run(None, {"x": x.detach().to(torch.float32).contiguous().numpy()})
+    return [torch.from_numpy(a) for a in arrays]
+
+
+class OrtQuantizedMatmuls:
+    """`LayerMatmuls` on MatMulNBits: three sessions per layer shard (qkv, out, mlp)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], threads: int = 1) -> None:
+        self.n_q_rows, self.n_kv_rows, self.n_columns, self.in_features = shard_dimensions(tensors)
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        g = _Graph(self.in_features)
+        self._qkv = None
+        if self.n_kv_rows:
+            self._qkv = g.session([g.fused_linear("x", tensors, ["wq", "wk", "wv"], ["bq", "bk", "bv"])], threads)
+            g = _Graph(self.n_q_rows)
+            self._out = g.session([g.linear("x", tensors, "wo")], threads)
+        self._mlp = None
+        if self.n_columns:
+            g = _Graph(self.in_features)
+            gate_up = g.fused_linear("x", tensors, ["w_gate", "w_up"], [])
+            split = self.n_columns
+            gate, up = g.name("gate"), g.name("up")
+            g.nodes.append(helper.make_node("Split", [gate_up, g.constant(np.array([split, split], np.int64), "sizes")],
+                                            [gate, up], axis=-1))
+            hidden = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])]), up])
+            self._mlp = g.session([g.linear(hidden, tensors, "w_down")], threads)
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return _run(self._qkv, x)[0]
+
+    def out(self, attn: torch.Tensor) -> torch.Tensor:
+        return _run(self._out, attn)[0]
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mlp is None:
+            return torch.zeros_like(x)
+        return _run(self._mlp, x)[0]
+
+
+class OrtLinear:
+    """One quantized (or float) weight as a callable y = x @ W^T: the hub's LM head."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str, threads: int = 1) -> None:
+        w = packed_weight(tensors, name) if is_quantized(tensors, name) else None
+        self.in_features = w.in_features if w else int(tensors[name].shape[1])
+        self.out_features = w.out_features if w else int(tensors[name].shape[0])
+        g = _Graph(self.in_features)
+        self._session = g.session([g.linear("x", tensors, name)], threads)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _run(self._session, x)[0]
