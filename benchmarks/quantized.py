@@ -22,10 +22,11 @@ Q4_0 file (1 and 2 threads) and on the F32 file (1 thread).
 
 Per setting: time to first token (prefill + first token), median per-token decode latency, shard
 bytes per node (the manifest's layer files; the coordinator's hub file apart), the peak RSS
-(VmHWM) of every node process (fresh processes per setting) and of the coordinator during
-generation (its peak is reset with /proc/self/clear_refs after the model is deployed), and
-whether the tokens equal llama.cpp's on the same file. A setting whose shards had to be shipped
-in this run is run again, so node peaks never include receiving shards. Fixed per-process
+(VmHWM) of every node process and of the coordinator during generation (every setting runs in
+a fresh coordinator process with fresh nodes; the coordinator's peak is reset with
+/proc/self/clear_refs once the model is deployed, so it is the peak while generating), and
+whether the tokens equal llama.cpp's on the same file. A setting whose shards had to be written
+or shipped is run again, so the figures are the steady ones (no shard writing or receiving). Fixed per-process
 overhead is measured apart: an interpreter with torch and onnxruntime imported (no model), an
 idle node daemon, and llama.cpp's interpreter with llama_cpp imported.
 
@@ -136,71 +137,82 @@ def layout_text(layouts: list[dict]) -> str:
     return ", ".join(projections)
 
 
-def edgeweave_run(checkpoint, prompt: list[int], n_tokens: int, *, label: str, nodes: list[list[int]],
+def edgeweave_run(path: str, prompt: list[int], n_tokens: int, *, label: str, nodes: list[list[int]],
                   share: bool = False, quantize: str | None = None, backend: str = "ort", window: int | None = None,
-                  coordinator_cores: set[int] | None = None) -> dict:
-    """One setting: a fresh LocalCluster (one process per entry of `nodes`, pinned to those cores,
-    one torch/ORT thread per core), the coordinator here; with `share` it computes rank 0 itself."""
-    coordinator_cores = coordinator_cores or {COORDINATOR_CORE}
-    threads = len(coordinator_cores)
-    os.sched_setaffinity(0, coordinator_cores)
+                  coordinator_cores: list[int] | None = None) -> dict:
+    """One setting, in a fresh coordinator process (the child): a fresh LocalCluster (one process per
+    entry of `nodes`, pinned to those cores, one torch/ORT thread per core); with `share` the
+    coordinator computes rank 0 itself."""
+    started = time.time()
+    cores = set(coordinator_cores or [COORDINATOR_CORE])
+    threads = len(cores)
+    os.sched_setaffinity(0, cores)
     torch.set_num_threads(threads)
+    checkpoint = open_checkpoint(path)
     names = [f"qbench{i}" for i in range(len(nodes))]
-    try:
-        cluster = LocalCluster(len(nodes), base_dir=NODE_DIR, advertise=False, cpu_affinity=nodes, names=names,
-                               start_timeout=180)
-        with cluster:
-            pids = [proc.pid for proc in cluster.procs]
-            idle = [status_bytes(pid, "VmRSS") for pid in pids]
-            clients = [NodeClient(a, cluster=cluster.identity, timeout=120) for a in cluster.addresses]
-            members = [LocalMember(), *clients] if share else clients
-            with DistributedLlama(checkpoint, members, [1.0] * len(members), reply_timeout=600, quantize=quantize,
-                                  backend=backend, window=window, hub_threads=threads) as llm:
-                release_memory()
-                peak_reset = reset_peak()
-                list(llm.generate(prompt, 2))  # warm-up: first-call allocations, ORT's first runs
-                started = time.perf_counter()
-                tokens = list(llm.generate(prompt, n_tokens))
-                wall = time.perf_counter() - started
-                stats = llm.last_stats
-                node_peak = [status_bytes(pid, "VmHWM") for pid in pids]
-                node_rss = [status_bytes(pid, "VmRSS") for pid in pids]
-                coordinator_peak, coordinator_rss = status_bytes("self", "VmHWM"), status_bytes("self", "VmRSS")
-                manifest = llm.manifest
-                describe = manifest.data["describe"]
-                result = {
-                    "setting": label, "nodes": len(nodes), "node_cores": nodes, "coordinator_share": share,
-                    "coordinator_cores": sorted(coordinator_cores), "cores": len(set().union(coordinator_cores, *nodes)),
-                    "quantize": quantize, "backend": backend, "window": window,
-                    "precision": manifest.data.get("precision"), "layouts": manifest.data.get("layouts"),
-                    "layout": layout_text(manifest.data.get("layouts") or []),
-                    "load_details": llm.load_details, "fused": llm.fused,
-                    "ttft_s": stats.ttft_s, "per_token_s": stats.per_token_s, "token_s": stats.token_s,
-                    "generate_wall_s": wall, "tokens": tokens,
-                    "shard_bytes_per_rank": [row["bytes"] for row in describe],
-                    "coordinator_file_bytes": manifest.coordinator_file.stat().st_size,
-                    "node_idle_rss": idle, "node_peak_rss": node_peak, "node_rss_after": node_rss,
-                    "node_peak_above_idle": [p - i for p, i in zip(node_peak, idle, strict=True)],
-                    "coordinator_peak_rss": coordinator_peak if peak_reset else None,
-                    "coordinator_rss_after": coordinator_rss, "shard_bytes_sent": llm.bytes_sent,
-                }
-            for client in clients:
-                client.close()
-    finally:
-        os.sched_setaffinity(0, {COORDINATOR_CORE})
-        torch.set_num_threads(1)
-        release_memory()
+    cluster = LocalCluster(len(nodes), base_dir=NODE_DIR, advertise=False, cpu_affinity=nodes, names=names,
+                           start_timeout=180)
+    with cluster:
+        pids = [proc.pid for proc in cluster.procs]
+        idle = [status_bytes(pid, "VmRSS") for pid in pids]
+        clients = [NodeClient(a, cluster=cluster.identity, timeout=120) for a in cluster.addresses]
+        members = [LocalMember(), *clients] if share else clients
+        with DistributedLlama(checkpoint, members, [1.0] * len(members), reply_timeout=600, quantize=quantize,
+                              backend=backend, window=window, hub_threads=threads) as llm:
+            manifest = llm.manifest
+            written = (manifest.root / "manifest.json").stat().st_mtime >= started
+            release_memory()
+            peak_reset = reset_peak()
+            list(llm.generate(prompt, 2))  # warm-up: first-call allocations, ORT's first runs
+            begin = time.perf_counter()
+            tokens = list(llm.generate(prompt, n_tokens))
+            wall = time.perf_counter() - begin
+            stats = llm.last_stats
+            node_peak = [status_bytes(pid, "VmHWM") for pid in pids]
+            node_rss = [status_bytes(pid, "VmRSS") for pid in pids]
+            coordinator_peak, coordinator_rss = status_bytes("self", "VmHWM"), status_bytes("self", "VmRSS")
+            describe = manifest.data["describe"]
+            result = {
+                "setting": label, "nodes": len(nodes), "node_cores": nodes, "coordinator_share": share,
+                "coordinator_cores": sorted(cores), "cores": len(cores.union(*map(set, nodes))),
+                "quantize": quantize, "backend": backend, "window": window,
+                "precision": manifest.data.get("precision"), "layouts": manifest.data.get("layouts"),
+                "layout": layout_text(manifest.data.get("layouts") or []),
+                "load_details": llm.load_details, "fused": llm.fused,
+                "ttft_s": stats.ttft_s, "per_token_s": stats.per_token_s, "token_s": stats.token_s,
+                "generate_wall_s": wall, "tokens": tokens,
+                "shard_bytes_per_rank": [row["bytes"] for row in describe],
+                "coordinator_file_bytes": manifest.coordinator_file.stat().st_size,
+                "node_idle_rss": idle, "node_peak_rss": node_peak, "node_rss_after": node_rss,
+                "node_peak_above_idle": [p - i for p, i in zip(node_peak, idle, strict=True)],
+                "coordinator_peak_rss": coordinator_peak if peak_reset else None,
+                "coordinator_rss_after": coordinator_rss, "shard_bytes_sent": llm.bytes_sent,
+                "shards_written": written,
+            }
+        for client in clients:
+            client.close()
     return result
 
 
-def edgeweave_setting(checkpoint, prompt: list[int], n_tokens: int, **kwargs) -> dict:
-    """A setting, run again when its shards were shipped in this run (so its numbers are the steady ones)."""
-    result = edgeweave_run(checkpoint, prompt, n_tokens, **kwargs)
-    if result["shard_bytes_sent"]:
-        shipped = result["shard_bytes_sent"]
-        result = edgeweave_run(checkpoint, prompt, n_tokens, **kwargs)
-        result["shipped_in_first_try_bytes"] = shipped
-    print(f"  done: {kwargs['label']} ({result['per_token_s'] * 1e3:.1f} ms/token)", file=sys.stderr)
+def edgeweave_setting(path: Path, prompt: list[int], n_tokens: int, **setting) -> dict:
+    """A setting in its own coordinator process; run again when that process had to write or ship
+    shards, so the memory and times reported are the steady ones."""
+    spec = {"path": str(path), "prompt": prompt, "n_tokens": n_tokens, "setting": setting}
+
+    def child() -> dict:
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                             check=False, preexec_fn=lambda: os.sched_setaffinity(0, {COORDINATOR_CORE}))
+        if out.returncode != 0:
+            raise RuntimeError(f"edgeweave setting {setting['label']!r} on {path.name} failed "
+                               f"(exit {out.returncode}):\n{out.stderr[-6000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    result = child()
+    if result["shard_bytes_sent"] or result["shards_written"]:
+        first = {"shard_bytes_sent": result["shard_bytes_sent"], "shards_written": result["shards_written"]}
+        result = child()
+        result["first_try"] = first
+    print(f"  done: {path.name}: {setting['label']} ({result['per_token_s'] * 1e3:.1f} ms/token)", file=sys.stderr)
     return result
 
 
@@ -216,6 +228,7 @@ def peer_run(path: Path, prompt: list[int], n_tokens: int, threads: int) -> dict
     if out.returncode != 0:
         raise RuntimeError(f"llama.cpp on {path} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["model_path"] = result.pop("model")
     result.update(setting=f"llama.cpp, {threads} thread{'s' if threads > 1 else ''}", cores=threads, peer=True)
     print(f"  done: llama.cpp {path.name} -t {threads} ({result['per_token_s'] * 1e3:.1f} ms/token)", file=sys.stderr)
     return result
@@ -228,7 +241,6 @@ def smollm2(prompt: list[int], n_tokens: int, peer: bool) -> list[dict]:
     rows = []
     for kind in ("Q4_1", "Q8_0", "F32"):
         path = gguf_models.smollm2_path(kind)
-        checkpoint = open_checkpoint(path)
         common = {"model": "SmolLM2-135M", "file": kind}
         settings = [
             {"label": "1 node, core 0", "nodes": [[0]]},
@@ -238,10 +250,10 @@ def smollm2(prompt: list[int], n_tokens: int, peer: bool) -> list[dict]:
         if kind == "Q4_1":
             settings += [
                 {"label": "1 node, core 0, torch kernels", "nodes": [[0]], "backend": "torch"},
-                {"label": "1 node, 2 threads (cores 0-1)", "nodes": [[0, 1]], "coordinator_cores": {0, 1}},
+                {"label": "1 node, 2 threads (cores 0-1)", "nodes": [[0, 1]], "coordinator_cores": [0, 1]},
             ]
         for setting in settings:
-            rows.append({**common, **edgeweave_setting(checkpoint, prompt, n_tokens, **setting)})
+            rows.append({**common, **edgeweave_setting(path, prompt, n_tokens, **setting)})
         if peer:
             for threads in (1, 2):
                 rows.append({**common, **peer_run(path, prompt, n_tokens, threads)})
@@ -253,15 +265,14 @@ def random_1b(prompt: list[int], n_tokens: int, peer: bool) -> list[dict]:
     f32, q4 = gguf_models.random_1b_path("F32"), gguf_models.random_1b_path("Q4_0")
     runs = [("F32", f32, "none", "float32"), ("F32", f32, "q8", "q8 (requantized)"), ("Q4_0", q4, None, "Q4_0 file")]
     for kind, path, quantize, name in runs:
-        checkpoint = open_checkpoint(path)
         common = {"model": "random Llama-1.1B", "file": kind}
         settings = [{"label": f"{name}: 1 node, core 0", "nodes": [[0]]},
                     {"label": f"{name}: 1 node, window 2", "nodes": [[0]], "window": 2}]
         if quantize is None:
             settings.append({"label": f"{name}: 1 node, 2 threads (cores 0-1)", "nodes": [[0, 1]],
-                             "coordinator_cores": {0, 1}})
+                             "coordinator_cores": [0, 1]})
         for setting in settings:
-            rows.append({**common, **edgeweave_setting(checkpoint, prompt, n_tokens, quantize=quantize, **setting)})
+            rows.append({**common, **edgeweave_setting(path, prompt, n_tokens, quantize=quantize, **setting)})
     if peer:
         for kind, path, threads in (("Q4_0", q4, 1), ("Q4_0", q4, 2), ("F32", f32, 1)):
             rows.append({"model": "random Llama-1.1B", "file": kind, **peer_run(path, prompt, n_tokens, threads)})
@@ -339,7 +350,12 @@ def main() -> None:
     parser.add_argument("--skip-1b", action="store_true")
     parser.add_argument("--skip-peer", action="store_true", help="no llama.cpp rows")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 tokens, no 1B model")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one edgeweave setting, as JSON
     args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(edgeweave_run(spec["path"], spec["prompt"], spec["n_tokens"], **spec["setting"])))
+        return
     if args.quick:
         args.tokens, args.skip_1b = 8, True
     if len(os.sched_getaffinity(0)) < 2:

@@ -133,7 +133,7 @@ def test_engine_recovers_mid_request_and_uses_a_restarted_node_next(cluster, cac
     if cluster.procs[2].poll() is not None:
         cluster.restart(2)
     engine = DistributedEngine.open(smollm(), cluster.addresses, weights=[1.0, 1.0, 1.0],
-                                    cache_dir=cache_dir)
+                                    cache_dir=cache_dir, quantize="none")  # the float32 tokens of `uninterrupted`
     greedy = SamplingParams()
     try:
         tokens = []

@@ -19,7 +19,7 @@ def test_generation_across_namespaces_matches_transformers(netns_testbed, tmp_pa
     addresses = [bed.start_node(i, f"tp-node{i}-{bed.prefix[-4:]}", tmp_path, env=env) for i in range(2)]
 
     result = bed.python(2, [
-        "-m", "edgeweave", "run", "--json", "--interface", bed.ips[2], "--discovery-timeout", "6",
+        "-m", "edgeweave", "run", "--json", "--quantize", "none", "--interface", bed.ips[2], "--discovery-timeout", "6",
         "--weights", "2,1", "--max-tokens", str(len(reference.tokens)), "--prompt", CHAT[0]["content"],
     ], timeout=400, env={**env, "EDGEWEAVE_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
