@@ -6,8 +6,12 @@ STAMP := $(VENV)/.edgeweave-installed
 # torch 2.13.0 is the CPU build this project is developed with; override for another platform.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The llama.cpp peer of benchmarks/quantized.py, kept out of the project's environment.
+# llama-cpp-python builds llama.cpp from source: about 10 minutes, once (the stamp).
+PEER_VENV := .venv-peer
+PEER_STAMP := $(PEER_VENV)/.llama-cpp-installed
 
-.PHONY: demo test lint proto bench clean
+.PHONY: demo test lint proto bench bench-peer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +37,13 @@ lint: $(STAMP)
 
 proto: $(STAMP)
 	$(PY) proto/generate.py
+
+$(PEER_STAMP):
+	python3 -m venv .venv-peer && .venv-peer/bin/pip install llama-cpp-python==0.3.36
+	touch $(PEER_STAMP)
+
+# then: $(PY) benchmarks/quantized.py and $(PY) benchmarks/quantized_accuracy.py
+bench-peer: $(STAMP) $(PEER_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

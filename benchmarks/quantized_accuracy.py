@@ -26,7 +26,8 @@ does: per window, the negative log-likelihood of each next token in the window's
 llama.cpp does; SmolLM2 does not), and exp of the mean over all windows. Top-1 agreement and
 KL(float32 || quantized) are over every position of every window. llama.cpp (the peer, when
 .venv-peer exists) scores the same token windows on the same files: its perplexity is the
-cross-check of ours (and its top-1 is compared with ours on the same file).
+cross-check of ours, its top-1 is compared with our float32 reference (how much its own kernels
+and formats move the argmax) and with our run of the same file.
 
 Writes benchmarks/results/quantized_accuracy.json and prints a table.
 
@@ -212,7 +213,7 @@ def table(rows: list[dict], windows: int, window: int, scored: int) -> Table:
     out = Table(title=f"SmolLM2-135M vs float32 from the same file: {windows} windows of {window} tokens, "
                       f"perplexity over {scored} scored tokens (llama.cpp's rule)")
     for column in ("configuration", "float32 of", "perplexity", "vs float32", "top-1 agree", "mean KL",
-                   "llama.cpp ppl", "llama.cpp vs its F32", "top-1 = llama.cpp"):
+                   "llama.cpp ppl", "llama.cpp vs its F32", "llama.cpp top-1 agree", "top-1 = llama.cpp"):
         out.add_column(column, justify="left" if column in ("configuration", "float32 of") else "right")
     peer_f32 = next((r["llama_cpp"]["perplexity"] for r in rows if r["reference"] and r["file"] == "F32"
                      and "llama_cpp" in r), None)
@@ -227,6 +228,7 @@ def table(rows: list[dict], windows: int, window: int, scored: int) -> Table:
             "-" if row["reference"] else f"{row['mean_kl']:.5f}",
             f"{peer['perplexity']:.3f}" if peer else "-",
             f"{row['llama_cpp_vs_its_f32'] * 100:+.2f}%" if "llama_cpp_vs_its_f32" in row else "-",
+            f"{peer['top1_agreement_with_float32'] * 100:.2f}%" if peer and not row["reference"] else "-",
             f"{row['top1_vs_llama_cpp'] * 100:.2f}%" if "top1_vs_llama_cpp" in row else "-",
         )
     return out
@@ -262,11 +264,14 @@ def main() -> None:
             if peer is None:
                 print("no .venv-peer (make bench-peer): skipping llama.cpp", file=sys.stderr)
                 break
-            # llama.cpp runs a file at its own precision: compare it with our run of the same
+            # llama.cpp runs a file at its own precision: compare it with our run of the same file,
+            # and its top-1 with our float32 reference of that row
             for row in rows:
                 own = row["quantize"] is None and row["backend"] == "ort"
                 if row["file"] == kind and (own or (row["reference"] and kind == "F32")):
+                    reference = next(r for r in rows if r["reference"] and r["file"] == row["reference_file"])
                     row["llama_cpp"] = {k: v for k, v in peer.items() if k != "top1"}
+                    row["llama_cpp"]["top1_agreement_with_float32"] = top1_match(peer["top1"], reference["_top1"])
                     row["top1_vs_llama_cpp"] = top1_match(row["_top1"], peer["top1"])
     for row in rows:
         row.pop("_top1")
