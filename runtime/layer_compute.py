@@ -54,7 +54,8 @@ class LayerMatmuls(Protocol):
     def mlp(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
-def _rows(tensors: Mapping[str, torch.Tensor], name: str) -> int:
+def projection_rows(tensors: Mapping[str, torch.Tensor], name: str) -> int:
+    """Output rows of a projection, quantized or float."""
     return int(tensors[f"{name}.q"].shape[0]) if is_quantized(tensors, name) else int(tensors[name].shape[0])
 
 
@@ -69,7 +70,7 @@ def shard_dimensions(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int, int
     for name in PROJECTIONS:
         if name not in tensors and not is_quantized(tensors, name):
             raise QuantizationError(f"the layer shard has no {name!r} weight")
-    return _rows(tensors, "wq"), _rows(tensors, "wk"), _rows(tensors, "w_gate"), _in_features(tensors, "wq")
+    return projection_rows(tensors, "wq"), projection_rows(tensors, "wk"), projection_rows(tensors, "w_gate"), _in_features(tensors, "wq")
 
 
 def qk_norm_weights(

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeweave.runtime.layer_compute import shard_dimensions
+from edgeweave.runtime.layer_compute import projection_rows, shard_dimensions
 from edgeweave.runtime.quantized import PackedWeight, is_quantized, packed_weight
 
 #: MatMulNBits' accuracy level 4: int8 activations, int32 accumulation (the fast MLAS path)
@@ -88,13 +88,9 @@ class _Graph:
             y = self.node("Concat", [self.linear(x, tensors, n) for n in names], axis=-1)
         if any(b in tensors for b in biases):
             bias = np.concatenate([tensors[b].float().numpy() if b in tensors else
-                                   np.zeros(self._rows(tensors, n), np.float32) for n, b in zip(names, biases, strict=True)])
+                                   np.zeros(projection_rows(tensors, n), np.float32) for n, b in zip(names, biases, strict=True)])
             y = self.node("Add", [y, self.constant(bias, "bias")])
         return y
-
-    @staticmethod
-    def _rows(tensors: Mapping[str, torch.Tensor], name: str) -> int:
-        return int(tensors[f"{name}.q"].shape[0] if is_quantized(tensors, name) else tensors[name].shape[0])
 
     def _quantized(self, x: str, w: PackedWeight) -> str:
         n, nb = w.out_features, w.in_features // w.block
