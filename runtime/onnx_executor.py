@@ -20,6 +20,7 @@ import torch
 
 from edgeweave.runtime.codec import Quantized, quantize_uint8
 from edgeweave.runtime.executor import Executor, ExecutorInputError, TensorLike
+from edgeweave.runtime.ort_sessions import pool_threads, session_options
 
 #: onnxruntime type string -> torch dtype we accept for it.
 ORT_TYPES: dict[str, torch.dtype] = {
@@ -62,15 +63,12 @@ class OnnxExecutor(Executor):
         if not isinstance(threads, int) or threads < 1:
             raise ExecutorInputError(f"onnx job config 'threads' must be a positive integer, got {threads!r}")
         self.quantize_output = bool(config.get("quantize_output", False))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        try:
-            self.session = ort.InferenceSession(str(shards[graph]), options, providers=choose_providers())
+        try:  # the process's ORT thread policy: `runtime.ort_sessions`
+            self.session = ort.InferenceSession(str(shards[graph]), session_options(threads),
+                                                providers=choose_providers())
         except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
             raise ExecutorInputError(f"shard {graph!r} is not a loadable ONNX graph: {exc}") from None
-        self.threads = threads
+        self.threads = pool_threads()
         self.inputs = self.session.get_inputs()
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.runs = 0

@@ -28,6 +28,7 @@ import os
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -205,7 +206,26 @@ def _parse_header(raw: bytes, path: Path, data_bytes: int) -> dict[str, tuple[to
     return entries
 
 
-def parse_safetensors(buffer: torch.Tensor, size: int, path: str | Path) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class FileRange:
+    """Where one tensor's bytes lie in its file (ONNX Runtime reads a weight from there: external data)."""
+
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+
+
+class FileTensors(dict):
+    """A file's tensors by name (a plain dict for every reader), plus the file and each tensor's
+    byte range in it, for kernels that read their weights from the file themselves."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], path: Path, ranges: dict[str, FileRange]) -> None:
+        super().__init__(tensors)
+        self.path = path
+        self.ranges = ranges
+
+
+def parse_safetensors(buffer: torch.Tensor, size: int, path: str | Path) -> FileTensors:
     """The tensors of a safetensors file held in buffer[:size], as views of `buffer` (validated first)."""
     path = Path(path)
     if size < 8:
@@ -221,10 +241,11 @@ def parse_safetensors(buffer: torch.Tensor, size: int, path: str | Path) -> dict
         if (data_start + start) % torch.empty((), dtype=dtype).element_size():
             raw = raw.clone()  # a misaligned tensor cannot be a view (safetensors' writer never makes one)
         tensors[name] = raw.view(dtype).view(shape)
-    return tensors
+    ranges = {name: FileRange(data_start + start, end - start, dtype) for name, (dtype, _, start, end) in entries.items()}
+    return FileTensors(tensors, path.resolve(), ranges)
 
 
-def read_safetensors(path: str | Path, buffer: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], int]:
+def read_safetensors(path: str | Path, buffer: torch.Tensor | None = None) -> tuple[FileTensors, int]:
     """All tensors of `path` and the number of bytes read.
 
     The tensors are views of `buffer` (an `aligned_buffer` the caller reuses; they are valid until

@@ -21,7 +21,7 @@ import torch
 
 from edgeweave.runtime.codec import Quantized
 from edgeweave.runtime.executor import Executor, ExecutorInputError, ExecutorStateError, TensorLike
-from edgeweave.runtime.layer_compute import BACKENDS, FloatMatmuls, LayerMatmuls, matmuls_factory
+from edgeweave.runtime.layer_compute import BACKENDS, FloatMatmuls, LayerMatmuls, matmuls_factory, torch_threads
 from edgeweave.runtime.layer_store import LayerStore, layer_file_sizes
 from edgeweave.runtime.llama import KVCache, LayerNorms, Rotary, attention_shard, decoder_layer, mlp_shard
 from edgeweave.runtime.memory_budget import MemoryBudgetError, choose_window, kv_cache_bytes
@@ -66,6 +66,9 @@ class TensorParallelExecutor(Executor):
         except (ValueError, KeyError) as exc:  # QuantizationError is a ValueError: a malformed shard
             raise ExecutorInputError(f"tp_llm cannot use its layer shards: {exc}") from None
         self.quantized = not isinstance(first, FloatMatmuls)
+        #: torch's threads for the ops between the matmuls: all of them where torch runs the matmuls
+        #: too, one where ONNX Runtime's pool does (see `layer_compute.torch_threads`)
+        self.torch_threads = 1 if self.quantized and self.backend == "ort" else torch.get_num_threads()
         self.n_kv_heads = first.n_kv_rows // self.head_dim
         self.n_q_heads = first.n_q_rows // self.head_dim
         self.n_columns = first.n_columns
@@ -159,7 +162,7 @@ class TensorParallelExecutor(Executor):
                 raise ExecutorInputError(f"tp_llm knows ops attn, mlp, layers, reset, truncate; not {op!r}")
             x = self._check_input(op, layer, tensors)
             start = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), torch_threads(self.torch_threads):
                 if op == "layers":
                     out = self._layers(x, layer, position, session)
                 elif op == "attn":

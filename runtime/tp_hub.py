@@ -12,11 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from edgeweave.runtime.layer_compute import torch_threads
 from edgeweave.runtime.llama import LlamaShape, rms_norm
 from edgeweave.runtime.ort_quantized import OrtLinear
 from edgeweave.runtime.quantized import PackedWeight, dequantize_rows, is_quantized, packed_weight
+from edgeweave.runtime.safetensors_read import read_safetensors
 
 #: (op "attn"|"mlp", layer, normed hidden state [T, H], position) -> sum of all shards' partials [T, H]
 AllReduce = Callable[[str, int, torch.Tensor, int], torch.Tensor]
@@ -69,9 +70,10 @@ class TensorParallelHub:
 
     @classmethod
     def from_file(cls, config: LlamaShape, path: str | Path, threads: int = 1) -> TensorParallelHub:
-        """Load `coordinator.safetensors` written by `splitting.tensor_parallel.write_shards`."""
-        with safe_open(str(path), framework="pt") as handle:
-            return cls(config, {key: handle.get_tensor(key) for key in handle.keys()}, threads)  # noqa: SIM118
+        """Load `coordinator.safetensors` written by `splitting.tensor_parallel.write_shards` (read
+        whole, so a quantized LM head is read by ONNX Runtime from the file: no copy in its graph)."""
+        tensors, _ = read_safetensors(path)
+        return cls(config, tensors, threads)
 
     @torch.inference_mode()
     def forward(
@@ -81,6 +83,12 @@ class TensorParallelHub:
         """Logits [T, vocab] for T tokens placed at `position` of the sequence ([1, vocab] with
         `last_only`: generation needs only the last position, and the LM head is the hub's biggest
         matmul). The layers run through `stack` when given, else through per-layer `reduce`."""
+        # a quantized head runs on ONNX Runtime's pool: torch only does the small ops (`torch_threads`)
+        with torch_threads(1 if self._head is not None else torch.get_num_threads()):
+            return self._forward(token_ids, position, reduce, stack, last_only)
+
+    def _forward(self, token_ids: list[int] | torch.Tensor, position: int, reduce: AllReduce | None,
+                 stack: LayerStack | None, last_only: bool) -> torch.Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {ids.tolist()[:8]}")

@@ -15,6 +15,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from edgeweave.runtime.ort_sessions import session_options
+
 OPSET = 17
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -53,7 +55,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path | None = No
 
 def check_onnx(graph: bytes, module: nn.Module, example: torch.Tensor, atol: float = 1e-4) -> float:
     """Max |onnxruntime - torch| on `example`; raises OnnxMismatchError above `atol`."""
-    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(graph, session_options(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})
     module.eval()
     with torch.no_grad():

@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from edgeweave.runtime.quantized import QuantizationError, slice_packed, to_shard_tensors
+from edgeweave.runtime.safetensors_write import save_safetensors
 from edgeweave.runtime.shard_files import sha256_file
 from edgeweave.splitting.checkpoints import Checkpoint
 from edgeweave.splitting.llama_config import LlamaConfig
 from edgeweave.splitting.quant_plan import CUT_ALIGNMENT, TensorLayout, check_quantize, choose_layout, layout_summary
 
-MANIFEST_FORMAT = 3  # 2: 1-node plans carry node0/norms.safetensors; 3: the hub's lm_head_t
+MANIFEST_FORMAT = 4  # 2: 1-node plans carry node0/norms.safetensors; 3: the hub's lm_head_t; 4: data in safetensors_write order
 SHARD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int, int, str], None]
 
@@ -368,7 +368,7 @@ class Manifest:
 def _save(tensors: dict[str, torch.Tensor], path: Path, files: dict[str, Any], root: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
+    save_safetensors(tensors, tmp)
     os.replace(tmp, path)
     files[str(path.relative_to(root))] = {"sha256": sha256_file(path), "size": path.stat().st_size}
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgeweave.coordinator.cli_demo import DEMO_QUESTION
 from edgeweave.runtime.layer_compute import FloatMatmuls, matmuls_factory
 from edgeweave.runtime.quantized import QuantizationError, packed_weight
 from edgeweave.runtime.tp_executor import TensorParallelExecutor
@@ -37,7 +38,7 @@ def smollm():
 def prompt_ids() -> list[int]:
     from edgeweave.splitting.tokenizer import Tokenizer
 
-    return Tokenizer.from_checkpoint(smollm()).encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    return Tokenizer.from_checkpoint(smollm()).encode_chat([{"role": "user", "content": DEMO_QUESTION}])
 
 
 class InProcess:
@@ -305,3 +306,24 @@ def test_bad_gguf_files_are_refused_in_one_sentence(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     with pytest.raises(CheckpointError):
         open_checkpoint(tmp_path / "cut.gguf")
+
+
+def test_ort_reads_the_weights_from_the_shard_file(reference):
+    """A layer read from its shard file runs with ORT reading the packed weights from that file (ONNX
+    external data, no copy through the graph; the offsets are re-centred, see `ort_quantized.centered`),
+    and computes exactly what the copied graph computes."""
+    from edgeweave.runtime.ort_quantized import OrtLinear, OrtQuantizedMatmuls
+    from edgeweave.runtime.safetensors_read import read_safetensors
+
+    manifest = reference[0].manifest
+    tensors, _ = read_safetensors(manifest.path(manifest.shard_files(0)["layer.007"]))
+    from_file, copied = OrtQuantizedMatmuls(tensors), OrtQuantizedMatmuls(dict(tensors))
+    big = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith((".q", ".scale")))
+    assert from_file.external_bytes == big and copied.external_bytes == 0
+    x = torch.randn(2, 576)
+    for call, arg in (("qkv", x), ("out", x[:, : from_file.n_q_rows]), ("mlp", x)):
+        assert torch.equal(getattr(from_file, call)(arg), getattr(copied, call)(arg)), call
+    hub, _ = read_safetensors(manifest.coordinator_file)
+    head = OrtLinear(hub, "lm_head")
+    assert head.external_bytes > 0.9 * hub["lm_head.q"].numel()
+    assert torch.equal(head(x), OrtLinear(dict(hub), "lm_head")(x))

@@ -11,6 +11,7 @@ import torch
 from split_helpers import demo_artifacts, sample_images
 
 from edgeweave.runtime.codec import quantize_uint8
+from edgeweave.runtime.ort_sessions import session_options
 from edgeweave.splitting.bottleneck import fake_quantize_uint8, load_student, load_teacher
 from edgeweave.splitting.onnx_export import OnnxMismatchError, check_onnx, export_onnx
 from edgeweave.splitting.training import accuracy
@@ -58,7 +59,7 @@ def test_onnx_graphs_match_torch():
     with torch.no_grad():
         z = head(images)
     for name, module, sample in (("full", teacher, images), ("head", head, images), ("tail", tail, z)):
-        session = ort.InferenceSession(str(directory / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(directory / f"{name}.onnx"), session_options(), providers=["CPUExecutionProvider"])
         (got,) = session.run(None, {session.get_inputs()[0].name: sample.numpy()})
         with torch.no_grad():
             want = module(sample).numpy()

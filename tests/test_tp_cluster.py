@@ -91,7 +91,7 @@ def test_cli_run_answers_paris(cache_dir):
     answer; --coordinator-share makes this process the second member."""
     env = {**os.environ, **ONE_THREAD, "EDGEWEAVE_CACHE": str(cache_dir)}
     result = subprocess.run(
-        [sys.executable, "-m", "edgeweave", "run", "--prompt", "What is the capital of France?", "--nodes", "1",
+        [sys.executable, "-m", "edgeweave", "run", "--prompt", "What is the capital of France? Answer in one sentence.", "--nodes", "1",
          "--weights", "1", "--coordinator-share", "1", "--interface", "127.0.0.1", "--discovery-timeout", "0",
          "--max-tokens", "16", "--json"],
         capture_output=True, text=True, env=env, timeout=240,
