@@ -9,8 +9,9 @@ precision (quantize=None):
   - 2 nodes pinned to cores 0 and 1,
   - the coordinator computing a share itself (LocalMember) on core 0 + 1 node on core 1,
   - Q4_1 only: 1 node with backend="torch" (torch's int4/int8 kernels instead of ONNX Runtime's
-    MatMulNBits), and 1 node with 2 threads (pinned to cores 0-1, the coordinator on 0-1 with 2
-    threads: llama.cpp -t 2's core budget),
+    MatMulNBits), and 1 node with 2 threads (pinned to cores 0-1, the coordinator on 0-1 too:
+    llama.cpp -t 2's core budget; the coordinator's quantized LM head keeps its default of one
+    ORT thread, see DistributedLlama),
   - llama.cpp (the peer, .venv-peer: `make bench-peer`) on the same file, 1 thread (taskset -c 0)
     and 2 threads (taskset -c 0-1).
 
@@ -163,7 +164,7 @@ def edgeweave_run(path: str, prompt: list[int], n_tokens: int, *, label: str, no
         clients = [NodeClient(a, cluster=cluster.identity, timeout=120) for a in cluster.addresses]
         members = [LocalMember(), *clients] if share else clients
         with DistributedLlama(checkpoint, members, [1.0] * len(members), reply_timeout=600, quantize=quantize,
-                              backend=backend, window=window, hub_threads=threads) as llm:
+                              backend=backend, window=window) as llm:
             manifest = llm.manifest
             written = (manifest.root / "manifest.json").stat().st_mtime >= started
             release_memory()

@@ -63,16 +63,37 @@ def max_window_bytes(layer_bytes: Sequence[int], window: int) -> int:
     return max(sum(layer_bytes[(i + k) % n] for k in range(window)) for i in range(n))
 
 
-def choose_window(layer_bytes: Sequence[int], budget: int, kv_cache_bytes: int = 0, overhead: int = 0) -> int | None:
+#: bytes a node holds per byte of a layer's shard file, by the kernels the layer runs on. Float layers
+#: are views of the file's bytes (1.0). Quantized kernels hold their own prepacked copy: measured by
+#: benchmarks/quantized.py on the 1B Q4_0 file, a resident node held 1127 MB above an idle node for
+#: 636 MB of shards with ONNX Runtime (1.77x) and 841 MB with torch's int4 kernels (1.32x).
+KERNEL_BYTES_PER_SHARD_BYTE = {"float": 1.0, "ort": 1.8, "torch": 1.35}
+
+
+def held_layer_bytes(shard_bytes: Sequence[int], kernel: str = "float") -> tuple[list[int], list[int]]:
+    """What each layer costs a node (resident, in a window) for layer files of `shard_bytes` run on
+    `kernel` ("float", or a quantized backend: "ort", "torch"). Resident: the kernels' copy (the file's
+    buffer is freed once they are built). In a window: that copy plus the slot the file is read into."""
+    factor = KERNEL_BYTES_PER_SHARD_BYTE[kernel]
+    resident = [math.ceil(b * factor) for b in shard_bytes]
+    windowed = list(resident) if kernel == "float" else [math.ceil(b * (1 + factor)) for b in shard_bytes]
+    return resident, windowed
+
+
+def choose_window(layer_bytes: Sequence[int], budget: int, kv_cache_bytes: int = 0, overhead: int = 0,
+                  windowed_bytes: Sequence[int] | None = None) -> int | None:
     """The sliding window for `budget` bytes: None = all layers resident, else 1 .. len-1 layers.
 
-    Raises MemoryBudgetError when the fixed costs plus the largest layer exceed the budget.
+    `layer_bytes` is what each layer costs resident, `windowed_bytes` what it costs in a window
+    (default: the same; see `held_layer_bytes`). Raises MemoryBudgetError when the fixed costs plus
+    the largest layer exceed the budget.
     """
     if not layer_bytes:
         raise ValueError("choose_window needs the size of at least one layer")
     for_layers = budget - kv_cache_bytes - overhead
     if for_layers >= sum(layer_bytes):
         return None
+    layer_bytes = list(windowed_bytes) if windowed_bytes is not None else layer_bytes
     largest = max(layer_bytes)
     if for_layers < largest:
         raise MemoryBudgetError(

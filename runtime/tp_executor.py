@@ -24,7 +24,13 @@ from edgeweave.runtime.executor import Executor, ExecutorInputError, ExecutorSta
 from edgeweave.runtime.layer_compute import BACKENDS, FloatMatmuls, LayerMatmuls, matmuls_factory, torch_threads
 from edgeweave.runtime.layer_store import LayerStore, layer_file_sizes
 from edgeweave.runtime.llama import KVCache, LayerNorms, Rotary, attention_shard, decoder_layer, mlp_shard
-from edgeweave.runtime.memory_budget import MemoryBudgetError, choose_window, kv_cache_bytes
+from edgeweave.runtime.memory_budget import (
+    KERNEL_BYTES_PER_SHARD_BYTE,
+    MemoryBudgetError,
+    choose_window,
+    held_layer_bytes,
+    kv_cache_bytes,
+)
 
 _COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _REQUIRED_MODEL_KEYS = ("hidden_size", "num_layers", "head_dim", "rope_theta")
@@ -56,8 +62,8 @@ class TensorParallelExecutor(Executor):
             raise ExecutorInputError(f"tp_llm layer files {missing[:3]} are not among the job's shards")
         self.rank = int(config.get("rank", 0))
         paths = [Path(shards[n]) for n in names]
-        self.window = self._window(config.get("window"), paths, model, memory_budget)
         self.backend = str(config.get("backend") or BACKENDS[0])
+        self.window = self._window(config.get("window"), paths, model, memory_budget)
         self.threads = int(config.get("threads") or torch.get_num_threads())
         try:
             build = matmuls_factory(self.backend, self.threads, self.dtype)
@@ -117,10 +123,22 @@ class TensorParallelExecutor(Executor):
             return None
         context = int(self.config.get("context", model.get("max_position_embeddings", 2048)))
         kv = kv_cache_bytes(self.n_layers, self._local_kv_heads(paths[0]), self.head_dim, min(context, 4096))
+        kernel = self.backend if self._is_quantized(paths[0]) else "float"
+        if kernel not in KERNEL_BYTES_PER_SHARD_BYTE:
+            raise ExecutorInputError(f"matmul backend must be one of {', '.join(BACKENDS)}, not {kernel!r}")
+        resident, windowed = held_layer_bytes(layer_file_sizes(paths), kernel)
         try:
-            return choose_window(layer_file_sizes(paths), memory_budget, kv_cache_bytes=kv)
+            return choose_window(resident, memory_budget, kv_cache_bytes=kv, windowed_bytes=windowed)
         except MemoryBudgetError as exc:
             raise ExecutorInputError(str(exc)) from None
+
+    @staticmethod
+    def _is_quantized(first_layer: Path) -> bool:
+        """Whether the layer files hold block-quantized projections (read from the header only)."""
+        from safetensors import safe_open
+
+        with safe_open(str(first_layer), framework="pt") as f:
+            return "wq.q" in f.keys()  # noqa: SIM118 (not a dict)
 
     def _local_kv_heads(self, first_layer: Path) -> int:
         """This node's share of KV heads (sizes its KV cache), read from the shard header only."""

@@ -17,6 +17,7 @@ from edgeweave.runtime.memory_budget import (
     MemoryBudgetError,
     choose_window,
     format_bytes,
+    held_layer_bytes,
     kv_cache_bytes,
     max_window_bytes,
 )
@@ -72,19 +73,25 @@ def fit_cluster(
     layer_bytes: Sequence[Sequence[int]],
     kv_bytes: Sequence[int],
     fixed_bytes: Sequence[int],
+    windowed_bytes: Sequence[Sequence[int]] | None = None,
 ) -> MemoryPlan:
-    """Per-node windows for per-node budgets, layer sizes, KV caches and fixed costs, or MemoryPlanError."""
+    """Per-node windows for per-node budgets, layer sizes, KV caches and fixed costs, or MemoryPlanError.
+
+    `layer_bytes` is what each layer costs resident, `windowed_bytes` (default the same) what it costs
+    in a window (`runtime.memory_budget.held_layer_bytes`)."""
     if not len(names) == len(budgets) == len(layer_bytes) == len(kv_bytes) == len(fixed_bytes):
         raise ValueError("fit_cluster needs one name, budget, layer list, KV size and fixed size per node")
     decided: list[NodeMemory] = []
     short: list[tuple[str, int, int, int, int, int]] = []  # name, budget, kv, fixed, for weights, missing
-    for name, budget, layers, kv, fixed in zip(names, budgets, layer_bytes, kv_bytes, fixed_bytes, strict=True):
+    windowed_all = windowed_bytes if windowed_bytes is not None else layer_bytes
+    for name, budget, layers, windowed, kv, fixed in zip(names, budgets, layer_bytes, windowed_all, kv_bytes,
+                                                         fixed_bytes, strict=True):
         layers = tuple(int(b) for b in layers)
         try:
-            window = choose_window(layers, int(budget), int(kv), int(fixed))
+            window = choose_window(layers, int(budget), int(kv), int(fixed), windowed_bytes=windowed)
         except MemoryBudgetError:
             for_weights = int(budget) - int(kv) - int(fixed)
-            short.append((name, int(budget), int(kv), int(fixed), for_weights, max(layers) - for_weights))
+            short.append((name, int(budget), int(kv), int(fixed), for_weights, max(windowed) - for_weights))
             continue
         decided.append(NodeMemory(name, int(budget), layers, int(kv), int(fixed), window))
     if short:
@@ -114,17 +121,20 @@ def plan_memory(
     coordinator_bytes: int = 0,
     coordinator_rank: int | None = 0,
     overhead: int = DEFAULT_NODE_OVERHEAD,
+    backend: str = "ort",
 ) -> MemoryPlan:
     """Fit a tensor-parallel plan: layer sizes and KV heads per node come from the plan.
 
     `coordinator_bytes` (embedding, norms, LM head) count against `coordinator_rank`'s budget when
-    the coordinator runs on that node; pass None when it runs elsewhere.
+    the coordinator runs on that node; pass None when it runs elsewhere. A quantized plan's layers
+    cost what its `backend`'s kernels hold (`runtime.memory_budget.held_layer_bytes`).
     """
     cfg = plan.config
     if len(budgets) != len(plan.shards):
         raise ValueError(f"got {len(budgets)} memory budgets for {len(plan.shards)} nodes")
     names = list(names) if names is not None else [str(s.rank) for s in plan.shards]
-    layer_bytes = [[plan.layer_bytes(s.rank, itemsize)] * cfg.num_layers for s in plan.shards]
+    kernel = backend if plan.layouts is not None else "float"
+    held = [held_layer_bytes([plan.layer_bytes(s.rank, itemsize)] * cfg.num_layers, kernel) for s in plan.shards]
     kv = [kv_cache_bytes(cfg.num_layers, s.n_kv_heads, cfg.head_dim, context_length, itemsize) for s in plan.shards]
     fixed = [overhead + (coordinator_bytes if s.rank == coordinator_rank else 0) for s in plan.shards]
-    return fit_cluster(names, budgets, layer_bytes, kv, fixed)
+    return fit_cluster(names, budgets, [r for r, _ in held], kv, fixed, windowed_bytes=[w for _, w in held])

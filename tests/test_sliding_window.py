@@ -7,6 +7,7 @@ tensor as on a node without KV heads); every access through the store is compare
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import struct
@@ -366,3 +367,19 @@ def test_a_file_larger_than_its_slot_is_a_clear_error(layer_files, tmp_path):
     with pytest.raises(SafetensorsFormatError, match="more than the 4096-byte buffer"):
         read_file_into(paths[2], small)
     assert not small.any()  # nothing was written
+
+
+def test_quantized_layers_cost_their_kernels_copy_resident_and_the_slot_too_in_a_window():
+    """A quantized layer's kernels hold a prepacked copy of its file; in a window the file's slot
+    stays as well, so budgets size windows by those costs, not by file bytes."""
+    from edgeweave.runtime.memory_budget import KERNEL_BYTES_PER_SHARD_BYTE, held_layer_bytes
+
+    assert held_layer_bytes([100, 100], "float") == ([100, 100], [100, 100])
+    factor = KERNEL_BYTES_PER_SHARD_BYTE["ort"]
+    resident, windowed = held_layer_bytes([100] * 4, "ort")
+    assert resident == [math.ceil(100 * factor)] * 4 and windowed == [math.ceil(100 * (1 + factor))] * 4
+    assert choose_window(resident, sum(resident), windowed_bytes=windowed) is None  # all resident fits
+    assert choose_window(resident, 2 * windowed[0], windowed_bytes=windowed) == 2  # by the windowed cost
+    assert choose_window([100] * 4, 2 * windowed[0]) is None  # file bytes alone: all 4 "fit", 720 held
+    with pytest.raises(MemoryBudgetError):
+        choose_window(resident, windowed[0] - 1, windowed_bytes=windowed)
