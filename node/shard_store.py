@@ -123,7 +123,13 @@ class ShardStore:
         size = int(first.size)
         if size > self.max_shard_bytes:
             raise ShardRejected(f"shard {first.name} is {size} bytes; this node accepts at most {self.max_shard_bytes}")
-        if self.has(sha256):
+        if self.has(sha256):  # idempotent, but only for the same bytes: the announced size must match too
+            stored = self.path(sha256).stat().st_size
+            if stored != size:
+                raise ShardRejected(
+                    f"shard {first.name} announces {size} bytes, but the stored shard with sha256 {sha256[:12]}... "
+                    f"has {stored}; send its real size"
+                )
             return sha256, size, True
         if shutil.disk_usage(self.root).free < size:
             raise _no_space(self.root, first.name, size)

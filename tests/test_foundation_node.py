@@ -149,6 +149,10 @@ def test_put_shard_is_idempotent_and_verified(client, local_node, tmp_path):
     # a second upload (even bypassing the client's HasShards check) writes nothing
     again = client.stub.PutShard(iter([pb.ShardChunk(name="x", sha256=digest, size=first.size, data=b"")]), timeout=10)
     assert again.already_present and again.sha256 == digest
+    # ... but only for the same bytes: a stored digest with another announced size is refused
+    with pytest.raises(grpc.RpcError) as info:
+        _put_raw(client, [pb.ShardChunk(name="x", sha256=digest, size=first.size + 1, data=b"")])
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "real size" in info.value.details()
     assert client.ensure_shards({"layer.000": path}) == {"layer.000": digest}
     details = client.load("with-shard", "echo", {}, {"layer.000": digest})
     assert details == {}

@@ -116,3 +116,27 @@ def test_coordinator_share_with_one_node_matches_transformers(cluster, cache_dir
         assert llm.bytes_sent <= node_bytes  # rank 0's files stay where they were written
         _check_against_transformers(llm)
         assert me.job_stats(llm.job_ids[0])["tokens_computed"] > 0
+
+
+def test_quantized_three_nodes_windowed_equal_the_same_plan_in_process(cluster, cache_dir, tmp_path):
+    """The shipped Q4_1 file kept 4-bit over 3 real nodes, each holding a window of 3 layers, gives
+    exactly the tokens (logits within 1e-4) of the same plan run in one process, resident, with the
+    same kernels and weights: neither the wire nor the window changes the math."""
+    from test_quantized import N_TOKENS, InProcess, prompt_ids, smollm
+
+    from edgeweave.runtime.sampling import SamplingParams
+
+    weights = [1.0, 1.0, 1.0]
+    same_plan = InProcess(tmp_path / "in-process", weights)
+    want_tokens, want_logits = same_plan.greedy()
+    same_plan.close()
+    logits: list[torch.Tensor] = []
+    clients = _clients(cluster, 3)
+    with DistributedLlama(smollm(), clients, weights, cache_dir=cache_dir / "shards", window=3, hub_threads=1) as llm:
+        assert llm.plan.plan_id == same_plan.plan.plan_id and llm.manifest.data["precision"] == "file"
+        assert [d["window"] for d in llm.load_details] == [3, 3, 3] and all(d["quantized"] for d in llm.load_details)
+        tokens = list(llm.generate(prompt_ids(), N_TOKENS, SamplingParams(), logits_out=logits))
+    for client in clients:
+        client.close()
+    assert tokens == want_tokens
+    torch.testing.assert_close(torch.stack([row.reshape(-1) for row in logits]), want_logits, rtol=0, atol=1e-4)
