@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import urllib.error
@@ -140,6 +141,21 @@ def build_engine(model: str | None, engine_kind: str, peers: list[str], interfac
                                        quantize=quantize)))
 
 
+def check_exposure(host: str, api_key: str | None, no_api_key: bool) -> None:
+    """Refuse to serve beyond this machine without a key, unless told to (`--no-api-key`)."""
+    if api_key and no_api_key:
+        raise typer.BadParameter("--api-key and --no-api-key contradict each other; give one", param_hint="--no-api-key")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not api_key and not no_api_key:
+        raise typer.BadParameter(
+            f"{host} is reachable from other machines, and anyone there could use the cluster: give --api-key "
+            "(or [coordinator] api_key, EDGEWEAVE_COORDINATOR_API_KEY), or --no-api-key to serve it open",
+            param_hint="--host")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
@@ -156,6 +172,11 @@ def register(app: typer.Typer) -> None:
         quantize: str = typer.Option(None, help=QUANTIZE_HELP),
         max_active: int = typer.Option(8, help="Requests decoded together (round robin, one KV cache each)."),
         max_queue: int = typer.Option(64, help="Requests allowed to wait; more get HTTP 429."),
+        api_key: str = typer.Option(None, help="Require 'Authorization: Bearer KEY' on /v1/ (default: config "
+                                               "api_key, env EDGEWEAVE_COORDINATOR_API_KEY)."),
+        no_api_key: bool = typer.Option(False, "--no-api-key", help="Serve a non-loopback address without a key."),
+        max_body_bytes: int = typer.Option(None, help="Largest request body; larger ones get HTTP 413 "
+                                                      "(default: config max_body_bytes, 4 MiB)."),
     ) -> None:
         """Serve the model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
         import uvicorn
@@ -173,6 +194,12 @@ def register(app: typer.Typer) -> None:
             precision = pick_quantize(quantize, cfg.quantize)
         except ConfigError as exc:
             raise typer.BadParameter(str(exc), param_hint="--quantize") from None
+        bind_host, bind_port = pick(host, cfg.http_host), pick(port, cfg.http_port)
+        key = pick(api_key, cfg.api_key) or None
+        check_exposure(bind_host, key, no_api_key)
+        body_limit = pick(max_body_bytes, cfg.max_body_bytes)
+        if body_limit < 1024:
+            raise typer.BadParameter(f"must be at least 1024 bytes, got {body_limit}", param_hint="--max-body-bytes")
         with contextlib.ExitStack() as stack:
             peers = pick(peer or None, cfg.peers) or []
             try:
@@ -185,9 +212,10 @@ def register(app: typer.Typer) -> None:
                 raise typer.BadParameter(str(exc), param_hint="MODEL") from None
             scheduler = Scheduler(text_engine, max_active=max_active, max_queue=max_queue)
             stack.callback(scheduler.close)
-            bind_host, bind_port = pick(host, cfg.http_host), pick(port, cfg.http_port)
-            typer.echo(f"serving {text_engine.model_id} on http://{bind_host}:{bind_port}/v1")
-            uvicorn.run(create_app(text_engine, scheduler), host=bind_host, port=bind_port, log_level="warning")
+            typer.echo(f"serving {text_engine.model_id} on http://{bind_host}:{bind_port}/v1"
+                       + (" (API key required)" if key else ""))
+            uvicorn.run(create_app(text_engine, scheduler, api_key=key, max_body_bytes=body_limit),
+                        host=bind_host, port=bind_port, log_level="warning")
 
     @app.command("status")
     def status(

@@ -5,7 +5,8 @@ Requests become `GenerationJob`s on the `Scheduler`; tokens come back from the s
 through an asyncio queue. Streaming uses server-sent events exactly as OpenAI does (chunks, then
 `data: [DONE]`). A client that goes away cancels its job between two tokens. Every error has
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 for malformed requests
-(FastAPI's 422 included), 404 for an unknown model, 429 when the queue is full.
+(FastAPI's 422 included) and for fields this server does not implement, 401 without the API key,
+404 for an unknown model, 413 for a body over the limit (`http_guard`), 429 when the queue is full.
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgeweave import __version__
 from edgeweave.coordinator.engine import TextEngine
+from edgeweave.coordinator.http_guard import RequestGuard
 from edgeweave.coordinator.scheduler import GenerationJob, QueueFull, Scheduler
 from edgeweave.coordinator.text_output import TextAssembler
 from edgeweave.runtime.sampling import SamplingParams
 from edgeweave.splitting.tokenizer import TokenizerError
 
 DEFAULT_MAX_TOKENS = 512
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*\]|function-.*)$")
 MAX_STOP_STRINGS = 4
 
@@ -58,10 +62,24 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    """The parameters both endpoints share; unknown OpenAI fields are accepted and ignored."""
+#: OpenAI request fields this server does not implement, with the value that asks for nothing
+#: (sent that way, e.g. by clients that fill in defaults, they are accepted); any other value is a
+#: 400 naming the field, never a silent 200. Fields OpenAI does not define at all are refused too.
+NOT_IMPLEMENTED: dict[str, Any] = {
+    "tools": [], "tool_choice": "none", "functions": [], "function_call": "none", "parallel_tool_calls": None,
+    "logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+    "response_format": {"type": "text"}, "best_of": 1, "echo": False, "suffix": None, "audio": None,
+    "modalities": ["text"], "prediction": None, "store": False, "metadata": None, "service_tier": None,
+    "reasoning_effort": None, "web_search_options": None,
+}
+#: the seed range the sampler's generator accepts (torch.Generator.manual_seed)
+MAX_SEED = 2**63 - 1
 
-    model_config = ConfigDict(extra="ignore")
+
+class SamplingFields(BaseModel):
+    """The parameters both endpoints share. Other fields are checked by `refuse_unsupported`."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -69,7 +87,7 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     n: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -92,6 +110,17 @@ class ChatRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int]
+
+
+def refuse_unsupported(body: SamplingFields) -> None:
+    """400 for a field this server does not implement (unless it asks for nothing) or does not know."""
+    for name, value in (body.model_extra or {}).items():
+        if name in NOT_IMPLEMENTED:
+            if value is None or value == NOT_IMPLEMENTED[name]:
+                continue
+            raise APIError(400, f"'{name}' is not supported by this server (sent {json.dumps(value)[:60]}); "
+                                "see the README for the supported fields.", name, "unsupported_parameter")
+        raise APIError(400, f"Unrecognized request argument supplied: {name}.", name, "unknown_parameter")
 
 
 # -- one running request -------------------------------------------------------------------------
@@ -280,9 +309,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 # -- the app -------------------------------------------------------------------------------------
-def create_app(engine: TextEngine, scheduler: Scheduler, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
-    """An OpenAI-compatible API over `engine`; the caller owns (and closes) engine and scheduler."""
+def create_app(engine: TextEngine, scheduler: Scheduler, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """An OpenAI-compatible API over `engine`; the caller owns (and closes) engine and scheduler.
+    With `api_key`, /v1/ requests need it as a Bearer token; bodies over `max_body_bytes` get 413."""
     app = FastAPI(title="edgeweave", version=__version__)
+    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, api_key=api_key)
     service = Service(engine, scheduler, default_max_tokens)
     app.state.service = service
 
@@ -319,7 +351,9 @@ def create_app(engine: TextEngine, scheduler: Scheduler, default_max_tokens: int
     @app.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatRequest):
         service.check_model(body.model)
-        run = service.start(request, body, service.chat_prompt(body))
+        refuse_unsupported(body)
+        # tokenizing a long prompt takes a while: off the event loop, so other requests keep flowing
+        run = service.start(request, body, await run_in_threadpool(service.chat_prompt, body))
         rid, created = f"chatcmpl-{run.job.job_id}", int(time.time())
         if body.stream:
             def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
@@ -338,7 +372,8 @@ def create_app(engine: TextEngine, scheduler: Scheduler, default_max_tokens: int
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
         service.check_model(body.model)
-        run = service.start(request, body, service.completion_prompt(body))
+        refuse_unsupported(body)
+        run = service.start(request, body, await run_in_threadpool(service.completion_prompt, body))
         rid, created = f"cmpl-{run.job.job_id}", int(time.time())
         if body.stream:
             def chunk(text: str | None, finish: str | None) -> dict[str, Any] | None:

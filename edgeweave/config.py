@@ -15,6 +15,7 @@ The file is `$EDGEWEAVE_CONFIG`, else `~/.config/edgeweave/config.toml`:
     peers = ["10.0.0.7:50551"]
     http_port = 8000
     quantize = "q4"        # q4 | q8 | none; unset keeps the model file's own precision
+    api_key = "..."        # serve: clients must send "Authorization: Bearer ..." (or EDGEWEAVE_COORDINATOR_API_KEY)
 
 An environment variable `EDGEWEAVE_<SECTION>_<KEY>` (e.g. `EDGEWEAVE_NODE_PORT=6000`) overrides
 the file; a flag given on the command line overrides both. Unknown keys are an error, so a typo
@@ -67,6 +68,8 @@ class CoordinatorSettings:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     quantize: str = ""  # "" keeps the model file's precision class; q4, q8 or none
+    api_key: str = ""  # `edgeweave serve` requires "Authorization: Bearer <api_key>" when set
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get HTTP 413 before they are parsed
 
 
 @dataclass
