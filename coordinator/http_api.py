@@ -337,11 +337,17 @@ def create_app(engine: TextEngine, scheduler: Scheduler, default_max_tokens: int
         snap = scheduler.snapshot()
         return {"status": "ok", "model": engine.model_id, "active": snap["active"], "waiting": snap["waiting"]}
 
+    def model_card() -> dict[str, Any]:
+        return {"id": engine.model_id, "object": "model", "created": int(service.started), "owned_by": "edgeweave"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": engine.model_id, "object": "model", "created": int(service.started), "owned_by": "edgeweave"}
-        ]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        service.check_model(model_id)
+        return model_card()
 
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:

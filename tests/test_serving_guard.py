@@ -76,6 +76,9 @@ def test_api_key_is_required_on_v1_and_health_stays_open(server):
         assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key", headers
     with pytest.raises(openai.AuthenticationError, match="API key"):
         _client(url, "wrong").models.list()
+    assert _client(url).models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        _client(url).models.retrieve("no-such-model")
     answer = _client(url).chat.completions.create(model=model, messages=HI, max_tokens=2, temperature=0)
     assert answer.choices[0].message.content and answer.usage.completion_tokens <= 2
 
