@@ -7,12 +7,9 @@ One cluster and one server for the whole module (they take ~30 s to start on 2 c
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +19,7 @@ import openai
 import pytest
 import torch
 from llm_reference import CHAT, hf_model, hf_reference, hf_tokenizer
+from serve_process import serve_process
 
 from edgeweave.coordinator.client import NodeClient
 from edgeweave.coordinator.local_cluster import LocalCluster
@@ -49,45 +47,15 @@ class Served:
         return httpx.get(f"{self.url}/v1/status", timeout=10).json()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     with LocalCluster(2, advertise=False) as cluster:
-        port = _free_port()
-        log = tmp / "serve.log"
-        argv = [sys.executable, "-m", "edgeweave", "serve", "--port", str(port), "--weights", "1,1",
-                "--quantize", "none",  # the answers are compared with transformers' float32 ones
+        args = ["--weights", "1,1", "--quantize", "none",  # the answers are compared with transformers' float32 ones
                 "--peer", cluster.addresses[0], "--peer", cluster.addresses[1]]
-        env = {**os.environ, "EDGEWEAVE_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"edgeweave serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-                try:
-                    model = httpx.get(f"{url}/v1/models", timeout=2).json()["data"][0]["id"]
-                    break
-                except httpx.HTTPError:
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"edgeweave serve did not come up:\n{log.read_text()[-3000:]}")
-                    time.sleep(0.3)
-            yield Served(url, model, cluster, log)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        with serve_process(args, tmp) as url:
+            model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+            yield Served(url, model, cluster, tmp / "serve.log")
 
 
 def hf_greedy_text(messages: list[dict], n_tokens: int) -> str:

@@ -6,7 +6,6 @@ cluster is needed), the real `openai` client and raw HTTP."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import time
 import httpx
 import openai
 import pytest
+from serve_process import serve_process
 
 pytestmark = pytest.mark.llm
 
@@ -23,45 +23,12 @@ LIMIT = 64 * 1024
 HI = [{"role": "user", "content": "hi"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("guard")
-    port = _free_port()
-    argv = [sys.executable, "-m", "edgeweave", "serve", "--engine", "reference", "--quantize", "none",
-            "--port", str(port), "--api-key", KEY, "--max-body-bytes", str(LIMIT)]
-    env = {**os.environ, "EDGEWEAVE_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
-    log = tmp / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"edgeweave serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"edgeweave serve did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+    args = ["--engine", "reference", "--quantize", "none", "--api-key", KEY, "--max-body-bytes", str(LIMIT)]
+    with serve_process(args, tmp_path_factory.mktemp("guard"), {"OMP_NUM_THREADS": "1"}) as url:
         model = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
         yield url, model["data"][0]["id"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _client(url: str, key: str = KEY) -> openai.OpenAI:
