@@ -9,9 +9,9 @@ activations); the weights stay exactly as stored. The offset term of `runtime.qu
 matmul 1/block the size of the main one, in the same graph.
 
 Where the tensors came from a shard file (`safetensors_read.FileTensors`, written in
-`safetensors_write.data_order`, so q|k|v and gate|up are contiguous ranges), the packed weights,
-scales and offsets are ONNX external data: ORT reads them from the file itself, prepacks, and
-keeps no copy from the graph. Measured on a 2048x5632 4-bit weight: 1.6x its bytes per session
+`safetensors_write.data_order`, so q|k|v and gate|up are contiguous ranges), the packed weights
+and scales are ONNX external data: ORT reads them from the file itself, prepacks, and keeps no
+copy from the graph (zero points and offsets, small, are re-centred first: see `centered`). Measured on a 2048x5632 4-bit weight: 1.6x its bytes per session
 this way, 2.8x with the weights copied into the graph (`benchmarks/quantized.py` has the whole-node
 figure). Tensors from memory (the in-process reference, a requantized hub tensor) are copied into
 the graph. Either way the buffer they came from can be reused at once: this is what lets the
@@ -49,7 +49,8 @@ def _pack_zero_points(zero: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(zero[:, 0::2] | (zero[:, 1::2] << 4), dtype=np.uint8).reshape(-1)
 
 
-def centered(w: PackedWeight) -> tuple[np.ndarray, np.ndarray | None]:
+def centered(zero: np.ndarray, scale: np.ndarray, offset: np.ndarray | None,
+             bits: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Zero points and offsets for the kernel: the same weights, with the integer part centred.
 
     GGUF's "d * q + m" formats (Q4_1, Q4_K, Q5_K) store zero 0 and the block minimum as the offset,
@@ -59,12 +60,11 @@ def centered(w: PackedWeight) -> tuple[np.ndarray, np.ndarray | None]:
     blocks. Moving the zero point to the value nearest -offset / scale leaves each weight
     unchanged (scale * (q - z') + offset + scale * (z' - z), exact up to float32 rounding of the
     new offset) and the offset at most half a step."""
-    zero = w.zero.numpy()
-    if w.offset is None:
+    if offset is None:
         return zero, None
-    scale, offset = w.scale.numpy().astype(np.float64), w.offset.numpy().astype(np.float64)
+    scale, offset = scale.astype(np.float64), offset.astype(np.float64)
     safe = np.where(scale == 0, 1.0, scale)
-    moved = np.where(scale == 0, zero, np.clip(np.rint(zero - offset / safe), 0, (1 << w.bits) - 1)).astype(np.uint8)
+    moved = np.where(scale == 0, zero, np.clip(np.rint(zero - offset / safe), 0, (1 << bits) - 1)).astype(np.uint8)
     return moved, (offset + scale * (moved.astype(np.float64) - zero)).astype(np.float32)
 
 
@@ -116,7 +116,7 @@ class _Graph:
     def linear(self, x: str, tensors: Mapping[str, torch.Tensor], name: str, bias: str | None = None) -> str:
         """y = x @ W^T (+ bias) for a quantized or float weight `name` of the shard."""
         if is_quantized(tensors, name):
-            y = self._quantized(x, packed_weight(tensors, name), [name])
+            y = self._quantized(x, [packed_weight(tensors, name)], [name])
         else:
             y = self.node("MatMul", [x, self.constant(tensors[name].float().numpy().T, name)])
         if bias is not None and bias in tensors:
@@ -130,11 +130,7 @@ class _Graph:
         layouts = {(w.bits, w.block, w.offset is not None) for w in
                    (packed_weight(tensors, n) for n in names if is_quantized(tensors, n))}
         if len(layouts) == 1 and all(is_quantized(tensors, n) for n in names):
-            parts = [packed_weight(tensors, n) for n in names]
-            cat = (lambda attr: torch.cat([getattr(w, attr) for w in parts]))  # noqa: E731
-            stacked = PackedWeight(cat("q"), cat("scale"), cat("zero"), cat("offset") if parts[0].offset is not None
-                                   else None, parts[0].bits, parts[0].block, parts[0].in_features)
-            y = self._quantized(x, stacked, names)
+            y = self._quantized(x, [packed_weight(tensors, n) for n in names], names)
         else:
             y = self.node("Concat", [self.linear(x, tensors, n) for n in names], axis=-1)
         if any(b in tensors for b in biases):
@@ -143,13 +139,20 @@ class _Graph:
             y = self.node("Add", [y, self.constant(bias, "bias")])
         return y
 
-    def _quantized(self, x: str, w: PackedWeight, names: list[str]) -> str:
-        """MatMulNBits of the weight `w`, stacked from the shard's projections `names`."""
-        n, nb = w.out_features, w.in_features // w.block
-        q = self.from_file([f"{p}.q" for p in names], tuple(w.q.shape), "qweight")
+    def _quantized(self, x: str, parts: list[PackedWeight], names: list[str]) -> str:
+        """ONE MatMulNBits over the shard's projections `names` (`parts`, of one layout) stacked by rows;
+        the packed weights are only copied and stacked here when ORT cannot read them from the file."""
+        w = parts[0]
+        n, nb = sum(p.out_features for p in parts), w.in_features // w.block
+
+        def stacked(attr: str) -> np.ndarray:
+            return torch.cat([getattr(p, attr) for p in parts]).numpy() if len(parts) > 1 else getattr(w, attr).numpy()
+
+        q = self.from_file([f"{p}.q" for p in names], (n, *w.q.shape[1:]), "qweight")
         scale = self.from_file([f"{p}.scale" for p in names], (n * nb,), "scale")
-        zero, offset = centered(w)
-        inputs = [x, q or self.constant(w.q.numpy(), "qweight"), scale or self.constant(w.scale.numpy().reshape(-1), "scale"),
+        scales = stacked("scale")
+        zero, offset = centered(stacked("zero"), scales, stacked("offset") if w.offset is not None else None, w.bits)
+        inputs = [x, q or self.constant(stacked("q"), "qweight"), scale or self.constant(scales.reshape(-1), "scale"),
                   self.constant(_pack_zero_points(zero, w.bits), "zero")]
         y = self.node("MatMulNBits", inputs, domain="com.microsoft", K=w.in_features, N=n, bits=w.bits,
                       block_size=w.block, accuracy_level=ACCURACY_LEVEL)
