@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgeweave import __version__
 from edgeweave.coordinator.engine import TextEngine
-from edgeweave.coordinator.http_guard import RequestGuard
+from edgeweave.coordinator.http_guard import RequestGuard, error_response
 from edgeweave.coordinator.scheduler import GenerationJob, QueueFull, Scheduler
 from edgeweave.coordinator.text_output import TextAssembler
 from edgeweave.runtime.sampling import SamplingParams
@@ -52,13 +52,10 @@ class APIError(Exception):
         return error_response(self.status, self.message, self.param, self.code, self.kind)
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
-
-
 # -- request bodies ------------------------------------------------------------------------------
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # nothing the client sends is silently dropped
+
     include_usage: bool = False
 
 
@@ -95,11 +92,15 @@ class SamplingFields(BaseModel):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # name, tool_calls, ...: a 400 naming the field
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 

@@ -10,20 +10,20 @@ Both answer in OpenAI's error shape.
 from __future__ import annotations
 
 import hmac
-import json
 from typing import Any
+
+from starlette.responses import JSONResponse
 
 Scope = dict[str, Any]
 #: the paths an API key protects
 PROTECTED_PREFIX = "/v1/"
 
 
-async def _send_error(send, status: int, message: str, code: str, kind: str, headers: list | None = None) -> None:
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]})
-    await send({"type": "http.response.body", "body": body})
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in OpenAI's shape (the API's handlers and this middleware answer alike)."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
 
 
 class RequestGuard:
@@ -38,13 +38,14 @@ class RequestGuard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.api_key and scope.get("path", "").startswith(PROTECTED_PREFIX) and not self._authorized(headers):
-            await _send_error(send, 401, "This server requires an API key: send 'Authorization: Bearer <key>'.",
-                              "invalid_api_key", "authentication_error", [(b"www-authenticate", b"Bearer")])
+            await error_response(401, "This server requires an API key: send 'Authorization: Bearer <key>'.", None,
+                                 "invalid_api_key", "authentication_error", {"WWW-Authenticate": "Bearer"})(
+                scope, receive, send)
             return
         length = headers.get("content-length", "")
         if length.isdigit():  # the server's HTTP parser holds the client to its Content-Length
             if int(length) > self.max_body_bytes:
-                await _send_error(send, 413, self._too_large(int(length)), "request_too_large", "invalid_request_error")
+                await self._too_large(int(length))(scope, receive, send)
                 return
             await self.app(scope, receive, send)
             return
@@ -58,7 +59,7 @@ class RequestGuard:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_body_bytes:
-                await _send_error(send, 413, self._too_large(size), "request_too_large", "invalid_request_error")
+                await self._too_large(size)(scope, receive, send)
                 return
         body = b"".join(chunks)
         replayed = False
@@ -76,6 +77,6 @@ class RequestGuard:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
-    def _too_large(self, size: int) -> str:
-        return (f"The request body is at least {size} bytes; this server accepts at most {self.max_body_bytes} "
-                "(--max-body-bytes).")
+    def _too_large(self, size: int) -> JSONResponse:
+        return error_response(413, f"The request body is at least {size} bytes; this server accepts at most "
+                                   f"{self.max_body_bytes} (--max-body-bytes).", None, "request_too_large")

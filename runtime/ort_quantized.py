@@ -11,9 +11,9 @@ matmul 1/block the size of the main one, in the same graph.
 Where the tensors came from a shard file (`safetensors_read.FileTensors`, written in
 `safetensors_write.data_order`, so q|k|v and gate|up are contiguous ranges), the packed weights
 and scales are ONNX external data: ORT reads them from the file itself, prepacks, and keeps no
-copy from the graph (zero points and offsets, small, are re-centred first: see `centered`). Measured on a 2048x5632 4-bit weight: 1.6x its bytes per session
-this way, 2.8x with the weights copied into the graph (`benchmarks/quantized.py` has the whole-node
-figure). Tensors from memory (the in-process reference, a requantized hub tensor) are copied into
+copy from the graph (zero points and offsets, small, are re-centred first: see `centered`).
+Measured on a 2048x5632 4-bit weight: 1.6x its bytes per session this way, 2.8x with the weights
+copied into the graph (`benchmarks/quantized.py` has the whole-node figure). Tensors from memory (the in-process reference, a requantized hub tensor) are copied into
 the graph. Either way the buffer they came from can be reused at once: this is what lets the
 sliding window hand its slot to the next layer.
 """

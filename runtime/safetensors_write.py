@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from edgeweave.runtime.layer_compute import PROJECTIONS
 from edgeweave.runtime.quantized import SUFFIXES
 
 #: torch dtype -> safetensors dtype name (those `runtime.safetensors_read` reads back)
@@ -29,8 +30,6 @@ DTYPE_NAMES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-#: projections in the order their fused groups stack them (see `runtime.layer_compute.PROJECTIONS`)
-PROJECTION_ORDER = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 def data_order(names: Sequence[str], tensors: Mapping[str, torch.Tensor]) -> list[str]:
@@ -39,7 +38,7 @@ def data_order(names: Sequence[str], tensors: Mapping[str, torch.Tensor]) -> lis
     def key(name: str) -> tuple[int, int, int, str]:
         stem, _, suffix = name.rpartition(".")
         kind = SUFFIXES.index(suffix) if stem and suffix in SUFFIXES else len(SUFFIXES)
-        projection = PROJECTION_ORDER.index(stem) if stem in PROJECTION_ORDER else len(PROJECTION_ORDER)
+        projection = PROJECTIONS.index(stem) if stem in PROJECTIONS else len(PROJECTIONS)
         return -tensors[name].element_size(), kind, projection, name
 
     return sorted(names, key=key)

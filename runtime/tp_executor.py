@@ -25,7 +25,6 @@ from edgeweave.runtime.layer_compute import BACKENDS, FloatMatmuls, LayerMatmuls
 from edgeweave.runtime.layer_store import LayerStore, layer_file_sizes
 from edgeweave.runtime.llama import KVCache, LayerNorms, Rotary, attention_shard, decoder_layer, mlp_shard
 from edgeweave.runtime.memory_budget import (
-    KERNEL_BYTES_PER_SHARD_BYTE,
     MemoryBudgetError,
     choose_window,
     held_layer_bytes,
@@ -63,6 +62,8 @@ class TensorParallelExecutor(Executor):
         self.rank = int(config.get("rank", 0))
         paths = [Path(shards[n]) for n in names]
         self.backend = str(config.get("backend") or BACKENDS[0])
+        if self.backend not in BACKENDS:
+            raise ExecutorInputError(f"matmul backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         self.window = self._window(config.get("window"), paths, model, memory_budget)
         self.threads = int(config.get("threads") or torch.get_num_threads())
         try:
@@ -122,31 +123,22 @@ class TensorParallelExecutor(Executor):
         if memory_budget <= 0:
             return None
         context = int(self.config.get("context", model.get("max_position_embeddings", 2048)))
-        kv = kv_cache_bytes(self.n_layers, self._local_kv_heads(paths[0]), self.head_dim, min(context, 4096))
-        kernel = self.backend if self._is_quantized(paths[0]) else "float"
-        if kernel not in KERNEL_BYTES_PER_SHARD_BYTE:
-            raise ExecutorInputError(f"matmul backend must be one of {', '.join(BACKENDS)}, not {kernel!r}")
-        resident, windowed = held_layer_bytes(layer_file_sizes(paths), kernel)
+        quantized, kv_rows = self._shard_header(paths[0])
+        kv = kv_cache_bytes(self.n_layers, kv_rows // self.head_dim, self.head_dim, min(context, 4096))
+        resident, windowed = held_layer_bytes(layer_file_sizes(paths), self.backend if quantized else "float")
         try:
             return choose_window(resident, memory_budget, kv_cache_bytes=kv, windowed_bytes=windowed)
         except MemoryBudgetError as exc:
             raise ExecutorInputError(str(exc)) from None
 
     @staticmethod
-    def _is_quantized(first_layer: Path) -> bool:
-        """Whether the layer files hold block-quantized projections (read from the header only)."""
+    def _shard_header(first_layer: Path) -> tuple[bool, int]:
+        """(block-quantized?, this node's wk rows: its KV cache's size) from the shard header only."""
         from safetensors import safe_open
 
         with safe_open(str(first_layer), framework="pt") as f:
-            return "wq.q" in f.keys()  # noqa: SIM118 (not a dict)
-
-    def _local_kv_heads(self, first_layer: Path) -> int:
-        """This node's share of KV heads (sizes its KV cache), read from the shard header only."""
-        from safetensors import safe_open
-
-        with safe_open(str(first_layer), framework="pt") as f:
-            key = "wk.q" if "wk.q" in f.keys() else "wk"  # noqa: SIM118 (not a dict)
-            return f.get_slice(key).get_shape()[0] // self.head_dim
+            quantized = "wk.q" in f.keys()  # noqa: SIM118 (not a dict)
+            return quantized, f.get_slice("wk.q" if quantized else "wk").get_shape()[0]
 
     def details(self) -> dict[str, Any]:
         return {

@@ -91,6 +91,14 @@ def test_unimplemented_or_unknown_fields_are_400s_naming_them(server, field, val
     assert reply.json()["error"]["param"] == field and field in reply.json()["error"]["message"]
 
 
+def test_unknown_fields_inside_messages_are_400s_naming_them(server):
+    url, model = server
+    messages = [{"role": "user", "content": "hi", "name": "ann"}]
+    reply = httpx.post(f"{url}/v1/chat/completions", json={"model": model, "messages": messages},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages.0.name", reply.text
+
+
 def test_fields_that_ask_for_nothing_and_out_of_range_numbers(server):
     url, model = server
     client = _client(url)
