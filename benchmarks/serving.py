@@ -1,22 +1,24 @@
-"""Serving under load: `edgeweave serve` on a local 2-node cluster vs. single-process HF transformers,
-both behind the same HTTP layer (scheduler + OpenAI API), measured in one run.
+"""Serving under load: `edgeweave serve` (continuous batching) on a local 2-node cluster vs.
+single-process HF transformers, both behind the same HTTP layer (scheduler + OpenAI API), one run.
 
-For 1, 4 and 8 concurrent clients, each client sends one streamed chat completion (greedy, a few
-tokens). Reported per engine and load: median time to first token, median per-request decode
-rate (tokens after the first / their time) and aggregate throughput (all tokens / wall time).
+For 1, 4, 8 and 16 concurrent clients, each client sends one streamed chat completion (greedy,
+`--tokens` tokens) at the same moment. Reported per engine and load: aggregate throughput (all
+tokens / wall time), p50/p99 time per token (gaps between a request's consecutive tokens, pooled
+over the requests) and p50/p99 time to first token. The HF engine has no batched step (one
+DynamicCache per request, its rows run one after another), as a single-process server would.
 
-    python benchmarks/serving.py [--tokens 8] [--loads 1,4,8]
+    python benchmarks/serving.py [--tokens 32] [--loads 1,4,8,16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,22 +29,22 @@ import uvicorn
 from rich.console import Console
 from rich.table import Table
 
-from edgeweave.coordinator.engine import DistributedEngine, model_id_of
+from edgeweave.coordinator.engine import DistributedEngine, Telemetry, model_id_of
 from edgeweave.coordinator.http_api import create_app
 from edgeweave.coordinator.local_cluster import LocalCluster
 from edgeweave.coordinator.scheduler import Scheduler
-from edgeweave.runtime.sampling import Sampler, SamplingParams
+from edgeweave.runtime.batch import SequenceStep
 from edgeweave.splitting.checkpoints import Checkpoint, default_model_path, open_checkpoint
 from edgeweave.splitting.tokenizer import Tokenizer
 
-QUESTIONS = [
-    "What is the capital of France?", "Name a primary color.", "What is 2 + 2?", "Say hello in Spanish.",
-    "What do bees make?", "Which planet is the largest?", "What is the opposite of hot?", "Name a fruit.",
-]
+TOPICS = ["Paris", "the ocean", "honey bees", "Jupiter", "the Roman empire", "volcanoes", "the piano", "rainforests"]
+QUESTIONS = [f"Tell me about {topic} in a few sentences." for topic in TOPICS]
+#: co-located nodes share the 2 cores: one thread each (separate devices would each have their own)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 class HFEngine:
-    """HF transformers in this process as a `TextEngine`: one DynamicCache per session, one step per next()."""
+    """HF transformers in this process as a `TextEngine`: one DynamicCache per session, rows one by one."""
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         from transformers import AutoModelForCausalLM
@@ -52,33 +54,36 @@ class HFEngine:
         self.model_id = model_id_of(checkpoint)
         self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
         self.max_context = checkpoint.config.max_position_embeddings
+        self.caches: dict[str, Any] = {}
 
-    def generate(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams, session: str) -> Iterator[int]:
+    def step(self, sequences: list[SequenceStep]) -> torch.Tensor:
         from transformers import DynamicCache
 
-        cache, sampler = DynamicCache(), Sampler(sampling)
-        inputs = torch.tensor([prompt_ids])
-        for _ in range(max_tokens):
+        rows = []
+        for seq in sequences:
+            cache = self.caches.setdefault(seq.session, DynamicCache())
             with torch.inference_mode():
-                out = self.model(input_ids=inputs, past_key_values=cache, use_cache=True)
-            token = sampler.choose(out.logits[0, -1])
-            yield token
-            if sampler.is_stop(token):
-                return
-            inputs = torch.tensor([[token]])
+                out = self.model(input_ids=torch.tensor([seq.history[seq.cached:]]), past_key_values=cache,
+                                 use_cache=True)
+            rows.append(out.logits[0, -1])
+        return torch.stack(rows)
 
-    def reset(self, session: str) -> None:
-        pass  # the cache lives in the generator and goes with it
+    def reset(self, *sessions: str) -> None:
+        for session in sessions:
+            self.caches.pop(session, None)
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "HF transformers (single process)", "model": self.model_id, "nodes": []}
 
+    def telemetry(self) -> Telemetry:
+        return Telemetry()
+
     def close(self) -> None:
-        pass
+        self.caches.clear()
 
 
 def serve_in_thread(engine: Any) -> tuple[str, uvicorn.Server, Scheduler]:
-    scheduler = Scheduler(engine, max_active=8)
+    scheduler = Scheduler(engine, max_active=16)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -89,11 +94,11 @@ def serve_in_thread(engine: Any) -> tuple[str, uvicorn.Server, Scheduler]:
     return f"http://127.0.0.1:{port}", server, scheduler
 
 
-def one_request(url: str, model: str, question: str, tokens: int) -> dict[str, float]:
+def one_request(url: str, model: str, question: str, tokens: int) -> dict[str, Any]:
     body = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0,
             "max_tokens": tokens, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first = last = None
+    arrivals: list[float] = []
     completion = 0
     with httpx.Client(timeout=600) as http, http.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
         for line in reply.iter_lines():
@@ -103,12 +108,14 @@ def one_request(url: str, model: str, question: str, tokens: int) -> dict[str, f
             if chunk.get("usage"):
                 completion = chunk["usage"]["completion_tokens"]
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-    ttft = (first or time.perf_counter()) - start
-    rate = (completion - 1) / (last - first) if first and last and last > first and completion > 1 else float("nan")
-    return {"ttft_s": ttft, "tokens_per_s": rate, "tokens": completion, "end_s": time.perf_counter() - start}
+                arrivals.append(time.perf_counter())
+    return {"ttft_s": (arrivals[0] if arrivals else time.perf_counter()) - start,
+            "gaps_s": [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)], "tokens": completion}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
 def run_load(url: str, model: str, clients: int, tokens: int) -> dict[str, float]:
@@ -117,64 +124,84 @@ def run_load(url: str, model: str, clients: int, tokens: int) -> dict[str, float
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda q: one_request(url, model, q, tokens), (QUESTIONS * 2)[:clients]))
     wall = time.perf_counter() - start
-    rates = [r["tokens_per_s"] for r in results if r["tokens_per_s"] == r["tokens_per_s"]]
+    gaps = [g for r in results for g in r["gaps_s"]]
+    ttfts = [r["ttft_s"] for r in results]
     return {
         "clients": clients,
-        "median_ttft_s": statistics.median(r["ttft_s"] for r in results),
-        "median_tokens_per_s": statistics.median(rates) if rates else float("nan"),
         "aggregate_tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "p50_time_per_token_s": statistics.median(gaps) if gaps else float("nan"),
+        "p99_time_per_token_s": percentile(gaps, 0.99),
+        "p50_ttft_s": statistics.median(ttfts),
+        "p99_ttft_s": percentile(ttfts, 0.99),
+        "tokens": sum(r["tokens"] for r in results),
         "wall_s": wall,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=8, help="completion tokens per request")
-    parser.add_argument("--loads", default="1,4,8", help="concurrent clients, comma-separated")
-    args = parser.parse_args()
-    loads = [int(x) for x in args.loads.split(",")]
-    checkpoint = open_checkpoint()
-    results: dict[str, list[dict[str, float]]] = {}
-
-    with LocalCluster(2, advertise=False) as cluster:
-        engine = DistributedEngine.open(checkpoint, list(cluster.addresses), weights=[1.0, 1.0])
-        url, server, scheduler = serve_in_thread(engine)
-        try:
-            results["edgeweave 2 nodes"] = [run_load(url, engine.model_id, c, args.tokens) for c in loads]
-        finally:
-            server.should_exit = True
-            scheduler.close()
-            engine.close()
-
-    hf = HFEngine(checkpoint)
-    url, server, scheduler = serve_in_thread(hf)
+def serve_and_measure(engine: Any, loads: list[int], tokens: int) -> tuple[list[dict[str, float]], dict]:
+    url, server, scheduler = serve_in_thread(engine)
     try:
-        results["HF transformers 1 process"] = [run_load(url, hf.model_id, c, args.tokens) for c in loads]
+        rows = [run_load(url, engine.model_id, c, tokens) for c in loads]
+        return rows, scheduler.snapshot()
     finally:
         server.should_exit = True
         scheduler.close()
 
-    table = Table(title=f"serving: streamed chat, {args.tokens} tokens per request, greedy")
-    for column in ("engine", "clients", "median TTFT ms", "median tok/s per request", "aggregate tok/s", "wall s"):
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32, help="completion tokens per request")
+    parser.add_argument("--loads", default="1,4,8,16", help="concurrent clients, comma-separated")
+    args = parser.parse_args()
+    loads = [int(x) for x in args.loads.split(",")]
+    loadavg = Path("/proc/loadavg").read_text().split()[:3]
+    checkpoint = open_checkpoint()
+    results: dict[str, list[dict[str, float]]] = {}
+
+    with LocalCluster(2, advertise=False, env=ONE_THREAD) as cluster:
+        engine = DistributedEngine.open(checkpoint, list(cluster.addresses), weights=[1.0, 1.0])
+        try:
+            results["edgeweave 2 nodes (Q4_1)"], _ = serve_and_measure(engine, loads, args.tokens)
+        finally:
+            engine.close()
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf = HFEngine(checkpoint)
+    results["HF transformers 1 process (float32)"], _ = serve_and_measure(hf, loads, args.tokens)
+
+    table = Table(title=f"serving: streamed chat, {args.tokens} tokens per request, greedy (loadavg {' '.join(loadavg)})")
+    for column in ("engine", "clients", "aggregate tok/s", "p50 ms/token", "p99 ms/token", "p50 TTFT ms",
+                   "p99 TTFT ms", "wall s"):
         table.add_column(column, justify="left" if column == "engine" else "right")
     for name, rows in results.items():
         for row in rows:
-            table.add_row(name, str(row["clients"]), f"{row['median_ttft_s'] * 1e3:.0f}",
-                          f"{row['median_tokens_per_s']:.2f}", f"{row['aggregate_tokens_per_s']:.2f}", f"{row['wall_s']:.1f}")
-    ratios = Table(title="edgeweave / HF ratios (same run)")
-    for column in ("clients", "TTFT ratio", "aggregate throughput ratio"):
+            table.add_row(name, str(row["clients"]), f"{row['aggregate_tokens_per_s']:.1f}",
+                          f"{row['p50_time_per_token_s'] * 1e3:.1f}", f"{row['p99_time_per_token_s'] * 1e3:.1f}",
+                          f"{row['p50_ttft_s'] * 1e3:.0f}", f"{row['p99_ttft_s'] * 1e3:.0f}", f"{row['wall_s']:.1f}")
+    ours = results["edgeweave 2 nodes (Q4_1)"]
+    theirs = results["HF transformers 1 process (float32)"]
+    base = ours[0]
+    scaling = {f"aggregate_{r['clients']}_over_1": r["aggregate_tokens_per_s"] / base["aggregate_tokens_per_s"]
+               for r in ours[1:]}
+    scaling.update({f"p50_time_per_token_{r['clients']}_over_1": r["p50_time_per_token_s"] / base["p50_time_per_token_s"]
+                    for r in ours[1:]})
+    ratios = Table(title="same run: scaling over 1 client, and edgeweave / HF")
+    for column in ("clients", "aggregate / 1 client", "p50 ms/token / 1 client", "aggregate vs HF"):
         ratios.add_column(column, justify="right")
-    ours, theirs = results["edgeweave 2 nodes"], results["HF transformers 1 process"]
     for a, b in zip(ours, theirs, strict=True):
-        ratios.add_row(str(a["clients"]), f"{a['median_ttft_s'] / b['median_ttft_s']:.2f}x",
+        ratios.add_row(str(a["clients"]), f"{a['aggregate_tokens_per_s'] / base['aggregate_tokens_per_s']:.2f}x",
+                       f"{a['p50_time_per_token_s'] / base['p50_time_per_token_s']:.2f}x",
                        f"{a['aggregate_tokens_per_s'] / b['aggregate_tokens_per_s']:.2f}x")
-    console = Console(width=130)
+    console = Console(width=150)
     console.print(table)
     console.print(ratios)
     out = Path(__file__).parent / "results" / "serving.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"tokens_per_request": args.tokens, "results": results,
-                               "note": "2-core shared machine; nodes and coordinator on one host (loopback)"}, indent=2))
+    out.write_text(json.dumps({
+        "tokens_per_request": args.tokens, "loadavg_before": loadavg, "scaling": scaling, "results": results,
+        "goals": {"aggregate_8_over_1 >= 4": scaling.get("aggregate_8_over_1"),
+                  "p50_time_per_token_8_over_1 < 2": scaling.get("p50_time_per_token_8_over_1")},
+        "note": "2-core shared machine; both nodes and the coordinator on one host (loopback), one thread per node",
+    }, indent=2))
     console.print(f"wrote {out}")
 
 

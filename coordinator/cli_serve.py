@@ -18,6 +18,7 @@ from edgeweave.config import ConfigError, load_settings, pick, pick_quantize
 from edgeweave.coordinator.cli_llm import QUANTIZE_HELP
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.discovery import NodeRecord, discover
+from edgeweave.runtime.batch import DEFAULT_PREFILL_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,9 @@ def register(app: typer.Typer) -> None:
         weights: str = typer.Option(None, help="Relative node capacities, e.g. 2,1 (default: measured GFLOP/s)."),
         dtype: str = typer.Option("float32", help="Shard dtype on disk and on the wire: float32, float16, bfloat16."),
         quantize: str = typer.Option(None, help=QUANTIZE_HELP),
-        max_active: int = typer.Option(8, help="Requests decoded together (round robin, one KV cache each)."),
+        max_active: int = typer.Option(16, help="Requests decoded together: rows of one batched step, one KV cache each."),
+        prefill_chunk: int = typer.Option(DEFAULT_PREFILL_CHUNK, help="Prompt tokens read per step across new "
+                                          "requests (the rest next step), so running streams keep flowing."),
         max_queue: int = typer.Option(64, help="Requests allowed to wait; more get HTTP 429."),
         api_key: str = typer.Option(None, help="Require 'Authorization: Bearer KEY' on /v1/ (default: config "
                                                "api_key, env EDGEWEAVE_COORDINATOR_API_KEY)."),
@@ -198,6 +201,8 @@ def register(app: typer.Typer) -> None:
         key = pick(api_key, cfg.api_key) or None
         check_exposure(bind_host, key, no_api_key)
         body_limit = pick(max_body_bytes, cfg.max_body_bytes)
+        if max_active < 1 or prefill_chunk < 1 or max_queue < 0:
+            raise typer.BadParameter("--max-active and --prefill-chunk must be >= 1 and --max-queue >= 0")
         if body_limit < 1024:
             raise typer.BadParameter(f"must be at least 1024 bytes, got {body_limit}", param_hint="--max-body-bytes")
         with contextlib.ExitStack() as stack:
@@ -210,7 +215,7 @@ def register(app: typer.Typer) -> None:
                 )
             except (CheckpointError, QuantizationError) as exc:
                 raise typer.BadParameter(str(exc), param_hint="MODEL") from None
-            scheduler = Scheduler(text_engine, max_active=max_active, max_queue=max_queue)
+            scheduler = Scheduler(text_engine, max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk)
             stack.callback(scheduler.close)
             typer.echo(f"serving {text_engine.model_id} on http://{bind_host}:{bind_port}/v1"
                        + (" (API key required)" if key else ""))

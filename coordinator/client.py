@@ -15,7 +15,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from edgeweave import security
 from edgeweave.coordinator import identity
 from edgeweave.proto import pb, pb_grpc
 from edgeweave.proto.framing import FrameClosed, read_exact, read_length, send_frame, tune_data_socket
+from edgeweave.runtime.batch import Row
 from edgeweave.runtime.codec import Quantized, decode, decode_quantized, encode
 from edgeweave.runtime.shard_files import CHUNK_BYTES, check_shard_name, sha256_file
 
@@ -235,19 +236,20 @@ class ForwardCalls:
     _seq: Iterator[int]
 
     def _request(self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int,
-                 position: int, session: str) -> pb.ForwardRequest:
+                 position: int, session: str, rows: Sequence[Row] | None = None) -> pb.ForwardRequest:
         """The next request with its sequence number; refused once the stream is closed."""
         if self._closed:
             raise NodeError(self.address, grpc.StatusCode.CANCELLED, "this Forward stream is closed")
         return pb.ForwardRequest(
             job_id=job_id, seq=next(self._seq), op=op, layer=layer, position=position, session=session,
             tensors=[pb.Tensor(**encode(t)) for t in tensors],
+            rows=[pb.BatchRow(session=r.session, position=r.position, length=r.length) for r in rows or ()],
         )
 
     def call(self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int = 0,
              position: int = 0, session: str = "", timeout: float | None = None,
-             raw: bool = False) -> tuple[list[torch.Tensor | Quantized], pb.ForwardReply]:
-        self.send(job_id, op, tensors, layer, position, session)
+             raw: bool = False, rows: Sequence[Row] | None = None) -> tuple[list[torch.Tensor | Quantized], pb.ForwardReply]:
+        self.send(job_id, op, tensors, layer, position, session, rows)
         return self.recv(timeout, raw)
 
 
@@ -276,10 +278,10 @@ class ForwardStream(ForwardCalls):
 
     def send(
         self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int = 0, position: int = 0,
-        session: str = "",
+        session: str = "", rows: Sequence[Row] | None = None,
     ) -> int:
         """Queue one request; returns its sequence number."""
-        request = self._request(job_id, op, tensors, layer, position, session)
+        request = self._request(job_id, op, tensors, layer, position, session, rows)
         self._requests.put(request)
         self._expected.append(request.seq)
         return request.seq
@@ -386,10 +388,10 @@ class RawForwardStream(ForwardCalls):
 
     def send(
         self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int = 0, position: int = 0,
-        session: str = "",
+        session: str = "", rows: Sequence[Row] | None = None,
     ) -> int:
         """Write one request; returns its sequence number."""
-        request = self._request(job_id, op, tensors, layer, position, session)
+        request = self._request(job_id, op, tensors, layer, position, session, rows)
         seq, body = request.seq, request.SerializeToString()
         try:
             self._sock.settimeout(self.reply_timeout)

@@ -1,8 +1,9 @@
 """What the HTTP layer needs from a model: the `TextEngine` protocol and the engines behind it.
 
-The serving stack (scheduler + HTTP API) only ever sees token ids going in and coming out, one
-step per `next()`: that is what lets one scheduler thread interleave the decode steps of many
-requests (round robin) over a cluster whose nodes keep one KV cache per `session`.
+The serving stack (scheduler + HTTP API) hands an engine a batch of sequences per step (continuous
+batching: decode rows and prefill chunks of many requests together, `runtime.batch.SequenceStep`)
+and gets back each one's next-token logits; sampling stays with the scheduler. The engine keeps a
+KV cache per `session` (on the nodes, for a cluster) until `reset`.
 
 Engines here:
 - `ReferenceEngine`: the single-process reference model (`runtime.llama.LlamaModel`), for quick
@@ -16,15 +17,18 @@ Engines here:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import torch
+
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.recovery import ClusterLostError
-from edgeweave.coordinator.tp_driver import DistributedLlama, profile_weights
+from edgeweave.coordinator.tp_driver import DistributedLlama, NodeTiming, profile_weights
+from edgeweave.runtime.batch import SequenceStep
 from edgeweave.runtime.llama import KVCache, LlamaModel
-from edgeweave.runtime.sampling import Sampler, SamplingParams
 from edgeweave.splitting.checkpoints import Checkpoint, open_checkpoint
 from edgeweave.splitting.tokenizer import Tokenizer
 
@@ -33,27 +37,39 @@ log = logging.getLogger(__name__)
 
 @runtime_checkable
 class TextEngine(Protocol):
-    """A model that generates token ids, one step per `next()`, with a KV cache per session."""
+    """A model that runs batched steps over sequences, with a KV cache per session."""
 
     model_id: str
     tokenizer: Tokenizer
     #: longest sequence (prompt + completion) the model accepts
     max_context: int
 
-    def generate(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams, session: str) -> Iterator[int]:
-        """Yield up to `max_tokens` ids; the first `next()` prefills. A stop id in
-        `sampling.stop_token_ids` is yielded and ends the stream. Closing the iterator early is allowed."""
+    def step(self, sequences: Sequence[SequenceStep]) -> torch.Tensor:
+        """Run every sequence's uncached tokens in one batched pass: next-token logits [len(sequences), vocab].
+        A session not seen before (or reset) starts from an empty cache."""
         ...
 
-    def reset(self, session: str) -> None:
-        """Forget the session's KV cache everywhere it lives (after a finish or a cancel)."""
+    def reset(self, *sessions: str) -> None:
+        """Forget the sessions' KV caches everywhere they live (after a finish or a cancel)."""
         ...
 
     def describe(self) -> dict[str, Any]:
         """What `/v1/status` shows about the model and where it runs (plan, nodes)."""
         ...
 
+    def telemetry(self) -> Telemetry:
+        """Running totals for /metrics (per-node timings, recoveries); cheap, read at every scrape."""
+        ...
+
     def close(self) -> None: ...
+
+
+@dataclass
+class Telemetry:
+    #: node address -> its Forward totals (tp_driver.NodeTiming)
+    nodes: dict[str, NodeTiming] = field(default_factory=dict)
+    recoveries: int = 0
+    rejoins: int = 0
 
 
 def model_id_of(checkpoint: Checkpoint) -> str:
@@ -72,26 +88,25 @@ class ReferenceEngine:
         self.max_context = self.checkpoint.config.max_position_embeddings
         self.caches: dict[str, KVCache] = {}
 
-    def generate(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams, session: str) -> Iterator[int]:
-        if session in self.caches:
-            raise ValueError(f"session {session!r} is already generating")
-        cache = self.caches[session] = self.model.new_cache()
-        sampler = Sampler(sampling)
-        try:
-            logits = self.model.forward(prompt_ids, cache, 0)[-1]
-            position = len(prompt_ids)
-            for _ in range(max_tokens):
-                token = sampler.choose(logits)
-                yield token
-                if sampler.is_stop(token):
-                    return
-                logits = self.model.forward([token], cache, position)[-1]
-                position += 1
-        finally:
-            self.reset(session)
+    def step(self, sequences: Sequence[SequenceStep]) -> torch.Tensor:
+        caches, positions, lengths, ids = [], [], [], []
+        for seq in sequences:
+            cache = self.caches.get(seq.session)
+            if cache is None:
+                cache = self.caches[seq.session] = self.model.new_cache()
+            at = max(cache.lengths())
+            if at != seq.cached:  # the caller's view and ours differ: rebuild from its history
+                cache.truncate(0)
+                at = 0
+            caches.append(cache)
+            positions.append(at)
+            lengths.append(len(seq.history) - at)
+            ids += seq.history[at:]
+        return self.model.forward_rows(ids, caches, positions, lengths)
 
-    def reset(self, session: str) -> None:
-        self.caches.pop(session, None)
+    def reset(self, *sessions: str) -> None:
+        for session in sessions:
+            self.caches.pop(session, None)
 
     def describe(self) -> dict[str, Any]:
         cfg = self.checkpoint.config
@@ -105,6 +120,9 @@ class ReferenceEngine:
             "sessions": len(self.caches),
         }
 
+    def telemetry(self) -> Telemetry:
+        return Telemetry()
+
     def close(self) -> None:
         self.caches.clear()
 
@@ -112,10 +130,10 @@ class ReferenceEngine:
 class DistributedEngine:
     """Adapter over `tp_driver.DistributedLlama`: the model tensor-parallel over nodes.
 
-    The driver's `generate(..., session=...)` is already a one-step-per-`next()` iterator whose
-    KV caches live on the nodes under `session`, and it resets that session when closed; this
-    adapter only adds what the HTTP layer needs (tokenizer, model id, a status description).
-    Use it from one thread (the scheduler's): the driver's Forward streams are not shared.
+    The driver's `step` runs a batch of sequences whose KV caches live on the nodes under their
+    sessions (batch-invariant: see `layer_compute.at_least_two_rows`); this adapter adds what the
+    HTTP layer needs (tokenizer, model id, a status description) and lets nodes rejoin between
+    requests. Use it from one thread (the scheduler's): the driver's Forward streams are not shared.
     """
 
     def __init__(self, llm: DistributedLlama, clients: list[NodeClient] | None = None, *,
@@ -150,23 +168,21 @@ class DistributedEngine:
             raise ValueError("a distributed engine needs at least one node address")
         clients = [NodeClient(address) for address in addresses]
         try:
-            llm = DistributedLlama(checkpoint, clients, weights, cache_dir=cache_dir, dtype=dtype, quantize=quantize)
+            llm = DistributedLlama(checkpoint, clients, weights, cache_dir=cache_dir, dtype=dtype, quantize=quantize,
+                                   batch_invariant=True)  # a request's answer must not depend on the load
         except BaseException:
             for client in clients:
                 client.close()
             raise
         return cls(llm, clients, addresses=list(addresses), weights=weights, watcher=watcher)
 
-    def generate(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams, session: str) -> Iterator[int]:
-        self.refresh_membership()
-        return self._guard(self.llm.generate(prompt_ids, max_tokens, sampling, session=session))
-
-    def _guard(self, tokens: Iterator[int]) -> Iterator[int]:
-        """Pass tokens through; remember a cluster loss so the next request rebuilds from whoever answers."""
+    def step(self, sequences: Sequence[SequenceStep]) -> torch.Tensor:
+        if not self.llm.active_sessions:  # between requests: let restarted or new nodes join
+            self.refresh_membership()
         try:
-            yield from tokens
+            return self.llm.step(sequences)
         except ClusterLostError:
-            self._broken = True
+            self._broken = True  # the next request rebuilds from whoever answers
             raise
 
     # -- membership --------------------------------------------------------------------------
@@ -210,8 +226,8 @@ class DistributedEngine:
                     ", ".join(event["joined"]), len(nodes), sent)
         return True
 
-    def reset(self, session: str) -> None:
-        self.llm.reset(session)  # a no-op when the driver's generator has reset it already
+    def reset(self, *sessions: str) -> None:
+        self.llm.reset(*sessions)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -229,6 +245,9 @@ class DistributedEngine:
                 for row, job_id in zip(self.llm.describe(), self.llm.job_ids, strict=True)
             ],
         }
+
+    def telemetry(self) -> Telemetry:
+        return Telemetry(dict(self.llm.node_timings), len(self.llm.recoveries), len(self.rejoins))
 
     def close(self) -> None:
         self.llm.close()

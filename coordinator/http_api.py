@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`,
-plus `/health` and `/v1/status`.
+plus `/health`, `/v1/status`, `/metrics` (Prometheus) and the web page at `/`.
 
 Requests become `GenerationJob`s on the `Scheduler`; tokens come back from the scheduler thread
 through an asyncio queue. Streaming uses server-sent events exactly as OpenAI does (chunks, then
@@ -15,13 +15,13 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,9 +29,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edgeweave import __version__
 from edgeweave.coordinator.engine import TextEngine
 from edgeweave.coordinator.http_guard import RequestGuard, error_response
+from edgeweave.coordinator.openai_logprobs import CompletionLogprobs, chat_entry
 from edgeweave.coordinator.scheduler import GenerationJob, QueueFull, Scheduler
+from edgeweave.coordinator.serving_metrics import ServingMetrics
 from edgeweave.coordinator.text_output import TextAssembler
-from edgeweave.runtime.sampling import SamplingParams
+from edgeweave.coordinator.web_ui import mount_web_ui
+from edgeweave.runtime.sampling import SamplingParams, TokenChoice
 from edgeweave.splitting.tokenizer import TokenizerError
 
 DEFAULT_MAX_TOKENS = 512
@@ -64,13 +67,14 @@ class StreamOptions(BaseModel):
 #: 400 naming the field, never a silent 200. Fields OpenAI does not define at all are refused too.
 NOT_IMPLEMENTED: dict[str, Any] = {
     "tools": [], "tool_choice": "none", "functions": [], "function_call": "none", "parallel_tool_calls": None,
-    "logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
     "response_format": {"type": "text"}, "best_of": 1, "echo": False, "suffix": None, "audio": None,
     "modalities": ["text"], "prediction": None, "store": False, "metadata": None, "service_tier": None,
     "reasoning_effort": None, "web_search_options": None,
 }
 #: the seed range the sampler's generator accepts (torch.Generator.manual_seed)
 MAX_SEED = 2**63 - 1
+#: choices per request (`n`): each is a row of the same batch
+MAX_CHOICES = 16
 
 
 class SamplingFields(BaseModel):
@@ -85,7 +89,10 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -107,10 +114,22 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def top_logprobs_wanted(self) -> int | None:
+        """Alternatives per token to report (None: no log-probabilities)."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true.", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int]
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 def refuse_unsupported(body: SamplingFields) -> None:
@@ -126,10 +145,52 @@ def refuse_unsupported(body: SamplingFields) -> None:
 
 # -- one running request -------------------------------------------------------------------------
 @dataclass
-class _Run:
+class _Choice:
+    """One of the request's `n` choices: its job, its text so far, its log-probabilities not yet sent."""
+
+    index: int
     job: GenerationJob
-    events: asyncio.Queue
     assembler: TextAssembler
+    logprobs: list[dict[str, Any]] | CompletionLogprobs | None
+    pieces: list[str] = field(default_factory=list)
+    finish: str | None = None
+
+    def feed(self, choice: TokenChoice, tokenizer: Any) -> str:
+        """The text this token releases; its log-probability is queued for the next chunk."""
+        if self.assembler.stopped:
+            return ""
+        if self.logprobs is not None and choice.token not in self.job.sampling.stop_token_ids:
+            if isinstance(self.logprobs, CompletionLogprobs):
+                self.logprobs.add(choice)
+            else:
+                self.logprobs.append(chat_entry(tokenizer, choice))
+        delta = self.assembler.feed(choice.token)
+        if self.assembler.stopped:
+            self.job.cancel("stop")
+        return delta
+
+    def take_logprobs(self, chat: bool) -> dict[str, Any] | None:
+        """The queued log-probabilities in the endpoint's shape, then forget them (streaming)."""
+        if self.logprobs is None:
+            return None
+        if isinstance(self.logprobs, CompletionLogprobs):
+            out = self.logprobs.as_dict()
+            self.logprobs.clear()
+            return out
+        out, self.logprobs = {"content": self.logprobs}, []
+        return out if chat else None
+
+
+@dataclass
+class _Run:
+    choices: list[_Choice]
+    #: (choice index, "token", TokenChoice) or (choice index, "done", reason, error)
+    events: asyncio.Queue
+    chat: bool
+
+    def cancel(self, reason: str) -> None:
+        for choice in self.choices:
+            choice.job.cancel(reason)
 
 
 @dataclass
@@ -142,6 +203,10 @@ class Usage:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+#: builds one streamed chunk: (choice index, text or None for the role chunk, finish, logprobs)
+ChunkBuilder = Callable[[int, str | None, str | None, dict[str, Any] | None], dict[str, Any] | None]
+
+
 class Service:
     """Turns validated requests into scheduler jobs and OpenAI-shaped answers."""
 
@@ -150,15 +215,15 @@ class Service:
         self.scheduler = scheduler
         self.default_max_tokens = default_max_tokens
         self.started = time.time()
+        self.vocab_size = len(engine.tokenizer.backend.get_vocab())
 
     def check_model(self, name: str) -> None:
         if name != self.engine.model_id:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.engine.model_id}'.",
                            "model", "model_not_found")
 
-    def sampling(self, body: SamplingFields, prompt_len: int) -> tuple[int, SamplingParams, list[str]]:
-        if (body.n or 1) != 1:
-            raise APIError(400, f"n={body.n} is not supported: this server returns exactly one choice (n=1).", "n")
+    def sampling(self, body: ChatRequest | CompletionRequest, prompt_len: int,
+                 ) -> tuple[int, SamplingParams, list[str]]:
         room = self.engine.max_context - prompt_len
         if room <= 0:
             raise APIError(400, f"The prompt has {prompt_len} tokens, but the model's context is "
@@ -176,8 +241,24 @@ class Service:
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
             stop_token_ids=frozenset(self.engine.tokenizer.eos_token_ids),
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=self.logit_bias(body.logit_bias),
+            top_logprobs=body.top_logprobs_wanted(),
         )
         return max_tokens, params, stop
+
+    def logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} as pairs, every id and value checked."""
+        pairs = []
+        for key, value in (bias or {}).items():
+            if not key.isdigit() or int(key) >= self.vocab_size:
+                raise APIError(400, f"logit_bias keys must be token ids in [0, {self.vocab_size}), got {key!r}.",
+                               "logit_bias")
+            if not -100.0 <= value <= 100.0:
+                raise APIError(400, f"logit_bias values must be in [-100, 100], got {value} for {key}.", "logit_bias")
+            pairs.append((int(key), float(value)))
+        return tuple(pairs)
 
     def chat_prompt(self, body: ChatRequest) -> list[int]:
         messages = []
@@ -194,9 +275,8 @@ class Service:
     def completion_prompt(self, body: CompletionRequest) -> list[int]:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-            vocab = len(self.engine.tokenizer.backend.get_vocab())
-            if any(not 0 <= p < vocab for p in prompt):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab}).", "prompt")
+            if any(not 0 <= p < self.vocab_size for p in prompt):
+                raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size}).", "prompt")
             return list(prompt)
         if isinstance(prompt, list):
             if len(prompt) != 1:
@@ -208,83 +288,100 @@ class Service:
             raise APIError(400, "prompt is empty; send at least one token of text.", "prompt")
         return ids
 
-    def start(self, request: Request, body: SamplingFields, prompt_ids: list[int]) -> _Run:
+    def start(self, request: Request, body: ChatRequest | CompletionRequest, prompt_ids: list[int]) -> _Run:
+        """Queue the request's `n` choices as jobs (rows of the same batches); 429 if they do not fit."""
         max_tokens, params, stop = self.sampling(body, len(prompt_ids))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        chat = isinstance(body, ChatRequest)
+        client = body.user or (request.client.host if request.client else "unknown")
+        run = _Run([], events, chat)
+        for index in range(body.n or 1):
+            def put(item: tuple, index: int = index) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, (index, *item))
 
-        def put(item: tuple) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, item)
-
-        job = GenerationJob(
-            prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=params,
-            on_token=lambda token: put(("token", token)), on_done=lambda reason, error: put(("done", reason, error)),
-            client=body.user or (request.client.host if request.client else "unknown"),
-        )
+            seed = None if params.seed is None else (params.seed + index) % (MAX_SEED + 1)
+            job = GenerationJob(
+                prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=replace(params, seed=seed),
+                on_token=lambda choice, put=put: put(("token", choice)),
+                on_done=lambda reason, error, put=put: put(("done", reason, error)),
+                client=client,
+            )
+            logprobs = None if params.top_logprobs is None else ([] if chat else CompletionLogprobs(self.engine.tokenizer))
+            run.choices.append(_Choice(index, job, TextAssembler(self.engine.tokenizer, stop), logprobs))
+        submitted = []
         try:
-            self.scheduler.submit(job)
+            for choice in run.choices:
+                submitted.append(self.scheduler.submit(choice.job))
         except QueueFull as exc:
+            for job in submitted:
+                job.cancel("refused")
             raise APIError(429, f"The server is busy: {exc}.", None, "queue_full", "rate_limit_error") from None
-        return _Run(job, events, TextAssembler(self.engine.tokenizer, stop))
+        return run
 
-    async def collect(self, request: Request, run: _Run) -> tuple[str, str]:
-        """Wait for the whole answer (cancelling if the client leaves): (text, finish_reason)."""
-        pieces = []
-        while True:
+    async def collect(self, request: Request, run: _Run) -> list[_Choice]:
+        """Wait for every choice's whole answer (cancelling if the client leaves)."""
+        pending = len(run.choices)
+        while pending:
             try:
                 event = await asyncio.wait_for(run.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    run.job.cancel("disconnected")
+                    run.cancel("disconnected")
                 continue
-            if event[0] == "token":
-                pieces.append(run.assembler.feed(event[1]))
-                if run.assembler.stopped:
-                    run.job.cancel("stop")
+            choice = run.choices[event[0]]
+            if event[1] == "token":
+                choice.pieces.append(choice.feed(event[2], self.engine.tokenizer))
                 continue
-            _, reason, error = event
+            _, _, reason, error = event
             if error is not None:
+                run.cancel("failed")
                 raise APIError(500, f"Generation failed: {error}", None, "generation_failed", "server_error")
-            pieces.append(run.assembler.finish())
-            return "".join(pieces), _finish_reason(reason)
+            choice.pieces.append(choice.assembler.finish())
+            choice.finish = _finish_reason(reason)
+            pending -= 1
+        return run.choices
 
-    async def stream(self, run: _Run, chunk: Any, usage_wanted: bool) -> AsyncIterator[str]:
-        """SSE lines for a streamed answer; `chunk(text, finish_reason)` builds one chunk dict."""
+    async def stream(self, run: _Run, chunk: ChunkBuilder, usage_wanted: bool) -> AsyncIterator[str]:
+        """SSE lines for a streamed answer, the choices' chunks interleaved as their tokens come."""
         try:
-            first = chunk(None, None)
-            if first is not None:
-                yield _sse(first)
-            while True:
+            for choice in run.choices:
+                first = chunk(choice.index, None, None, None)
+                if first is not None:
+                    yield _sse(first)
+            pending = len(run.choices)
+            while pending:
                 event = await run.events.get()
-                if event[0] == "token":
-                    delta = run.assembler.feed(event[1])
-                    if run.assembler.stopped:
-                        run.job.cancel("stop")
+                choice = run.choices[event[0]]
+                if event[1] == "token":
+                    delta = choice.feed(event[2], self.engine.tokenizer)
                     if delta:
-                        yield _sse(chunk(delta, None))
+                        yield _sse(chunk(choice.index, delta, None, choice.take_logprobs(run.chat)))
                     continue
-                _, reason, error = event
+                _, _, reason, error = event
                 if error is not None:
                     yield _sse({"error": {"message": f"Generation failed: {error}", "type": "server_error",
                                           "param": None, "code": "generation_failed"}})
                     break
-                tail = run.assembler.finish()
-                if tail:
-                    yield _sse(chunk(tail, None))
-                yield _sse(chunk("", _finish_reason(reason)))
+                tail = choice.assembler.finish()
+                logprobs = choice.take_logprobs(run.chat)
+                if tail or (logprobs and (logprobs.get("content") or logprobs.get("tokens"))):
+                    yield _sse(chunk(choice.index, tail, None, logprobs))
+                yield _sse(chunk(choice.index, "", _finish_reason(reason), None))
+                pending -= 1
+            else:
                 if usage_wanted:
-                    final = chunk("", None)
+                    final = chunk(0, "", None, None)
                     final["choices"] = []
                     final["usage"] = self.usage(run).as_dict()
                     yield _sse(final)
-                break
             yield "data: [DONE]\n\n"
         finally:  # also on client disconnect (the response task is cancelled): free the cluster
-            run.job.cancel("disconnected")
+            run.cancel("disconnected")
 
     @staticmethod
     def usage(run: _Run) -> Usage:
-        return Usage(len(run.job.prompt_ids), run.job.completion_tokens)
+        return Usage(len(run.choices[0].job.prompt_ids), sum(c.job.completion_tokens for c in run.choices))
 
 
 def _finish_reason(reason: str) -> str:
@@ -318,6 +415,8 @@ def create_app(engine: TextEngine, scheduler: Scheduler, default_max_tokens: int
     app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, api_key=api_key)
     service = Service(engine, scheduler, default_max_tokens)
     app.state.service = service
+    metrics = ServingMetrics(engine, scheduler)
+    scheduler.observer = metrics
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -350,6 +449,11 @@ def create_app(engine: TextEngine, scheduler: Scheduler, default_max_tokens: int
         service.check_model(model_id)
         return model_card()
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:
         return {"model": engine.model_id, "version": __version__, "uptime_s": time.time() - service.started,
@@ -361,19 +465,19 @@ def create_app(engine: TextEngine, scheduler: Scheduler, default_max_tokens: int
         refuse_unsupported(body)
         # tokenizing a long prompt takes a while: off the event loop, so other requests keep flowing
         run = service.start(request, body, await run_in_threadpool(service.chat_prompt, body))
-        rid, created = f"chatcmpl-{run.job.job_id}", int(time.time())
+        rid, created = f"chatcmpl-{run.choices[0].job.job_id}", int(time.time())
         if body.stream:
-            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+            def chunk(index: int, text: str | None, finish: str | None, logprobs: dict | None) -> dict[str, Any]:
                 delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": engine.model_id,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(service.stream(run, chunk, usage), media_type="text/event-stream")
-        text, finish = await service.collect(request, run)
+        choices = await service.collect(request, run)
         return {"id": rid, "object": "chat.completion", "created": created, "model": engine.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": finish}],
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.pieces)},
+                             "logprobs": c.take_logprobs(chat=True), "finish_reason": c.finish} for c in choices],
                 "usage": service.usage(run).as_dict()}
 
     @app.post("/v1/completions")
@@ -381,19 +485,21 @@ def create_app(engine: TextEngine, scheduler: Scheduler, default_max_tokens: int
         service.check_model(body.model)
         refuse_unsupported(body)
         run = service.start(request, body, await run_in_threadpool(service.completion_prompt, body))
-        rid, created = f"cmpl-{run.job.job_id}", int(time.time())
+        rid, created = f"cmpl-{run.choices[0].job.job_id}", int(time.time())
         if body.stream:
-            def chunk(text: str | None, finish: str | None) -> dict[str, Any] | None:
+            def chunk(index: int, text: str | None, finish: str | None, logprobs: dict | None) -> dict[str, Any] | None:
                 if text is None:
                     return None  # completions streams have no role chunk
                 return {"id": rid, "object": "text_completion", "created": created, "model": engine.model_id,
-                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+                        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(service.stream(run, chunk, usage), media_type="text/event-stream")
-        text, finish = await service.collect(request, run)
+        choices = await service.collect(request, run)
         return {"id": rid, "object": "text_completion", "created": created, "model": engine.model_id,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": c.index, "text": "".join(c.pieces), "logprobs": c.take_logprobs(chat=False),
+                             "finish_reason": c.finish} for c in choices],
                 "usage": service.usage(run).as_dict()}
 
+    mount_web_ui(app)
     return app

@@ -3,7 +3,8 @@
 Plain ASGI middleware, so a refused request costs no parsing: a body over the limit is answered
 413 as soon as its Content-Length (or, for a chunked body, its running size) says so, without
 reading the rest, and `/health` keeps answering other clients meanwhile. Requests to `/v1/...`
-need `Authorization: Bearer <key>` when the server has a key (`/health` stays open for probes).
+and `/metrics` need `Authorization: Bearer <key>` when the server has a key (`/health` stays
+open for probes, the web page for browsers: it asks for the key itself).
 Both answer in OpenAI's error shape.
 """
 
@@ -15,8 +16,8 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 Scope = dict[str, Any]
-#: the paths an API key protects
-PROTECTED_PREFIX = "/v1/"
+#: the paths an API key protects (the web page and /health stay open)
+PROTECTED_PREFIXES = ("/v1/", "/metrics")
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -37,7 +38,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key and scope.get("path", "").startswith(PROTECTED_PREFIX) and not self._authorized(headers):
+        if self.api_key and scope.get("path", "").startswith(PROTECTED_PREFIXES) and not self._authorized(headers):
             await error_response(401, "This server requires an API key: send 'Authorization: Bearer <key>'.", None,
                                  "invalid_api_key", "authentication_error", {"WWW-Authenticate": "Bearer"})(
                 scope, receive, send)

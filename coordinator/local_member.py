@@ -16,7 +16,7 @@ import itertools
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import edgeweave
 from edgeweave.coordinator.client import ForwardCalls, NodeError, Progress
 from edgeweave.proto import pb
 from edgeweave.runtime import resources
+from edgeweave.runtime.batch import Row
 from edgeweave.runtime.codec import Quantized
 from edgeweave.runtime.executor import Executor, ExecutorInputError, ExecutorStateError, executor_class
 
@@ -131,22 +132,22 @@ class LocalStream(ForwardCalls):
         self.reply_timeout = reply_timeout  # kept for the interface: a local step cannot hang on a peer
         self._member = member
         self._seq = itertools.count(1)
-        self._pending: deque[tuple[int, str, str, list, int, int, str]] = deque()
+        self._pending: deque[tuple[int, str, str, list, int, int, str, list[Row] | None]] = deque()
 
     def send(self, job_id: str, op: str, tensors: Iterable[torch.Tensor | Quantized], layer: int = 0,
-             position: int = 0, session: str = "") -> int:
+             position: int = 0, session: str = "", rows: Sequence[Row] | None = None) -> int:
         seq = next(self._seq)
-        self._pending.append((seq, job_id, op, list(tensors), layer, position, session))
+        self._pending.append((seq, job_id, op, list(tensors), layer, position, session, list(rows) if rows else None))
         return seq
 
     def recv(self, timeout: float | None = None, raw: bool = False) -> tuple[list, pb.ForwardReply]:
         if not self._pending:
             raise NodeError(self.address, grpc.StatusCode.FAILED_PRECONDITION, "recv without a pending send")
-        seq, job_id, op, tensors, layer, position, session = self._pending.popleft()
+        seq, job_id, op, tensors, layer, position, session, rows = self._pending.popleft()
         executor = self._member._job(job_id)
         start = time.perf_counter()
         try:
-            outputs = executor.forward(op, layer, position, session, tensors)
+            outputs = executor.forward(op, layer, position, session, tensors, rows)
         except Exception as exc:
             raise _node_error(exc) from None
         compute_s = time.perf_counter() - start

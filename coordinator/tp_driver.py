@@ -18,7 +18,7 @@ import statistics
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import torch
 from edgeweave.coordinator import recovery
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.local_member import LocalMember
+from edgeweave.runtime.batch import Row, SequenceStep
 from edgeweave.runtime.sampling import Sampler, SamplingParams
 from edgeweave.runtime.tp_hub import TensorParallelHub
 from edgeweave.splitting.checkpoints import Checkpoint
@@ -42,6 +43,14 @@ from edgeweave.splitting.tensor_parallel import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _addressing(rows: Sequence[Row]) -> tuple[str, int, Sequence[Row] | None]:
+    """(session, position, batch rows) of a Forward message: one row travels as the message's own
+    session and position (the unbatched wire format), several as its rows."""
+    if len(rows) == 1:
+        return rows[0].session, rows[0].position, None
+    return "", 0, rows
 
 
 def shard_cache_root() -> Path:
@@ -61,6 +70,17 @@ def profile_weights(nodes: list[NodeClient], budget_s: float = 0.3) -> list[floa
             speeds.append(0.0)
     floor = min((s for s in speeds if s > 0), default=1.0)
     return [s if s > 0 else floor for s in speeds]
+
+
+@dataclass
+class NodeTiming:
+    """Running totals for one node address (kept across redeploys, for /metrics): Forward messages
+    answered, seconds from sending a step's message until its reply was read, and of those the
+    seconds the node reported computing."""
+
+    messages: int = 0
+    round_trip_s: float = 0.0
+    compute_s: float = 0.0
 
 
 @dataclass
@@ -108,6 +128,7 @@ class DistributedLlama:
         quantize: str | None = None,
         backend: str = "ort",
         hub_threads: int | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         if not nodes:
             raise ValueError("tensor-parallel inference needs at least one node")
@@ -122,6 +143,9 @@ class DistributedLlama:
         self.quantize, self.backend = check_quantize(quantize), backend
         self.layouts = quantized_layouts(checkpoint, quantize, dtype)
         self.recover_on_failure = recover
+        #: a row's numbers never depend on the rest of its batch (`layer_compute.at_least_two_rows`):
+        #: what serving many users needs; a single stream (`edgeweave run`) keeps the one-row fast path
+        self.batch_invariant = batch_invariant
         #: with one node holding everything, run all layers there per step (no per-layer hub)
         self.fuse_single_node = fuse_single_node
         self.streams: list = []
@@ -129,7 +153,8 @@ class DistributedLlama:
         # A quantized LM head is one GEMV per token, bound by memory bandwidth: one thread by default.
         # A pool of more in this process spins beside the nodes' threads when they share the cores
         # (a local cluster, --coordinator-share): 54 vs 31 ms per 1B Q4_0 token on two cores.
-        self.hub = TensorParallelHub.from_file(self.config, self.manifest.coordinator_file, hub_threads or 1)
+        self.hub = TensorParallelHub.from_file(self.config, self.manifest.coordinator_file, hub_threads or 1,
+                                               batch_invariant)
         self.last_stats = GenerationStats()
         self._sessions: set[str] = set()
         self._closed = False
@@ -138,6 +163,8 @@ class DistributedLlama:
         self._session_epoch: dict[str, int] = {}
         self._recent_steps: deque[float] = deque(maxlen=32)
         self.recoveries: list[recovery.RecoveryRecord] = []
+        #: address -> NodeTiming, over every step this driver ran
+        self.node_timings: dict[str, NodeTiming] = {}
 
     def _deploy(self, nodes: list[NodeClient], weights: list[float]) -> int:
         """Plan over `nodes`, write (cached by plan id) and ship what they lack, load the jobs, open
@@ -260,29 +287,35 @@ class DistributedLlama:
             "window": window,
             "dtype": "float32",  # compute in float32 whatever the file dtype (16-bit files halve transfer and disk)
             "backend": self.backend,  # the kernels for quantized projections (runtime.layer_compute)
+            "batch_invariant": self.batch_invariant,
         }
         shards = {name: self.manifest.sha256(rel) for name, rel in self.manifest.shard_files(rank).items()}
         return self.nodes[rank].load(self.job_ids[rank], "tp_llm", config, shards)
 
     # -- the hub -----------------------------------------------------------------------------
-    def _reduce_for(self, session: str, stats: GenerationStats):
-        """The allreduce callback of one forward pass. Hot loop (2 x layers calls per token): the
+    def _reduce_for(self, stats: GenerationStats):
+        """The allreduce callback of one forward pass. Hot loop (2 x layers calls per step): the
         (stream, job) pairs are bound once, all sends go out before the first receive, and the
-        partials are summed in place into the first (decoded replies are fresh, writable tensors)."""
+        partials are summed in place into the first (decoded replies are fresh, writable tensors).
+        One row is sent as the message's session/position, several as its batch rows."""
         perf = time.perf_counter
         targets = {
-            op: [(self.streams[r], self.job_ids[r]) for r in ranks]
+            op: [(self.streams[r], self.job_ids[r], self._timing(r)) for r in ranks]
             for op, ranks in (("attn", self._attn_ranks), ("mlp", self._mlp_ranks))
         }
 
-        def reduce(op: str, layer: int, x: torch.Tensor, position: int) -> torch.Tensor:
+        def reduce(op: str, layer: int, x: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
             pairs = targets[op]
+            session, position, batch = _addressing(rows)
             start = perf()
-            for stream, job in pairs:
-                stream.send(job, op, [x], layer=layer, position=position, session=session)
+            for stream, job, _ in pairs:
+                stream.send(job, op, [x], layer, position, session, batch)
             total, slowest = None, 0.0
-            for stream, _ in pairs:
+            for stream, _, timing in pairs:
                 tensors, reply = stream.recv()
+                timing.messages += 1
+                timing.round_trip_s += perf() - start
+                timing.compute_s += reply.compute_s
                 if total is None:
                     total = tensors[0]
                 else:
@@ -296,40 +329,53 @@ class DistributedLlama:
 
         return reduce
 
-    def _stack_for(self, session: str, stats: GenerationStats):
+    def _stack_for(self, stats: GenerationStats):
         """The one-message step of a 1-node plan: the node runs every layer (op "layers")."""
-        stream, job = self.streams[0], self.job_ids[0]
+        stream, job, timing = self.streams[0], self.job_ids[0], self._timing(0)
 
-        def stack(x: torch.Tensor, position: int) -> torch.Tensor:
+        def stack(x: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+            session, position, batch = _addressing(rows)
             start = time.perf_counter()
-            stream.send(job, "layers", [x], layer=0, position=position, session=session)
+            stream.send(job, "layers", [x], 0, position, session, batch)
             (out,), reply = stream.recv()
-            stats.wait_s += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            timing.messages += 1
+            timing.round_trip_s += waited
+            timing.compute_s += reply.compute_s
+            stats.wait_s += waited
             stats.node_compute_s += reply.compute_s
             stats.round_trips += 1
             return out
 
         return stack
 
+    def _timing(self, rank: int) -> NodeTiming:
+        return self.node_timings.setdefault(self.nodes[rank].address, NodeTiming())
+
     def forward(
         self, token_ids: list[int], position: int, session: str, stats: GenerationStats | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits [T, vocab] of `token_ids` placed at `position` in `session`'s sequence ([1, vocab]
-        for the last position only with `last_only`).
+        for the last position only with `last_only`). No recovery here: `step` adds it."""
+        return self._forward_rows(token_ids, [Row(session, position, len(token_ids))], stats, last_only)
+
+    def _forward_rows(self, token_ids: list[int], rows: Sequence[Row], stats: GenerationStats | None = None,
+                      last_only: bool = True) -> torch.Tensor:
+        """One pass over the nodes for stacked rows (runtime.batch): [rows, vocab] with `last_only`.
 
         Not thread-safe: one thread drives the streams (interleave sessions from that thread)."""
         if self._closed:
             raise RuntimeError("this DistributedLlama is closed")
-        if position + len(token_ids) > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence of {position + len(token_ids)} tokens exceeds the model's {self.config.max_position_embeddings}"
-            )
-        self._sessions.add(session)
+        for row in rows:
+            if row.position + row.length > self.config.max_position_embeddings:
+                raise ValueError(f"sequence of {row.position + row.length} tokens exceeds the model's "
+                                 f"{self.config.max_position_embeddings}")
+            self._sessions.add(row.session)
         stats = stats or GenerationStats()
         if self._fused:
-            return self.hub.forward(token_ids, position, stack=self._stack_for(session, stats), last_only=last_only)
-        return self.hub.forward(token_ids, position, self._reduce_for(session, stats), last_only=last_only)
+            return self.hub.forward_rows(token_ids, rows, stack=self._stack_for(stats), last_only=last_only)
+        return self.hub.forward_rows(token_ids, rows, self._reduce_for(stats), last_only=last_only)
 
     def generate(
         self,
@@ -340,22 +386,20 @@ class DistributedLlama:
         session: str | None = None,
         logits_out: list[torch.Tensor] | None = None,
     ) -> Iterator[int]:
-        """Yield up to `max_tokens` token ids (a stop token is yielded, then the stream ends).
+        """Yield up to `max_tokens` token ids of one sequence (a stop token is yielded, then the
+        stream ends): `step` with one row per call.
 
         Timing lands in `self.last_stats`; `logits_out`, when given, collects the logits each token was chosen from.
         """
         sampling = sampling or SamplingParams()
         sampler = Sampler(sampling)
         stop_ids = set(stop) | set(sampling.stop_token_ids)
-        session = session or uuid.uuid4().hex[:12]
+        sequence = SequenceStep(session or uuid.uuid4().hex[:12], list(prompt_ids), 0)
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.last_stats = stats
         start = time.perf_counter()
-        history = list(prompt_ids)  # every token the session's KV cache must hold after the next step
-        self._session_epoch[session] = self.epoch
         try:
-            logits = self._step(history, list(prompt_ids), 0, session, stats)
-            position = len(prompt_ids)
+            logits = self.step([sequence], stats)[0]
             for i in range(max_tokens):
                 token = sampler.choose(logits)
                 now = time.perf_counter()
@@ -369,34 +413,38 @@ class DistributedLlama:
                 if token in stop_ids or i == max_tokens - 1:
                     return
                 start = time.perf_counter()
-                history.append(token)
-                logits = self._step(history, [token], position, session, stats)
-                self._recent_steps.append(time.perf_counter() - start)
-                position += 1
+                sequence.cached = len(sequence.history)
+                sequence.history.append(token)
+                logits = self.step([sequence], stats)[0]
         finally:
-            self._session_epoch.pop(session, None)
-            self.reset(session)
+            self.reset(sequence.session)
 
-    def _step(self, history: list[int], new: list[int], position: int, session: str,
-              stats: GenerationStats) -> torch.Tensor:
-        """Last-position logits after `new` (the tail of `history`), surviving node losses.
+    def step(self, sequences: Sequence[SequenceStep], stats: GenerationStats | None = None) -> torch.Tensor:
+        """One batched step: each sequence's tokens past `cached` go through the model together;
+        returns each one's next-token logits [len(sequences), vocab]. Survives node losses.
 
         A session whose KV cache was lost in a redeploy is rebuilt by prefilling its whole history
-        in one pass. On a lost node, `recovery.recover` re-plans over the survivors and we retry."""
+        in the same step. On a lost node, `recovery.recover` re-plans over the survivors and we retry."""
+        stats = stats or GenerationStats()
         pending: tuple[recovery.RecoveryRecord, float] | None = None
         while True:
-            rebuild = self._session_epoch.get(session) != self.epoch
-            tokens, at = (history, 0) if rebuild else (new, position)
-            if rebuild:
-                self._sessions.discard(session)  # its cache lived on the old jobs
-            self._session_epoch[session] = self.epoch
-            deadline = recovery.step_deadline(self._recent_steps) if len(tokens) == 1 and self._recent_steps \
+            rows, ids = [], []
+            for seq in sequences:
+                # a session new to these jobs (or whose cache was lost in a redeploy) is prefilled whole
+                at = seq.cached if self._session_epoch.get(seq.session) == self.epoch else 0
+                if at == 0:
+                    self._sessions.discard(seq.session)  # any cache it had lived on the old jobs
+                self._session_epoch[seq.session] = self.epoch
+                rows.append(Row(seq.session, at, len(seq.history) - at))
+                ids += seq.history[at:]
+            decode = len(ids) == len(rows)
+            deadline = recovery.step_deadline(self._recent_steps) if decode and self._recent_steps \
                 else self.reply_timeout
             for stream in self.streams:
                 stream.reply_timeout = deadline
             step_start = time.perf_counter()
             try:
-                logits = self.forward(tokens, at, session, stats, last_only=True)[-1]
+                logits = self._forward_rows(ids, rows, stats)
             except NodeError as exc:
                 if not (self.recover_on_failure and recovery.is_node_lost(exc)):
                     raise
@@ -405,21 +453,27 @@ class DistributedLlama:
                 self.recoveries.append(record)
                 pending = pending or (record, detected)
                 continue
+            if decode:
+                self._recent_steps.append(time.perf_counter() - step_start)
             if pending:
                 recovery.finish(*pending)
                 stats.recoveries.append(pending[0].as_dict())
             return logits
 
-    def reset(self, session: str) -> None:
-        """Drop `session`'s KV caches on every node holding attention heads."""
-        if session not in self._sessions or self._closed:
+    def reset(self, *sessions: str) -> None:
+        """Forget `sessions` (their KV caches on every node holding attention heads), in one message per node."""
+        for session in sessions:
+            self._session_epoch.pop(session, None)
+        live = [s for s in sessions if s in self._sessions]
+        if not live or self._closed:
             return
-        self._sessions.discard(session)
+        self._sessions.difference_update(live)
+        rows = [Row(s, 0, 1) for s in live] if len(live) > 1 else None
         for r in self._attn_ranks:
             try:
-                self.streams[r].call(self.job_ids[r], "reset", [], session=session)
+                self.streams[r].call(self.job_ids[r], "reset", [], session=live[0], rows=rows)
             except NodeError as exc:  # a lost node; the next step's recovery deals with it
-                log.warning("resetting session %s on %s failed: %s", session, exc.address, exc.message)
+                log.warning("resetting session(s) %s on %s failed: %s", ", ".join(live), exc.address, exc.message)
 
     @property
     def fused(self) -> bool:
@@ -428,7 +482,7 @@ class DistributedLlama:
 
     @property
     def active_sessions(self) -> int:
-        """Generations in progress (a redeploy for a rejoin waits until this is 0)."""
+        """Sequences stepped and not reset yet (a redeploy for a rejoin waits until this is 0)."""
         return len(self._session_epoch)
 
     def describe(self) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from edgeweave.node.jobs import JobNotFound, JobTable, MissingShard
 from edgeweave.node.shard_store import ShardCorrupt, ShardNoSpace, ShardRejected, ShardStore
 from edgeweave.proto import pb, pb_grpc
 from edgeweave.runtime import resources
+from edgeweave.runtime.batch import Row
 from edgeweave.runtime.codec import TensorDecodeError, decode, decode_quantized, encode
 from edgeweave.runtime.executor import ExecutorInputError, ExecutorStateError
 
@@ -168,10 +169,11 @@ class NodeServicer(pb_grpc.NodeServicer):
         TCP data plane (node/dataplane.py), so both paths compute and account exactly alike."""
         job = self.jobs.get(req.job_id)
         tensors = [decode_quantized(t) if t.quantized else decode(t) for t in req.tensors]
+        rows = [Row(r.session, r.position, r.length) for r in req.rows] or None
         executor = job.executor
         with job.lock:
             start = time.perf_counter()
-            outputs = executor.forward(req.op, req.layer, req.position, req.session, tensors)
+            outputs = executor.forward(req.op, req.layer, req.position, req.session, tensors, rows)
             compute_s = time.perf_counter() - start
             stall_s = getattr(executor, "last_stall_s", 0.0)
             job.requests += 1

@@ -187,7 +187,7 @@ class JobStatsReply(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., stats_json: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("job_id", "seq", "op", "layer", "position", "session", "tensors")
+    __slots__ = ("job_id", "seq", "op", "layer", "position", "session", "tensors", "rows")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,7 @@ class ForwardRequest(_message.Message):
     POSITION_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     seq: int
     op: str
@@ -202,7 +203,18 @@ class ForwardRequest(_message.Message):
     position: int
     session: str
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., op: _Optional[str] = ..., layer: _Optional[int] = ..., position: _Optional[int] = ..., session: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    rows: _containers.RepeatedCompositeFieldContainer[BatchRow]
+    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., op: _Optional[str] = ..., layer: _Optional[int] = ..., position: _Optional[int] = ..., session: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[BatchRow, _Mapping]]] = ...) -> None: ...
+
+class BatchRow(_message.Message):
+    __slots__ = ("session", "position", "length")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    position: int
+    length: int
+    def __init__(self, session: _Optional[str] = ..., position: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("seq", "tensors", "compute_s", "stall_s", "error_code", "error_message")

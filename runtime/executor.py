@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from edgeweave.runtime.batch import Row
 from edgeweave.runtime.codec import Quantized
 
 TensorLike = torch.Tensor | Quantized
@@ -40,8 +41,11 @@ class Executor:
         return {}
 
     def forward(
-        self, op: str, layer: int, position: int, session: str, tensors: list[TensorLike]
+        self, op: str, layer: int, position: int, session: str, tensors: list[TensorLike],
+        rows: list[Row] | None = None,
     ) -> list[TensorLike]:
+        """One Forward message. `rows` (runtime.batch): the sessions of a batched hidden state, for
+        executors that keep per-session state; the others refuse them."""
         raise NotImplementedError
 
     def stats(self) -> dict[str, Any]:
@@ -57,7 +61,9 @@ class EchoExecutor(Executor):
 
     kind = "echo"
 
-    def forward(self, op, layer, position, session, tensors):
+    def forward(self, op, layer, position, session, tensors, rows=None):
+        if rows:
+            raise ExecutorInputError("the echo executor takes no batch rows")
         if op != "echo":
             raise ExecutorInputError(f"the echo executor only knows op 'echo', not {op!r}")
         return list(tensors)

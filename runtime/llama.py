@@ -106,6 +106,17 @@ class Rotary:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()
 
+    def rows(self, positions: Sequence[int], lengths: Sequence[int], dtype: torch.dtype,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [sum of lengths, head_dim] for stacked rows (row r: lengths[r] positions from positions[r])."""
+        if len(positions) == 1:
+            return self.tables(positions[0], lengths[0], dtype)
+        end = max(p + n for p, n in zip(positions, lengths, strict=True))
+        if end > self.cos.shape[0]:
+            self._build(max(2 * self.cos.shape[0], end))
+        index = torch.cat([torch.arange(p, p + n) for p, n in zip(positions, lengths, strict=True)])
+        return self.cos[index].to(dtype), self.sin[index].to(dtype)
+
     def tables(self, position: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [length, head_dim] for positions position .. position+length-1."""
         if position + length > self.cos.shape[0]:
@@ -207,8 +218,20 @@ def attention_shard(
     x_normed: torch.Tensor, matmuls: LayerMatmuls, kv: LayerKV, position: int, rotary: Rotary, head_dim: int,
     *, eps: float = 1e-6, sliding_window: int | None = None,
 ) -> torch.Tensor:
+    """This shard's attention for one sequence: `batched_attention` with a single row."""
+    return batched_attention(x_normed, matmuls, [kv], [position], [x_normed.shape[0]], rotary, head_dim,
+                             eps=eps, sliding_window=sliding_window)
+
+
+def batched_attention(
+    x_normed: torch.Tensor, matmuls: LayerMatmuls, caches: Sequence[LayerKV], positions: Sequence[int],
+    lengths: Sequence[int], rotary: Rotary, head_dim: int, *, eps: float = 1e-6, sliding_window: int | None = None,
+) -> torch.Tensor:
     """This shard's KV-head groups of one attention layer: x_normed [T, H] -> partial output [T, H].
 
+    The T tokens are rows of several sequences stacked (row r: `lengths[r]` tokens starting at
+    `positions[r]`, attending to `caches[r]`; see `runtime.batch`). The projections, q/k norms and
+    RoPE run once over all T tokens; only the cache append and the attention itself are per row.
     The shard holds `wq [nq*hd, H]`, `wk/wv [nkv*hd, H]` (query heads follow their KV head) and
     `wo [H, nq*hd]`, the matching columns of o_proj, so the output is this shard's share of the sum.
     Causal over the cache: token t (absolute position+t) sees cached tokens and new ones up to itself
@@ -227,11 +250,19 @@ def attention_shard(
         weight = torch.cat((qk_norms[0].expand(n_q, head_dim), qk_norms[1].expand(n_kv, head_dim))).to(qk.dtype)
         qk = rms_norm(qk, weight, eps)
     v = qkv[:, (n_q + n_kv) * head_dim :].reshape(T, n_kv, head_dim).transpose(0, 1)
-    cos, sin = rotary.tables(position, T, qkv.dtype)
-    qk = apply_rope(qk.transpose(0, 1), cos, sin)  # q and k heads rotated in one go
-    keys, values = kv.append(qk[n_q:], v)
-    q = qk[:n_q]
-    out = grouped_attention(q, keys, values, sliding_window)
+    cos, sin = rotary.rows(positions, lengths, qkv.dtype)
+    qk = apply_rope(qk.transpose(0, 1), cos, sin)  # q and k heads of every token rotated in one go
+    if len(caches) == 1:
+        keys, values = caches[0].append(qk[n_q:], v)
+        out = grouped_attention(qk[:n_q], keys, values, sliding_window)
+    else:
+        parts, start = [], 0
+        for kv, length in zip(caches, lengths, strict=True):
+            end = start + length
+            keys, values = kv.append(qk[n_q:, start:end], v[:, start:end])
+            parts.append(grouped_attention(qk[:n_q, start:end], keys, values, sliding_window))
+            start = end
+        out = torch.cat(parts, dim=1)
     return matmuls.out(out.transpose(0, 1).reshape(T, n_q * head_dim))
 
 
@@ -315,15 +346,27 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, token_ids: list[int] | torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
         """Logits [T, vocab] of the tokens placed at `position` (the cache must hold exactly `position` tokens)."""
+        return self.forward_rows(token_ids, [cache], [position], [len(token_ids)], last_only=False)
+
+    @torch.inference_mode()
+    def forward_rows(
+        self, token_ids: list[int] | torch.Tensor, caches: Sequence[KVCache], positions: Sequence[int],
+        lengths: Sequence[int], last_only: bool = True,
+    ) -> torch.Tensor:
+        """A batched step (rows as in `batched_attention`): the next-token logits of every row
+        [rows, vocab], or of every token [T, vocab] without `last_only`."""
         cfg = self.config
         x = self.embed[torch.as_tensor(token_ids, dtype=torch.long)]
         for i, (weights, norms) in enumerate(zip(self.layers, self.norms, strict=True)):
 
-            def attend(h: torch.Tensor, w: LayerMatmuls, kv: LayerKV = cache.layer(i)) -> torch.Tensor:
-                return attention_shard(h, w, kv, position, self.rotary, cfg.head_dim, eps=cfg.rms_norm_eps,
-                                       sliding_window=getattr(cfg, "sliding_window", None))
+            def attend(h: torch.Tensor, w: LayerMatmuls, i: int = i) -> torch.Tensor:
+                return batched_attention(h, w, [c.layer(i) for c in caches], positions, lengths, self.rotary,
+                                         cfg.head_dim, eps=cfg.rms_norm_eps,
+                                         sliding_window=getattr(cfg, "sliding_window", None))
 
             x = decoder_layer(x, weights, norms, cfg.rms_norm_eps, attend)
+        if last_only:
+            x = x[torch.as_tensor(lengths).cumsum(0) - 1]
         return F.linear(rms_norm(x, self.final_norm, cfg.rms_norm_eps), self.lm_head).float()
 
     def generate(

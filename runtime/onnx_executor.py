@@ -103,7 +103,9 @@ class OnnxExecutor(Executor):
             feed[spec.name] = tensor.contiguous().numpy()
         return feed
 
-    def forward(self, op, layer, position, session, tensors):
+    def forward(self, op, layer, position, session, tensors, rows=None):
+        if rows:
+            raise ExecutorInputError("the onnx executor takes no batch rows (it keeps no sessions)")
         if op != "run":
             raise ExecutorInputError(f"the onnx executor only knows op 'run', not {op!r}")
         feed = self._feed(tensors)

@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
+from edgeweave.runtime.batch import Row, RowsError, check_rows
 from edgeweave.runtime.codec import Quantized
 from edgeweave.runtime.executor import Executor, ExecutorInputError, ExecutorStateError, TensorLike
 from edgeweave.runtime.layer_compute import BACKENDS, FloatMatmuls, LayerMatmuls, matmuls_factory, torch_threads
 from edgeweave.runtime.layer_store import LayerStore, layer_file_sizes
-from edgeweave.runtime.llama import KVCache, LayerNorms, Rotary, attention_shard, decoder_layer, mlp_shard
+from edgeweave.runtime.llama import KVCache, LayerNorms, Rotary, batched_attention, decoder_layer, mlp_shard
 from edgeweave.runtime.memory_budget import (
     MemoryBudgetError,
     choose_window,
@@ -66,13 +67,16 @@ class TensorParallelExecutor(Executor):
             raise ExecutorInputError(f"matmul backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         self.window = self._window(config.get("window"), paths, model, memory_budget)
         self.threads = int(config.get("threads") or torch.get_num_threads())
+        self.batch_invariant = config.get("batch_invariant", False)
+        if not isinstance(self.batch_invariant, bool):
+            raise ExecutorInputError(f"tp_llm batch_invariant must be true or false, not {self.batch_invariant!r}")
         try:
-            build = matmuls_factory(self.backend, self.threads, self.dtype)
+            build = matmuls_factory(self.backend, self.threads, self.dtype, self.batch_invariant)
             self.store = LayerStore(paths, self.window, prepare=build)
             first = self.store.layer(0)
         except (ValueError, KeyError) as exc:  # QuantizationError is a ValueError: a malformed shard
             raise ExecutorInputError(f"tp_llm cannot use its layer shards: {exc}") from None
-        self.quantized = not isinstance(first, FloatMatmuls)
+        self.quantized = not isinstance(getattr(first, "inner", first), FloatMatmuls)
         #: torch's threads for the ops between the matmuls: all of them where torch runs the matmuls
         #: too, one where ONNX Runtime's pool does (see `layer_compute.torch_threads`)
         self.torch_threads = 1 if self.quantized and self.backend == "ort" else torch.get_num_threads()
@@ -152,15 +156,20 @@ class TensorParallelExecutor(Executor):
             "quantized": self.quantized,
             "backend": self.backend if self.quantized else "float",
             "threads": self.threads,
+            "batch_invariant": self.batch_invariant,
             "ops": ["attn", "mlp", "reset", "truncate"] + (["layers"] if self.norms is not None else []),
         }
 
     def forward(
-        self, op: str, layer: int, position: int, session: str, tensors: list[TensorLike]
+        self, op: str, layer: int, position: int, session: str, tensors: list[TensorLike],
+        rows: list[Row] | None = None,
     ) -> list[TensorLike]:
+        """One message. `rows` (runtime.batch) batch several sessions into one hidden state; without
+        them the whole state is one row of `session` starting at `position`."""
         with self._lock:
             if op == "reset":
-                self.caches.pop(session, None)
+                for name in [r.session for r in rows] if rows else [session]:
+                    self.caches.pop(name, None)
                 return []
             if op == "truncate":
                 if position < 0:
@@ -171,12 +180,17 @@ class TensorParallelExecutor(Executor):
             if op not in ("attn", "mlp", "layers"):
                 raise ExecutorInputError(f"tp_llm knows ops attn, mlp, layers, reset, truncate; not {op!r}")
             x = self._check_input(op, layer, tensors)
+            rows = rows or [Row(session, position, x.shape[0])]
+            try:
+                check_rows(rows, x.shape[0])
+            except RowsError as exc:
+                raise ExecutorInputError(str(exc)) from None
             start = time.perf_counter()
             with torch.inference_mode(), torch_threads(self.torch_threads):
                 if op == "layers":
-                    out = self._layers(x, layer, position, session)
+                    out = self._layers(x, layer, rows)
                 elif op == "attn":
-                    out = self._attention(x, self.store.layer(layer), layer, position, session)
+                    out = self._attention(x, self.store.layer(layer), layer, rows)
                     if layer == 0:
                         self.tokens += x.shape[0]
                 else:
@@ -184,23 +198,36 @@ class TensorParallelExecutor(Executor):
             self.compute_s += time.perf_counter() - start
             return [out.to(torch.float32) if out.dtype != torch.float32 else out]
 
-    def _layers(self, x: torch.Tensor, first: int, position: int, session: str) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, first: int, rows: list[Row]) -> torch.Tensor:
         """Layers first .. last with norms and residuals (the hub's loop, run where the weights are)."""
         if self.norms is None:
             raise ExecutorInputError("op 'layers' needs a node that holds the whole model and its 'norms' shard")
         for i in range(first, self.n_layers):
 
             def attend(h: torch.Tensor, w: LayerMatmuls, i: int = i) -> torch.Tensor:
-                return self._attention(h, w, i, position, session)
+                return self._attention(h, w, i, rows)
 
             x = decoder_layer(x, self.store.layer(i), self.norms[i], self.rms_norm_eps, attend)
         if first == 0:
             self.tokens += x.shape[0]
         return x
 
-    def _attention(self, x: torch.Tensor, weights: LayerMatmuls, layer: int, position: int, session: str):
+    def _attention(self, x: torch.Tensor, weights: LayerMatmuls, layer: int, rows: list[Row]) -> torch.Tensor:
         if self.n_kv_heads == 0:
             return torch.zeros_like(x)
+        caches = []
+        for row in rows:
+            kv = self._cache(row.session).layer(layer)
+            if row.position != kv.length:
+                raise ExecutorStateError(
+                    f"attn for session {row.session!r} layer {layer} at position {row.position}, but this node has "
+                    f"{kv.length} tokens cached there; send position {kv.length} or truncate first"
+                )
+            caches.append(kv)
+        return batched_attention(x, weights, caches, [r.position for r in rows], [r.length for r in rows],
+                                 self.rotary, self.head_dim, eps=self.rms_norm_eps, sliding_window=self.sliding_window)
+
+    def _cache(self, session: str) -> KVCache:
         cache = self.caches.get(session)
         if cache is None:
             if len(self.caches) >= MAX_SESSIONS:
@@ -208,14 +235,7 @@ class TensorParallelExecutor(Executor):
                     f"this node already holds {MAX_SESSIONS} sessions; reset finished sessions before starting new ones"
                 )
             cache = self.caches[session] = KVCache(self.n_layers, self.n_kv_heads, self.head_dim, self.dtype)
-        kv = cache.layer(layer)
-        if position != kv.length:
-            raise ExecutorStateError(
-                f"attn for session {session!r} layer {layer} at position {position}, but this node has "
-                f"{kv.length} tokens cached there; send position {kv.length} or truncate first"
-            )
-        return attention_shard(x, weights, kv, position, self.rotary, self.head_dim, eps=self.rms_norm_eps,
-                               sliding_window=self.sliding_window)
+        return cache
 
     def _check_input(self, op: str, layer: int, tensors: list[TensorLike]) -> torch.Tensor:
         if not 0 <= layer < self.n_layers:

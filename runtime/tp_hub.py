@@ -8,12 +8,13 @@ nodes over the network (coordinator).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from edgeweave.runtime.layer_compute import torch_threads
+from edgeweave.runtime.batch import Row, check_rows, last_token_indexes
+from edgeweave.runtime.layer_compute import at_least_two_rows, torch_threads
 from edgeweave.runtime.llama import LlamaShape, rms_norm
 from edgeweave.runtime.ort_quantized import OrtLinear
 from edgeweave.runtime.quantized import PackedWeight, dequantize_rows, is_quantized, packed_weight
@@ -24,13 +25,19 @@ AllReduce = Callable[[str, int, torch.Tensor, int], torch.Tensor]
 #: (embedded hidden state [T, H], position) -> the last layer's output [T, H]: every layer run
 #: elsewhere in one go (a node holding the whole model), instead of per-layer reductions here
 LayerStack = Callable[[torch.Tensor, int], torch.Tensor]
+#: the same two for a batched step: the rows (runtime.batch) replace the position
+RowsReduce = Callable[[str, int, torch.Tensor, Sequence[Row]], torch.Tensor]
+RowsStack = Callable[[torch.Tensor, Sequence[Row]], torch.Tensor]
 
 
 class TensorParallelHub:
     """Embedding, norms and LM head of a model whose layers live on shards."""
 
-    def __init__(self, config: LlamaShape, tensors: dict[str, torch.Tensor], threads: int = 1) -> None:
+    def __init__(self, config: LlamaShape, tensors: dict[str, torch.Tensor], threads: int = 1,
+                 batch_invariant: bool = False) -> None:
         self.config = config
+        #: the LM head never takes its one-row path (`layer_compute.at_least_two_rows`)
+        self.batch_invariant = batch_invariant
         self._head: OrtLinear | None = None
         self._packed_embed: PackedWeight | None = None
         if is_quantized(tensors, "lm_head"):
@@ -69,45 +76,59 @@ class TensorParallelHub:
         self.o_bias = [tensors.get(f"model.layers.{i}.self_attn.o_proj.bias") for i in layers]
 
     @classmethod
-    def from_file(cls, config: LlamaShape, path: str | Path, threads: int = 1) -> TensorParallelHub:
+    def from_file(cls, config: LlamaShape, path: str | Path, threads: int = 1,
+                  batch_invariant: bool = False) -> TensorParallelHub:
         """Load `coordinator.safetensors` written by `splitting.tensor_parallel.write_shards` (read
         whole, so a quantized LM head is read by ONNX Runtime from the file: no copy in its graph)."""
         tensors, _ = read_safetensors(path)
-        return cls(config, tensors, threads)
+        return cls(config, tensors, threads, batch_invariant)
 
-    @torch.inference_mode()
     def forward(
         self, token_ids: list[int] | torch.Tensor, position: int, reduce: AllReduce | None = None,
         stack: LayerStack | None = None, last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits [T, vocab] for T tokens placed at `position` of the sequence ([1, vocab] with
+        """Logits [T, vocab] for T tokens of one sequence placed at `position` ([1, vocab] with
         `last_only`: generation needs only the last position, and the LM head is the hub's biggest
         matmul). The layers run through `stack` when given, else through per-layer `reduce`."""
+        row = Row("", position, len(token_ids))
+        rows_reduce = None if reduce is None else (lambda op, layer, x, _rows: reduce(op, layer, x, position))
+        rows_stack = None if stack is None else (lambda x, _rows: stack(x, position))
+        return self.forward_rows(token_ids, [row], rows_reduce, rows_stack, last_only)
+
+    @torch.inference_mode()
+    def forward_rows(
+        self, token_ids: list[int] | torch.Tensor, rows: Sequence[Row], reduce: RowsReduce | None = None,
+        stack: RowsStack | None = None, last_only: bool = True,
+    ) -> torch.Tensor:
+        """A batched step: the tokens of every row stacked (runtime.batch) -> each row's next-token
+        logits [rows, vocab] (every token's [T, vocab] without `last_only`)."""
         # a quantized head runs on ONNX Runtime's pool: torch only does the small ops (`torch_threads`)
         with torch_threads(1 if self._head is not None else torch.get_num_threads()):
-            return self._forward(token_ids, position, reduce, stack, last_only)
+            return self._forward(token_ids, rows, reduce, stack, last_only)
 
-    def _forward(self, token_ids: list[int] | torch.Tensor, position: int, reduce: AllReduce | None,
-                 stack: LayerStack | None, last_only: bool) -> torch.Tensor:
+    def _forward(self, token_ids: list[int] | torch.Tensor, rows: Sequence[Row], reduce: RowsReduce | None,
+                 stack: RowsStack | None, last_only: bool) -> torch.Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {ids.tolist()[:8]}")
+        check_rows(rows, ids.numel())
         eps = self.config.rms_norm_eps
         x = self.embed(ids)
         if stack is not None:
-            x = stack(x, position)
+            x = stack(x, rows)
         elif reduce is not None:
             for i in range(self.config.num_layers):
-                x = x + reduce("attn", i, rms_norm(x, self.input_norms[i], eps), position)
+                x = x + reduce("attn", i, rms_norm(x, self.input_norms[i], eps), rows)
                 if self.o_bias[i] is not None:
                     x = x + self.o_bias[i]
-                x = x + reduce("mlp", i, rms_norm(x, self.post_norms[i], eps), position)
+                x = x + reduce("mlp", i, rms_norm(x, self.post_norms[i], eps), rows)
         else:
             raise ValueError("TensorParallelHub.forward needs a reduce or a stack callback")
         if last_only:
-            x = x[-1:]
+            x = x[-1:] if len(rows) == 1 else x[last_token_indexes(rows)]
         x = rms_norm(x, self.final_norm, eps)
-        return self._head(x) if self._head is not None else x @ self.lm_head_t
+        head = self._head if self._head is not None else (lambda h: h @ self.lm_head_t)
+        return at_least_two_rows(head, x) if self.batch_invariant else head(x)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows [T, H] of `ids` (columns of the transposed LM head when they are tied)."""

@@ -11,12 +11,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
+import pytest
 import torch
 
+from edgeweave.coordinator.local_cluster import LocalCluster
 from edgeweave.splitting.checkpoints import Checkpoint, default_model_path, open_checkpoint
 
 CHAT = [{"role": "user", "content": "Tell me about the history of Paris in a few sentences."}]
 N_TOKENS = 32
+#: co-located nodes share 2 cores: one torch thread each (separate devices would each have their own)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @contextmanager
@@ -29,6 +33,24 @@ def single_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """A test module that imports this fixture runs its in-process torch work on one thread."""
+    with single_torch_thread():
+        yield
+
+
+def local_cluster_fixture(n_nodes: int):
+    """A module-scoped fixture: `n_nodes` real node processes on loopback, one thread each."""
+
+    @pytest.fixture(scope="module")
+    def cluster() -> Iterator[LocalCluster]:
+        with LocalCluster(n_nodes, advertise=False, env=ONE_THREAD) as nodes:
+            yield nodes
+
+    return cluster
 
 
 @lru_cache(maxsize=1)

@@ -11,12 +11,19 @@ from pathlib import Path
 
 import grpc
 import pytest
-from llm_reference import single_torch_thread, smollm, smollm_in_memory
+from llm_reference import (
+    ONE_THREAD,
+    local_cluster_fixture,
+    one_torch_thread,  # noqa: F401 - an autouse fixture: this module's torch runs on one thread
+    smollm,
+    smollm_in_memory,
+)
 
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.engine import DistributedEngine
 from edgeweave.coordinator.local_cluster import LocalCluster
 from edgeweave.coordinator.recovery import FIT_CONTEXT, ClusterLostError
+from edgeweave.coordinator.scheduler import GenerationJob, Scheduler
 from edgeweave.coordinator.tp_driver import DistributedLlama
 from edgeweave.runtime.memory_budget import kv_cache_bytes
 from edgeweave.runtime.sampling import SamplingParams
@@ -24,7 +31,6 @@ from edgeweave.splitting.memory_plan import DEFAULT_NODE_OVERHEAD
 from edgeweave.splitting.tensor_parallel import layer_file, plan_shards, write_shards
 from edgeweave.splitting.tokenizer import Tokenizer
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 CHAT = [{"role": "user", "content": "Tell me about the history of Paris in a few sentences."}]
 N_TOKENS = 64
 KILL_AFTER = 8
@@ -35,16 +41,7 @@ def LLM(test):  # noqa: N802 - reads as a marker
     return pytest.mark.llm(pytest.mark.slow(test))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(3, advertise=False, env=ONE_THREAD) as nodes:
-        yield nodes
+cluster = local_cluster_fixture(3)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +68,6 @@ def _clients(cluster, ranks):
 
 def _shard_bytes(manifest, ranks) -> int:
     return sum(manifest.path(layer_file(r, i)).stat().st_size for r in ranks for i in range(manifest.config.num_layers))
-
 
 
 @LLM
@@ -126,26 +122,56 @@ def test_kill_minus_nine_mid_generation_continues_identically(cluster, cache_dir
         client.close()
 
 
+def _serve_batch(engine, prompts: list[list[int]], n_tokens: int, on_token=None) -> list[list[int]]:
+    """Greedy answers of `prompts` submitted together to a Scheduler over `engine` (rows of one batch)."""
+    scheduler = Scheduler(engine, max_active=len(prompts), prefill_chunk=64)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished = threading.Semaphore(0)
+    errors = []
+    try:
+        for i, prompt in enumerate(prompts):
+            def token(choice, i=i):
+                outputs[i].append(choice.token)
+                if on_token:
+                    on_token(i, outputs[i])
+
+            def done(reason, error):
+                if error is not None:
+                    errors.append(error)
+                finished.release()
+
+            scheduler.submit(GenerationJob(prompt, n_tokens, SamplingParams(), on_token=token, on_done=done))
+        for _ in prompts:
+            assert finished.acquire(timeout=300), "a request did not finish"
+    finally:
+        scheduler.close()
+    assert not errors, errors
+    return outputs
+
+
 @LLM
-def test_engine_recovers_mid_request_and_uses_a_restarted_node_next(cluster, cache_dir, prompt_ids, uninterrupted):
-    """A DistributedEngine request survives a kill; after a restart the next request runs on 3 nodes
-    again with nothing re-sent (the node kept its shards)."""
+def test_engine_recovers_mid_batch_and_uses_a_restarted_node_next(cluster, cache_dir, prompt_ids, uninterrupted):
+    """Three requests batched together survive a kill -9 mid-batch, each with exactly the tokens of
+    the uninterrupted run (their sessions are rebuilt on the survivors in one step); after a restart
+    the next request runs on 3 nodes again with nothing re-sent (the node kept its shards)."""
     if cluster.procs[2].poll() is not None:
         cluster.restart(2)
     engine = DistributedEngine.open(smollm(), cluster.addresses, weights=[1.0, 1.0, 1.0],
                                     cache_dir=cache_dir, quantize="none")  # the float32 tokens of `uninterrupted`
-    greedy = SamplingParams()
     try:
-        tokens = []
-        for token in engine.generate(prompt_ids, 12, greedy, session="a"):
-            tokens.append(token)
-            if len(tokens) == 2:
+        def kill_at_second_token(i, tokens):
+            if i == 0 and len(tokens) == 2:
                 cluster.kill(2)
-        assert tokens == uninterrupted[0][:12]
+
+        # the third request joins with a shorter prompt: rows of different lengths in one batch
+        short = prompt_ids[:-3]
+        alone_short = list(engine.llm.generate(short, 12))
+        outputs = _serve_batch(engine, [prompt_ids, prompt_ids, short], 12, kill_at_second_token)
+        assert outputs == [uninterrupted[0][:12], uninterrupted[0][:12], alone_short]
         assert len(engine.llm.nodes) == 2 and len(engine.describe()["recoveries"]) == 1
 
         cluster.restart(2)
-        assert list(engine.generate(prompt_ids, 12, greedy, session="b")) == uninterrupted[0][:12]
+        assert _serve_batch(engine, [prompt_ids], 12) == [uninterrupted[0][:12]]
         assert [row["address"] for row in engine.describe()["nodes"]] == cluster.addresses
         assert engine.rejoins[-1] == {"joined": [cluster.addresses[2]], "nodes": 3, "resent_bytes": 0}
     finally:

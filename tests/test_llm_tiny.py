@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from edgeweave.runtime.batch import Row
 from edgeweave.runtime.executor import ExecutorInputError, ExecutorStateError
 from edgeweave.runtime.llama import LlamaModel
 from edgeweave.runtime.tp_executor import TensorParallelExecutor
@@ -224,3 +225,81 @@ def test_coordinator_share_drives_like_a_node_and_reports_errors_as_nodes_do(tin
     for member in members:
         member.close()
         assert member.info().jobs == []
+
+
+# -- batched steps (continuous batching): rows of several sequences in one hidden state ------------
+#: three sequences fed in three steps: a prompt read in two chunks, prompts read whole, decode rows
+SEQUENCES = {"a": IDS[:9] + IDS[15:17], "b": IDS[3:14] + IDS[17:19], "c": IDS[5:7] + IDS[10:12]}
+STEPS = [{"a": (0, 5), "b": (0, 11), "c": (0, 2)}, {"a": (5, 9), "b": (11, 12), "c": (2, 3)},
+         {"a": (9, 10), "b": (12, 13), "c": (3, 4)}, {"a": (10, 11)}]
+
+
+def _alone(model: LlamaModel) -> dict[str, torch.Tensor]:
+    """Every position's logits of each sequence, computed alone in one pass."""
+    return {name: model.forward(ids, model.new_cache(), 0) for name, ids in SEQUENCES.items()}
+
+
+def _batched(run_step) -> list[dict[str, torch.Tensor]]:
+    """Run STEPS through `run_step(ids, rows) -> [rows, vocab]`; each step's last-token logits by sequence."""
+    out = []
+    for step in STEPS:
+        rows = [Row(name, start, end - start) for name, (start, end) in step.items()]
+        ids = [t for name, (start, end) in step.items() for t in SEQUENCES[name][start:end]]
+        logits = run_step(ids, rows)
+        out.append({row.session: logits[i] for i, row in enumerate(rows)})
+    return out
+
+
+def _check_batched_equal_alone(batched, alone) -> None:
+    for step, got in zip(STEPS, batched, strict=True):
+        for name, (_, end) in step.items():
+            torch.testing.assert_close(got[name], alone[name][end - 1], rtol=0, atol=1e-4)
+
+
+def test_batched_rows_equal_each_sequence_alone(tiny, tmp_path):
+    """Prefill chunks and decode rows of three sequences in one step give each sequence's own
+    logits: in one process, over two tensor-parallel shards, and on a node holding every layer."""
+    _, folder = tiny
+    ckpt = open_checkpoint(folder)
+    model = LlamaModel(ckpt.config, ckpt.tensor, set(ckpt.names()))
+    alone = _alone(model)
+    caches = {name: model.new_cache() for name in SEQUENCES}
+    _check_batched_equal_alone(_batched(lambda ids, rows: model.forward_rows(
+        ids, [caches[r.session] for r in rows], [r.position for r in rows], [r.length for r in rows])), alone)
+
+    config = {"model": None, "n_layers": ckpt.config.num_layers}
+    for weights in ([2.0, 1.0], [1.0]):
+        manifest = write_shards(ckpt, plan_shards(ckpt.config, weights), tmp_path / str(len(weights)))
+        config["model"] = manifest.data["config"]
+        executors = [TensorParallelExecutor({**config, "rank": r}, {n: manifest.path(rel) for n, rel in
+                                                                    manifest.shard_files(r).items()})
+                     for r in range(len(weights))]
+        hub = TensorParallelHub.from_file(ckpt.config, manifest.coordinator_file)
+        if len(weights) == 1:  # the fused path: one message runs every layer for every row
+            def step(ids, rows, ex=executors[0], hub=hub):
+                return hub.forward_rows(ids, rows, stack=lambda x, rows: ex.forward("layers", 0, 0, "", [x], rows)[0])
+        else:
+            def step(ids, rows, exs=executors, hub=hub):
+                return hub.forward_rows(ids, rows, lambda op, layer, x, rows: sum(
+                    e.forward(op, layer, 0, "", [x], rows)[0] for e in exs))
+        _check_batched_equal_alone(_batched(step), alone)
+        assert executors[0].stats()["sessions"] == {"a": 11, "b": 13, "c": 4}
+        executors[0].forward("reset", 0, 0, "", [], [Row("a", 0, 1), Row("c", 0, 1)])
+        assert executors[0].stats()["sessions"] == {"b": 13}
+
+
+def test_executor_refuses_rows_that_do_not_fit(tiny, tmp_path):
+    _, folder = tiny
+    ckpt = open_checkpoint(folder)
+    manifest = write_shards(ckpt, plan_shards(ckpt.config, [1.0]), tmp_path)
+    ex = TensorParallelExecutor({"model": manifest.data["config"], "n_layers": 2}, manifest.node_files(0))
+    x = torch.randn(3, 64)
+    with pytest.raises(ExecutorInputError, match="cover 2 tokens but the hidden state has 3"):
+        ex.forward("attn", 0, 0, "", [x], [Row("a", 0, 1), Row("b", 0, 1)])
+    with pytest.raises(ExecutorInputError, match="more than one row"):
+        ex.forward("attn", 0, 0, "", [x], [Row("a", 0, 1), Row("a", 1, 2)])
+    with pytest.raises(ExecutorInputError, match="length >= 1"):
+        ex.forward("mlp", 0, 0, "", [x], [Row("a", 0, 3), Row("b", 0, 0)])
+    ex.forward("attn", 0, 0, "", [x], [Row("a", 0, 2), Row("b", 0, 1)])
+    with pytest.raises(ExecutorStateError, match="session 'b' layer 0 at position 0, but this node has 1"):
+        ex.forward("attn", 0, 0, "", [x[:2]], [Row("a", 2, 1), Row("b", 0, 1)])

@@ -23,7 +23,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 #: scripts/check_aarch64_wheels.py; adding a dependency means checking it and adding it here
 VERIFIED_AARCH64 = {
     "torch", "numpy", "grpcio", "protobuf", "zeroconf", "psutil", "onnx", "onnxruntime", "safetensors", "gguf",
-    "tokenizers", "jinja2", "typer", "rich", "cryptography", "fastapi", "uvicorn", "tomli",
+    "tokenizers", "jinja2", "typer", "rich", "cryptography", "fastapi", "uvicorn", "tomli", "prometheus-client",
 }
 #: x86-only, CUDA-on-x86 or build-from-source packages that would break `pip install` on a Pi
 NOT_ON_AARCH64 = {

@@ -78,9 +78,10 @@ def test_oversized_bodies_get_413_while_health_answers(server):
 @pytest.mark.parametrize(("field", "value"), [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("response_format", {"type": "json_object"}),
-    ("logprobs", True),
-    ("presence_penalty", 0.5),
-    ("logit_bias", {"42": 5}),
+    ("modalities", ["text", "audio"]),
+    ("top_logprobs", 3),  # without logprobs=true
+    ("logit_bias", {"not-a-token": 5}),
+    ("n", 17),
     ("frobnicate", 1),
 ])
 def test_unimplemented_or_unknown_fields_are_400s_naming_them(server, field, value):

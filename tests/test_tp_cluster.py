@@ -9,29 +9,21 @@ import sys
 
 import pytest
 import torch
-from llm_reference import hf_reference, single_torch_thread, smollm_in_memory
+from llm_reference import (
+    ONE_THREAD,
+    hf_reference,
+    local_cluster_fixture,
+    one_torch_thread,  # noqa: F401 - an autouse fixture: this module's torch runs on one thread
+    smollm_in_memory,
+)
 
 from edgeweave.coordinator.client import NodeClient
-from edgeweave.coordinator.local_cluster import LocalCluster
 from edgeweave.coordinator.tp_driver import DistributedLlama
 
 pytestmark = [pytest.mark.llm, pytest.mark.slow]
 
 
-#: co-located nodes share 2 cores: one torch thread each (separate devices would each have their own)
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(3, advertise=False, env=ONE_THREAD) as nodes:
-        yield nodes
+cluster = local_cluster_fixture(3)
 
 
 @pytest.fixture(scope="module")
