@@ -17,7 +17,7 @@ from edgeweave.runtime.llama import LlamaModel
 from edgeweave.splitting.checkpoints import open_checkpoint
 from edgeweave.splitting.tokenizer import Tokenizer
 
-pytestmark = pytest.mark.llm
+pytestmark = [pytest.mark.llm, pytest.mark.slow]
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
