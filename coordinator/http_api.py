@@ -169,7 +169,7 @@ class _Choice:
             self.job.cancel("stop")
         return delta
 
-    def take_logprobs(self, chat: bool) -> dict[str, Any] | None:
+    def take_logprobs(self) -> dict[str, Any] | None:
         """The queued log-probabilities in the endpoint's shape, then forget them (streaming)."""
         if self.logprobs is None:
             return None
@@ -178,7 +178,7 @@ class _Choice:
             self.logprobs.clear()
             return out
         out, self.logprobs = {"content": self.logprobs}, []
-        return out if chat else None
+        return out
 
 
 @dataclass
@@ -186,7 +186,6 @@ class _Run:
     choices: list[_Choice]
     #: (choice index, "token", TokenChoice) or (choice index, "done", reason, error)
     events: asyncio.Queue
-    chat: bool
 
     def cancel(self, reason: str) -> None:
         for choice in self.choices:
@@ -295,7 +294,7 @@ class Service:
         events: asyncio.Queue = asyncio.Queue()
         chat = isinstance(body, ChatRequest)
         client = body.user or (request.client.host if request.client else "unknown")
-        run = _Run([], events, chat)
+        run = _Run([], events)
         for index in range(body.n or 1):
             def put(item: tuple, index: int = index) -> None:
                 loop.call_soon_threadsafe(events.put_nowait, (index, *item))
@@ -356,7 +355,7 @@ class Service:
                 if event[1] == "token":
                     delta = choice.feed(event[2], self.engine.tokenizer)
                     if delta:
-                        yield _sse(chunk(choice.index, delta, None, choice.take_logprobs(run.chat)))
+                        yield _sse(chunk(choice.index, delta, None, choice.take_logprobs()))
                     continue
                 _, _, reason, error = event
                 if error is not None:
@@ -364,7 +363,7 @@ class Service:
                                           "param": None, "code": "generation_failed"}})
                     break
                 tail = choice.assembler.finish()
-                logprobs = choice.take_logprobs(run.chat)
+                logprobs = choice.take_logprobs()
                 if tail or (logprobs and (logprobs.get("content") or logprobs.get("tokens"))):
                     yield _sse(chunk(choice.index, tail, None, logprobs))
                 yield _sse(chunk(choice.index, "", _finish_reason(reason), None))
@@ -434,8 +433,8 @@ def create_app(engine: TextEngine, scheduler: Scheduler, default_max_tokens: int
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        snap = scheduler.snapshot()
-        return {"status": "ok", "model": engine.model_id, "active": snap["active"], "waiting": snap["waiting"]}
+        active, waiting = scheduler.counts()
+        return {"status": "ok", "model": engine.model_id, "active": active, "waiting": waiting}
 
     def model_card() -> dict[str, Any]:
         return {"id": engine.model_id, "object": "model", "created": int(service.started), "owned_by": "edgeweave"}
@@ -477,7 +476,7 @@ def create_app(engine: TextEngine, scheduler: Scheduler, default_max_tokens: int
         choices = await service.collect(request, run)
         return {"id": rid, "object": "chat.completion", "created": created, "model": engine.model_id,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.pieces)},
-                             "logprobs": c.take_logprobs(chat=True), "finish_reason": c.finish} for c in choices],
+                             "logprobs": c.take_logprobs(), "finish_reason": c.finish} for c in choices],
                 "usage": service.usage(run).as_dict()}
 
     @app.post("/v1/completions")
@@ -497,7 +496,7 @@ def create_app(engine: TextEngine, scheduler: Scheduler, default_max_tokens: int
             return StreamingResponse(service.stream(run, chunk, usage), media_type="text/event-stream")
         choices = await service.collect(request, run)
         return {"id": rid, "object": "text_completion", "created": created, "model": engine.model_id,
-                "choices": [{"index": c.index, "text": "".join(c.pieces), "logprobs": c.take_logprobs(chat=False),
+                "choices": [{"index": c.index, "text": "".join(c.pieces), "logprobs": c.take_logprobs(),
                              "finish_reason": c.finish} for c in choices],
                 "usage": service.usage(run).as_dict()}
 

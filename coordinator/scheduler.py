@@ -164,6 +164,11 @@ class Scheduler:
             self._wake.notify()
         return job
 
+    def counts(self) -> tuple[int, int]:
+        """(active, waiting) requests: the cheap part of `snapshot`, for /health and /metrics."""
+        with self._wake:
+            return len(self._active), self._n_waiting
+
     def snapshot(self) -> dict[str, Any]:
         """Queue depth, batch size and recent requests' speed, for `/v1/status`."""
         now = time.monotonic()
@@ -250,16 +255,16 @@ class Scheduler:
 
     def _step(self) -> None:
         """One batched engine step over every active sequence (cancelled ones leave first)."""
-        for active in [a for a in self._active if a.job.cancel_event.is_set()]:
-            self._retire([(active, active.job.cancel_reason, None)])
+        cancelled = [(a, a.job.cancel_reason, None) for a in self._active if a.job.cancel_event.is_set()]
+        if cancelled:
+            self._retire(cancelled)
         batch: list[tuple[_Active, SequenceStep]] = []
-        budget = self.prefill_chunk
+        prefill_tokens = 0  # prompt tokens fed this step, all sequences together
         for active in self._active:
-            step = active.next_step(budget, self.prefill_chunk)
+            step = active.next_step(self.prefill_chunk - prefill_tokens, self.prefill_chunk)
             if step is not None:
-                fed = len(step.history) - step.cached
-                if fed > 1 or active.cached < len(active.job.prompt_ids):
-                    budget -= fed
+                if active.cached < len(active.job.prompt_ids):
+                    prefill_tokens += len(step.history) - step.cached
                 batch.append((active, step))
         if not batch:
             return
@@ -271,10 +276,8 @@ class Scheduler:
             self._retire([(active, "error", exc) for active, _ in batch])
             return
         seconds = time.perf_counter() - start
-        ended, chosen, prefill_tokens = [], 0, 0
+        ended, chosen = [], 0
         for (active, step), row_logits in zip(batch, logits, strict=True):
-            if active.cached < len(active.job.prompt_ids):
-                prefill_tokens += len(step.history) - step.cached
             active.cached = len(step.history)
             if active.cached < len(active.tokens):
                 continue  # still reading its prompt: these logits are not for a new token

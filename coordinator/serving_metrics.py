@@ -68,9 +68,9 @@ class ServingMetrics:
         self.step_time = Histogram("edgeweave_step_seconds", "Duration of one batched engine step",
                                    buckets=_TIME_BUCKETS, registry=r)
         queue = Gauge("edgeweave_queue_depth", "Requests waiting to be admitted", registry=r)
-        queue.set_function(lambda: scheduler.snapshot()["waiting"])
+        queue.set_function(lambda: scheduler.counts()[1])
         active = Gauge("edgeweave_active_sequences", "Requests being decoded (one KV cache each)", registry=r)
-        active.set_function(lambda: scheduler.snapshot()["active"])
+        active.set_function(lambda: scheduler.counts()[0])
         r.register(_EngineCollector(engine))
 
     # -- StepObserver (called on the scheduler thread) ------------------------------------------

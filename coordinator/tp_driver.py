@@ -352,14 +352,6 @@ class DistributedLlama:
     def _timing(self, rank: int) -> NodeTiming:
         return self.node_timings.setdefault(self.nodes[rank].address, NodeTiming())
 
-    def forward(
-        self, token_ids: list[int], position: int, session: str, stats: GenerationStats | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Logits [T, vocab] of `token_ids` placed at `position` in `session`'s sequence ([1, vocab]
-        for the last position only with `last_only`). No recovery here: `step` adds it."""
-        return self._forward_rows(token_ids, [Row(session, position, len(token_ids))], stats, last_only)
-
     def _forward_rows(self, token_ids: list[int], rows: Sequence[Row], stats: GenerationStats | None = None,
                       last_only: bool = True) -> torch.Tensor:
         """One pass over the nodes for stacked rows (runtime.batch): [rows, vocab] with `last_only`.

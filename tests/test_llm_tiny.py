@@ -105,11 +105,16 @@ def test_sharded_tiny_equals_transformers(tiny, tmp_path, weights):
         assert [e.n_kv_heads for e in executors] == [1, 1, 0]
 
 
-def test_executor_rejects_bad_requests(tiny, tmp_path):
+def _one_rank_executor(tiny, tmp_path) -> TensorParallelExecutor:
+    """The whole tiny model as one tensor-parallel rank (attention and MLP ops only, no norms)."""
     _, folder = tiny
     ckpt = open_checkpoint(folder)
     manifest = write_shards(ckpt, plan_shards(ckpt.config, [1.0]), tmp_path)
-    ex = TensorParallelExecutor({"model": manifest.data["config"], "n_layers": 2}, manifest.node_files(0))
+    return TensorParallelExecutor({"model": manifest.data["config"], "n_layers": 2}, manifest.node_files(0))
+
+
+def test_executor_rejects_bad_requests(tiny, tmp_path):
+    ex = _one_rank_executor(tiny, tmp_path)
     x = torch.randn(3, 64)
     with pytest.raises(ExecutorInputError, match="out of range"):
         ex.forward("attn", 2, 0, "s", [x])
@@ -289,10 +294,7 @@ def test_batched_rows_equal_each_sequence_alone(tiny, tmp_path):
 
 
 def test_executor_refuses_rows_that_do_not_fit(tiny, tmp_path):
-    _, folder = tiny
-    ckpt = open_checkpoint(folder)
-    manifest = write_shards(ckpt, plan_shards(ckpt.config, [1.0]), tmp_path)
-    ex = TensorParallelExecutor({"model": manifest.data["config"], "n_layers": 2}, manifest.node_files(0))
+    ex = _one_rank_executor(tiny, tmp_path)
     x = torch.randn(3, 64)
     with pytest.raises(ExecutorInputError, match="cover 2 tokens but the hidden state has 3"):
         ex.forward("attn", 0, 0, "", [x], [Row("a", 0, 1), Row("b", 0, 1)])
