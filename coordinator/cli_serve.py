@@ -14,8 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgeweave.config import ConfigError, load_settings, pick, pick_quantize
-from edgeweave.coordinator.cli_llm import QUANTIZE_HELP
+from edgeweave.coordinator.cli_llm import PEER_HELP, QUANTIZE_HELP
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.discovery import NodeRecord, discover
 from edgeweave.runtime.batch import DEFAULT_PREFILL_CHUNK
@@ -108,7 +107,8 @@ def server_tables(status: dict[str, Any]) -> list[Table]:
 # -- edgeweave serve -----------------------------------------------------------------------------
 def build_engine(model: str | None, engine_kind: str, peers: list[str], interfaces: list[str] | None,
                  nodes: int, discovery_timeout: float, stack: contextlib.ExitStack,
-                 weights: list[float] | None = None, dtype: str = "float32", quantize: str | None = None) -> Any:
+                 weights: list[float] | None = None, dtype: str = "float32", quantize: str | None = None,
+                 cache_dir: str | None = None) -> Any:
     """The engine to serve: the single-process reference, or the model spread over the cluster
     (the discovered/static nodes, else a LocalCluster of `nodes` started here)."""
     from edgeweave.coordinator import engine as engines
@@ -121,9 +121,12 @@ def build_engine(model: str | None, engine_kind: str, peers: list[str], interfac
                                      param_hint="--quantize")
         return stack.enter_context(contextlib.closing(engines.ReferenceEngine(checkpoint)))
     if peers:  # static peers are the whole cluster: never mix in whatever else announces itself
-        addresses = [r.address for r in discover(timeout=0, peers=peers, wait_for=len(peers))]
-        if len(addresses) < len(peers):
-            raise typer.BadParameter(f"only {len(addresses)} of {len(peers)} peers answered", param_hint="--peer")
+        from edgeweave.coordinator.node_selection import NodeSelectionError, exact_peers
+
+        try:
+            addresses = [r.address for r in exact_peers(peers)]
+        except NodeSelectionError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--peer") from None
     watcher = None
     if not peers:
         addresses = [r.address for r in discover(timeout=discovery_timeout, interfaces=interfaces)]
@@ -134,12 +137,12 @@ def build_engine(model: str | None, engine_kind: str, peers: list[str], interfac
     if not addresses:
         from edgeweave.coordinator.local_cluster import LocalCluster
 
-        typer.echo(f"no nodes found; starting a local cluster of {nodes} node(s)")
+        log.info("no nodes found; starting a local cluster of %d node(s)", nodes)
         cluster = stack.enter_context(LocalCluster(nodes, interface=(interfaces or ["127.0.0.1"])[0], advertise=False))
         addresses = list(cluster.addresses)
     return stack.enter_context(contextlib.closing(
         engines.DistributedEngine.open(checkpoint, addresses, weights=weights, dtype=dtype, watcher=watcher,
-                                       quantize=quantize)))
+                                       quantize=quantize, cache_dir=cache_dir)))
 
 
 def check_exposure(host: str, api_key: str | None, no_api_key: bool) -> None:
@@ -161,9 +164,9 @@ def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
         model: str = typer.Argument(None, help="GGUF file or HF folder (default: the bundled SmolLM2-135M-Instruct)."),
-        host: str = typer.Option(None, help="HTTP address to bind (default: config http_host, 127.0.0.1)."),
-        port: int = typer.Option(None, help="HTTP port (default: config http_port, 8000)."),
-        peer: list[str] = typer.Option(None, help="Static node host:port (repeatable); given peers are the whole cluster."),
+        host: str = typer.Option(None, help="HTTP address to bind."),
+        port: int = typer.Option(None, help="HTTP port."),
+        peer: list[str] = typer.Option(None, metavar="HOST:PORT", help=PEER_HELP),
         interface: list[str] = typer.Option(None, help="IPv4 address(es) to discover nodes on (without --peer)."),
         nodes: int = typer.Option(None, help="Nodes of the local cluster started when none is found."),
         discovery_timeout: float = typer.Option(None, help="Seconds to listen for nodes."),
@@ -171,69 +174,69 @@ def register(app: typer.Typer) -> None:
         weights: str = typer.Option(None, help="Relative node capacities, e.g. 2,1 (default: measured GFLOP/s)."),
         dtype: str = typer.Option("float32", help="Shard dtype on disk and on the wire: float32, float16, bfloat16."),
         quantize: str = typer.Option(None, help=QUANTIZE_HELP),
+        cache_dir: str = typer.Option(None, help="Where this coordinator keeps written shards."),
         max_active: int = typer.Option(16, help="Requests decoded together: rows of one batched step, one KV cache each."),
         prefill_chunk: int = typer.Option(DEFAULT_PREFILL_CHUNK, help="Prompt tokens read per step across new "
                                           "requests (the rest next step), so running streams keep flowing."),
         max_queue: int = typer.Option(64, help="Requests allowed to wait; more get HTTP 429."),
-        api_key: str = typer.Option(None, help="Require 'Authorization: Bearer KEY' on /v1/ (default: config "
-                                               "api_key, env EDGEWEAVE_COORDINATOR_API_KEY)."),
+        api_key: str = typer.Option(None, show_default=False, help="Require 'Authorization: Bearer KEY' on /v1/ "
+                                    "(also [coordinator] api_key, env EDGEWEAVE_COORDINATOR_API_KEY)."),
         no_api_key: bool = typer.Option(False, "--no-api-key", help="Serve a non-loopback address without a key."),
-        max_body_bytes: int = typer.Option(None, help="Largest request body; larger ones get HTTP 413 "
-                                                      "(default: config max_body_bytes, 4 MiB)."),
+        max_body_bytes: int = typer.Option(None, help="Largest request body; larger ones get HTTP 413."),
     ) -> None:
-        """Serve the model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
-        import uvicorn
+        """Serve the model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions).
 
-        from edgeweave.coordinator.cli_llm import parse_weights
+        The HTTP port is bound before the model is loaded (a busy port fails at once), and the
+        "serving" line is printed only once the server accepts connections."""
+        from edgeweave.coordinator.cli_llm import parse_weights, resolve_quantize
         from edgeweave.coordinator.http_api import create_app
+        from edgeweave.coordinator.http_server import AnnouncingServer, bind_http, url_host
         from edgeweave.coordinator.scheduler import Scheduler
         from edgeweave.runtime.quantized import QuantizationError
         from edgeweave.splitting.checkpoints import CheckpointError
+        from edgeweave.splitting.tokenizer import TokenizerError
 
         if engine not in ("cluster", "reference"):
             raise typer.BadParameter("use 'cluster' or 'reference'", param_hint="--engine")
-        cfg = load_settings().coordinator
-        try:
-            precision = pick_quantize(quantize, cfg.quantize)
-        except ConfigError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--quantize") from None
-        bind_host, bind_port = pick(host, cfg.http_host), pick(port, cfg.http_port)
-        key = pick(api_key, cfg.api_key) or None
-        check_exposure(bind_host, key, no_api_key)
-        body_limit = pick(max_body_bytes, cfg.max_body_bytes)
+        precision = resolve_quantize(quantize)
+        key = api_key or None
+        check_exposure(host, key, no_api_key)
         if max_active < 1 or prefill_chunk < 1 or max_queue < 0:
             raise typer.BadParameter("--max-active and --prefill-chunk must be >= 1 and --max-queue >= 0")
-        if body_limit < 1024:
-            raise typer.BadParameter(f"must be at least 1024 bytes, got {body_limit}", param_hint="--max-body-bytes")
+        if max_body_bytes < 1024:
+            raise typer.BadParameter(f"must be at least 1024 bytes, got {max_body_bytes}", param_hint="--max-body-bytes")
         with contextlib.ExitStack() as stack:
-            peers = pick(peer or None, cfg.peers) or []
+            try:
+                listener = stack.enter_context(bind_http(host, port))
+            except OSError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--port") from None
             try:
                 text_engine = build_engine(
-                    model, engine, peers, pick(interface or None, [cfg.interface] if cfg.interface else None),
-                    pick(nodes, cfg.nodes), pick(discovery_timeout, cfg.discovery_timeout), stack,
-                    parse_weights(weights, len(peers) or None), dtype, precision,
+                    model, engine, peer or [], interface or None, nodes, discovery_timeout, stack,
+                    parse_weights(weights, len(peer) if peer else None), dtype, precision, cache_dir,
                 )
-            except (CheckpointError, QuantizationError) as exc:
+            except (CheckpointError, QuantizationError, TokenizerError) as exc:
                 raise typer.BadParameter(str(exc), param_hint="MODEL") from None
             scheduler = Scheduler(text_engine, max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk)
             stack.callback(scheduler.close)
-            typer.echo(f"serving {text_engine.model_id} on http://{bind_host}:{bind_port}/v1"
-                       + (" (API key required)" if key else ""))
-            uvicorn.run(create_app(text_engine, scheduler, api_key=key, max_body_bytes=body_limit),
-                        host=bind_host, port=bind_port, log_level="warning")
+            bound_host, bound_port = listener.getsockname()[:2]
+            announcement = (f"serving {text_engine.model_id} on http://{url_host(bound_host)}:{bound_port}/v1"
+                            + (" (API key required)" if key else ""))
+            server = AnnouncingServer(create_app(text_engine, scheduler, api_key=key, max_body_bytes=max_body_bytes),
+                                      lambda: typer.echo(announcement))
+            server.run(sockets=[listener])
 
     @app.command("status")
     def status(
-        peer: list[str] = typer.Option(None, help="Static node host:port (repeatable)."),
+        peer: list[str] = typer.Option(None, metavar="HOST:PORT", help="Static node (repeatable)."),
         interface: list[str] = typer.Option(None, help="IPv4 address(es) to browse on (default: all)."),
-        timeout: float = typer.Option(2.0, help="Seconds to listen for mDNS announcements."),
+        discovery_timeout: float = typer.Option(None, "--timeout", "--discovery-timeout",
+                                                help="Seconds to listen for mDNS announcements."),
         server: str = typer.Option(None, help="URL of a running `edgeweave serve`, e.g. http://127.0.0.1:8000."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     ) -> None:
         """The cluster's nodes (memory, cores, load) and, with --server, the served model, plan and speed."""
-        cfg = load_settings().coordinator
-        records = discover(timeout=timeout, interfaces=pick(interface or None, [cfg.interface] if cfg.interface else None),
-                           peers=pick(peer or None, cfg.peers) or [])
+        records = discover(timeout=discovery_timeout, interfaces=interface or None, peers=peer or [])
         report: dict[str, Any] = {"nodes": node_rows(records)}
         if server:
             try:

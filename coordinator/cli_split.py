@@ -96,7 +96,7 @@ def estimate_plan(artifacts: Path, device: NodeClient, server: NodeClient, bandw
 
 def register(app: typer.Typer) -> None:
     split = typer.Typer(help="Split computing (BottleFit): head on a device node, tail on a server node.",
-                        no_args_is_help=True)
+                        no_args_is_help=True, rich_markup_mode=None)
     app.add_typer(split, name="split")
 
     @split.command("train")

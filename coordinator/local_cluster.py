@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from edgeweave.coordinator import identity
 from edgeweave.coordinator.client import NodeClient, NodeError
+
+log = logging.getLogger(__name__)
 
 
 class ClusterStartError(RuntimeError):
@@ -114,6 +117,7 @@ class LocalCluster:
                 raise ClusterStartError(f"node {self.names[i]} does not answer Health: {exc}\n{_log_tail(self.log_path(i))}") from None
 
     def start(self) -> LocalCluster:
+        began = time.monotonic()
         try:
             for i in range(self.n):
                 self._spawn(i)
@@ -123,6 +127,8 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
+        log.info("local cluster of %d node(s) up in %.1f s: %s", self.n, time.monotonic() - began,
+                 ", ".join(self.addresses))
         return self
 
     def kill(self, i: int, sig: int = signal.SIGKILL) -> None:

@@ -37,6 +37,7 @@ from edgeweave.splitting.quant_plan import check_quantize
 from edgeweave.splitting.tensor_parallel import (
     Manifest,
     TensorParallelPlan,
+    cached_manifest,
     plan_shards,
     quantized_layouts,
     write_shards,
@@ -228,54 +229,42 @@ class DistributedLlama:
         return self._load(rank, self.dtype, self.window), resent
 
     # -- set-up ------------------------------------------------------------------------------
-    def _progress(self, description: str, total: float):
-        """A rich progress bar when asked for, else a silent stand-in."""
-        if not self.show_progress:
-            return None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-        columns = [TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn()]
-        if description.startswith("ship"):
-            columns.insert(2, DownloadColumn())
-        bar = Progress(*columns, transient=True)
-        return bar, bar.add_task(description, total=total)
-
     def _write(self, folder: Path, dtype: str) -> Manifest:
-        progress = self._progress("writing shards", self.config.num_layers + 1)
-        if progress is None:
-            return write_shards(self.checkpoint, self.plan, folder, dtype)
-        bar, task = progress
-        with bar:
-            return write_shards(self.checkpoint, self.plan, folder, dtype,
-                                progress=lambda done, total, _: bar.update(task, completed=done))
+        """The plan's shard files in `folder`: written once, read back from the cache after that."""
+        from edgeweave.coordinator.progress import PhaseProgress
+
+        cached = cached_manifest(self.checkpoint, self.plan, folder, dtype)
+        if cached is not None:
+            log.info("plan %s: shards already written in %s", self.plan.plan_id, folder)
+            return cached
+        layers = self.config.num_layers + 1  # every layer, then the coordinator's embedding and LM head
+        with PhaseProgress(f"writing shards of {self.checkpoint.path.name}", layers, "files",
+                           bar=self.show_progress) as progress:
+            manifest = write_shards(self.checkpoint, self.plan, folder, dtype,
+                                    progress=lambda done, _total, _name: progress.update(done))
+        return manifest
 
     def _ship(self) -> int:
         """Upload each node's missing layer files (nodes keep them by sha256); returns bytes sent."""
+        from edgeweave.coordinator.progress import PhaseProgress
+
         missing: list[tuple[NodeClient, str, Path, str]] = []
         for rank, client in enumerate(self.nodes):
             files = self.manifest.shard_files(rank)
             digests = {name: self.manifest.sha256(rel) for name, rel in files.items()}
             present = client.has_shards(list(digests.values()))
             missing += [(client, n, self.manifest.path(files[n]), d) for n, d in digests.items() if d not in present]
+        if not missing:
+            log.info("every node already holds its shards: nothing to send")
+            return 0
         total = sum(path.stat().st_size for _, _, path, _ in missing)
-        progress = self._progress(f"shipping shards to {len(self.nodes)} nodes", total) if missing else None
         sent = 0
-        bar = progress[0] if progress else None
-        if bar:
-            bar.start()
-        try:
+        with PhaseProgress(f"shipping shards to {len({c.address for c, *_ in missing})} node(s)", total, "bytes",
+                           bar=self.show_progress) as progress:
             for client, name, path, digest in missing:
-                base = sent
-
-                def update(done: int, _total: int, base: int = base) -> None:
-                    if bar:
-                        bar.update(progress[1], completed=base + done)
-
-                client.put_shard(path, name, digest, update)
+                client.put_shard(path, name, digest, lambda done, _total, base=sent: progress.update(base + done))
                 sent += path.stat().st_size
-        finally:
-            if bar:
-                bar.stop()
+                progress.update(sent)
         return sent
 
     def _load(self, rank: int, dtype: str, window: int | None) -> dict[str, Any]:
@@ -290,7 +279,12 @@ class DistributedLlama:
             "batch_invariant": self.batch_invariant,
         }
         shards = {name: self.manifest.sha256(rel) for name, rel in self.manifest.shard_files(rank).items()}
-        return self.nodes[rank].load(self.job_ids[rank], "tp_llm", config, shards)
+        start = time.perf_counter()
+        details = self.nodes[rank].load(self.job_ids[rank], "tp_llm", config, shards)
+        window = details.get("window")
+        log.info("node %s loaded its share in %.1f s (%s)", self.nodes[rank].address, time.perf_counter() - start,
+                 "every layer resident" if window in (None, 0) else f"a sliding window of {window} layers")
+        return details
 
     # -- the hub -----------------------------------------------------------------------------
     def _reduce_for(self, stats: GenerationStats):

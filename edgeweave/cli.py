@@ -11,17 +11,30 @@ import os
 
 import typer
 
+#: plain Click help: rich markup would eat "[coordinator]" in help texts and print flags as "<bool>"
+HELP_STYLE: dict = {"rich_markup_mode": None, "add_completion": False, "pretty_exceptions_enable": False}
+
 app = typer.Typer(
     name="edgeweave",
     help="Run one model across several small devices on a LAN.",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+    **HELP_STYLE,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import edgeweave
+
+        typer.echo(f"edgeweave {edgeweave.__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details."),
     secret_file: str = typer.Option(
         None, "--secret-file", help="Cluster secret for every channel (default ~/.config/edgeweave/cluster.secret)."
@@ -35,6 +48,11 @@ def _root(
         os.environ["EDGEWEAVE_CLUSTER_INSECURE"] = "1"
     level = logging.DEBUG if verbose else getattr(logging, os.environ.get("EDGEWEAVE_LOG", "INFO").upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # every command's bound options default to defaults < config.toml < EDGEWEAVE_* (flags win)
+    from edgeweave.cli_settings import default_map
+    from edgeweave.config import load_settings
+
+    ctx.default_map = {**(ctx.default_map or {}), **default_map(load_settings(), ctx.command)}
 
 
 def _register_all() -> None:
@@ -43,7 +61,7 @@ def _register_all() -> None:
 
     node_cli.register(app)
     cli_cluster.register(app)
-    for module in ("cli_llm", "cli_split", "cli_serve", "cli_security", "cli_demo"):
+    for module in ("cli_llm", "cli_split", "cli_serve", "cli_security", "cli_demo", "cli_model"):
         try:
             mod = __import__(f"edgeweave.coordinator.{module}", fromlist=["register"])
         except ModuleNotFoundError as exc:  # an area not built yet in this checkout

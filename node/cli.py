@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from edgeweave import security
-from edgeweave.config import load_settings, pick
 from edgeweave.node.daemon import NodeOptions, serve
 from edgeweave.runtime.resources import parse_memory_budget
 
@@ -17,42 +16,41 @@ def register(app: typer.Typer) -> None:
     @app.command("node")
     def node(
         name: str = typer.Option(None, help="Node name shown in discovery (default: host name)."),
-        host: str = typer.Option(None, help="Address to bind the gRPC server to (default 0.0.0.0)."),
-        port: int = typer.Option(None, help="gRPC port (default 50551; 0 picks a free one)."),
-        data_port: int = typer.Option(None, help="Raw-TCP data plane port for activations (default: --port + 1; 0 = free one)."),
+        host: str = typer.Option(None, help="Address to bind the gRPC server to."),
+        port: int = typer.Option(None, help="gRPC port (0 picks a free one)."),
+        data_port: int = typer.Option(None, help="Raw-TCP data plane port for activations (-1: --port + 1; 0 = free one)."),
         data_dir: Path = typer.Option(None, help="Shard store and node id (default ~/.local/share/edgeweave/NAME)."),
         interface: str = typer.Option(None, help="IPv4 address to announce on with mDNS (default: --host, else all)."),
         memory_budget: str = typer.Option(None, help="Memory for weights: 2GiB, 512MB, 0.5 (of free RAM), bytes; 0 = unlimited."),
-        no_advertise: bool = typer.Option(False, "--no-advertise", help="Do not announce with mDNS (static --peer setups)."),
+        advertise: bool = typer.Option(True, "--advertise/--no-advertise", help="Announce with mDNS (off for static --peer setups)."),
         ready_file: Path = typer.Option(None, help="Write {address, port, pid, name} as JSON here once serving."),
         secret_file: Path = typer.Option(None, help="Cluster secret (default ~/.config/edgeweave/cluster.secret)."),
-        insecure: bool = typer.Option(False, "--insecure", help="Plaintext, unauthenticated gRPC: local trials only."),
+        insecure: bool = typer.Option(False, "--insecure/--secure", help="Plaintext, unauthenticated gRPC: local trials only."),
     ) -> None:
-        """Serve this device's compute to a coordinator until Ctrl-C / SIGTERM."""
-        settings = load_settings()
-        cfg = settings.node
-        name = pick(name, cfg.name) or socket.gethostname().split(".")[0]
+        """Serve this device's compute to a coordinator until Ctrl-C / SIGTERM.
+
+        Every option but --ready-file may also come from [node] (and [cluster]) in config.toml or
+        EDGEWEAVE_NODE_* variables; the flag wins."""
+        name = name or socket.gethostname().split(".")[0]
         try:
-            budget = parse_memory_budget(pick(memory_budget, cfg.memory_budget))
+            budget = parse_memory_budget(memory_budget)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
         try:
-            tls = security.resolve_tls(
-                pick(secret_file, settings.cluster.secret_file) or None, insecure or settings.cluster.insecure, name
-            )
+            tls = security.resolve_tls(str(secret_file) if secret_file else None, bool(insecure), name)
         except security.SecretError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         default_dir = Path.home() / ".local" / "share" / "edgeweave" / name
         serve(NodeOptions(
             name=name,
-            host=pick(host, cfg.host),
-            port=pick(port, cfg.port),
-            data_port=pick(data_port, cfg.data_port),
-            data_dir=Path(pick(data_dir, cfg.data_dir) or default_dir).expanduser(),
-            interface=pick(interface, cfg.interface) or None,
+            host=host,
+            port=port,
+            data_port=data_port,
+            data_dir=Path(data_dir or default_dir).expanduser(),
+            interface=interface or None,
             memory_budget=budget,
-            advertise=not no_advertise and cfg.advertise,
+            advertise=advertise,
             ready_file=ready_file,
             credentials=security.server_credentials(tls) if tls else None,
             tls=tls,

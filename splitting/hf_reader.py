@@ -116,8 +116,15 @@ class HFCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.path / 'config.json'} is not a usable Llama config: {exc}") from exc
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (KeyError, TypeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{index} is not a safetensors index with a weight_map: {exc}") from None
             self._where = {name: self.path / file for name, file in weight_map.items()}
+            missing = sorted({file.name for file in self._where.values() if not file.is_file()})
+            if missing:
+                raise CheckpointError(f"{self.path} lacks {', '.join(missing)}, which its index lists; "
+                                      "download the missing file(s) again")
         else:
             self._where = {}
             for file in sorted(self.path.glob("*.safetensors")):

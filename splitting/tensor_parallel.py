@@ -427,6 +427,22 @@ def _to_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str,
             for k, v in tensors.items()}
 
 
+def cached_manifest(checkpoint: Checkpoint, plan: TensorParallelPlan, out_dir: str | Path,
+                    dtype: str = "float32") -> Manifest | None:
+    """The verified shards of exactly this checkpoint, plan and dtype in `out_dir`, or None."""
+    existing = Manifest.load(Path(out_dir))
+    if (
+        existing is not None
+        and existing.data.get("format") == MANIFEST_FORMAT
+        and existing.data.get("checkpoint") == checkpoint.fingerprint
+        and existing.data.get("plan", {}).get("plan_id") == plan.plan_id
+        and existing.data.get("dtype") == dtype
+        and existing.verify()
+    ):
+        return existing
+    return None
+
+
 def write_shards(
     checkpoint: Checkpoint,
     plan: TensorParallelPlan,
@@ -443,15 +459,8 @@ def write_shards(
     if plan.config != checkpoint.config:
         raise ValueError("the plan was made for a different model configuration than this checkpoint")
     root = Path(out_dir)
-    existing = Manifest.load(root)
-    if (
-        existing is not None
-        and existing.data.get("format") == MANIFEST_FORMAT
-        and existing.data.get("checkpoint") == checkpoint.fingerprint
-        and existing.data.get("plan", {}).get("plan_id") == plan.plan_id
-        and existing.data.get("dtype") == dtype
-        and existing.verify()
-    ):
+    existing = cached_manifest(checkpoint, plan, root, dtype)
+    if existing is not None:
         return existing
     (root / "manifest.json").unlink(missing_ok=True)
     torch_dtype = SHARD_DTYPES[dtype]

@@ -1,5 +1,6 @@
 """A real `edgeweave serve` process for the serving tests: started on a free port, waited for until
-its /health answers, stopped afterwards (its output goes to a log that failures quote)."""
+it announces itself (then its first /health must answer), stopped afterwards (its output goes to
+a log that failures quote)."""
 
 from __future__ import annotations
 
@@ -35,17 +36,14 @@ def serve_process(args: list[str], tmp: Path, env: dict[str, str] | None = None,
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
-        while True:
+        while f"on {url}/v1" not in log.read_text():  # serve says so only once it accepts connections
             if proc.poll() is not None:
                 pytest.fail(f"edgeweave serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
             if time.monotonic() > deadline:
                 pytest.fail(f"edgeweave serve did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+            time.sleep(0.2)
+        # so the very first request after the announcement must be answered: no retry here
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200, log.read_text()[-3000:]
         yield url
     finally:
         proc.terminate()
