@@ -41,6 +41,7 @@ def node_rows(records: list[NodeRecord]) -> list[dict[str, Any]]:
             arch=r.arch, cores=r.cpu_count, total_memory=r.total_memory, available_memory=health.available_memory,
             memory_budget=r.memory_budget, cpu_load=health.cpu_load, rss=health.rss, jobs=list(health.jobs),
             accelerators=list(r.accelerators), version=info.version, secure=info.secure, uptime_s=info.uptime_s,
+            shard_store_bytes=health.shard_store_bytes, shard_store_max=health.shard_store_max,
         )
         rows.append(row)
     return rows
@@ -52,16 +53,20 @@ def _gib(n: int | None) -> str:
 
 def nodes_status_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title=f"cluster: {len(rows)} node(s)")
-    for column in ("name", "address", "arch", "cores", "load", "memory avail/total", "budget", "node RSS", "jobs", "TLS"):
+    for column in ("name", "address", "arch", "cores", "load", "memory avail/total", "budget", "node RSS",
+                   "shards/bound", "jobs", "TLS"):
         table.add_column(column)
     for row in rows:
         if "error" in row:
-            table.add_row(row["name"], row["address"], "[red]unreachable[/red]", "", "", row["error"][:60], "", "", "", "")
+            table.add_row(row["name"], row["address"], "[red]unreachable[/red]", "", "", row["error"][:60], "", "", "",
+                          "", "")
             continue
         table.add_row(
             row["name"], row["address"], row["arch"], str(row["cores"]), f"{row['cpu_load']:.2f}",
             f"{_gib(row['available_memory'])} / {_gib(row['total_memory'])}",
             _gib(row["memory_budget"]) if row["memory_budget"] else "unlimited", _gib(row["rss"]),
+            f"{_gib(row['shard_store_bytes'])} / "
+            + (_gib(row["shard_store_max"]) if row["shard_store_max"] else "unlimited"),
             str(len(row["jobs"])), "yes" if row["secure"] else "no",
         )
     return table

@@ -10,7 +10,7 @@ import typer
 from edgeweave import security
 from edgeweave.config import load_settings, pick
 from edgeweave.node.daemon import NodeOptions, serve
-from edgeweave.runtime.resources import parse_memory_budget
+from edgeweave.runtime.resources import parse_memory_budget, parse_size
 
 
 def register(app: typer.Typer) -> None:
@@ -23,6 +23,9 @@ def register(app: typer.Typer) -> None:
         data_dir: Path = typer.Option(None, help="Shard store and node id (default ~/.local/share/edgeweave/NAME)."),
         interface: str = typer.Option(None, help="IPv4 address to announce on with mDNS (default: --host, else all)."),
         memory_budget: str = typer.Option(None, help="Memory for weights: 2GiB, 512MB, 0.5 (of free RAM), bytes; 0 = unlimited."),
+        shard_cache_max: str = typer.Option(
+            None, help="Bound on the shard store, e.g. 8GiB (default [node] shard_cache_max, 8GiB); least recently "
+                       "used shards no loaded job needs are evicted beyond it; 0 = unlimited."),
         no_advertise: bool = typer.Option(False, "--no-advertise", help="Do not announce with mDNS (static --peer setups)."),
         ready_file: Path = typer.Option(None, help="Write {address, port, pid, name} as JSON here once serving."),
         secret_file: Path = typer.Option(None, help="Cluster secret (default ~/.config/edgeweave/cluster.secret)."),
@@ -36,6 +39,10 @@ def register(app: typer.Typer) -> None:
             budget = parse_memory_budget(pick(memory_budget, cfg.memory_budget))
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
+        try:
+            store_bound = parse_size(pick(shard_cache_max, cfg.shard_cache_max), "shard cache bound")
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--shard-cache-max") from None
         try:
             tls = security.resolve_tls(
                 pick(secret_file, settings.cluster.secret_file) or None, insecure or settings.cluster.insecure, name
@@ -52,6 +59,7 @@ def register(app: typer.Typer) -> None:
             data_dir=Path(pick(data_dir, cfg.data_dir) or default_dir).expanduser(),
             interface=pick(interface, cfg.interface) or None,
             memory_budget=budget,
+            shard_cache_max=store_bound,
             advertise=not no_advertise and cfg.advertise,
             ready_file=ready_file,
             credentials=security.server_credentials(tls) if tls else None,
