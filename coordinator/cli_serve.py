@@ -51,6 +51,11 @@ def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+def _human(n: int) -> str:
+    """A shard store's size: GiB for large ones, MiB for the small ones a test or a tiny model fills."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def nodes_status_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title=f"cluster: {len(rows)} node(s)")
     for column in ("name", "address", "arch", "cores", "load", "memory avail/total", "budget", "node RSS",
@@ -65,8 +70,8 @@ def nodes_status_table(rows: list[dict[str, Any]]) -> Table:
             row["name"], row["address"], row["arch"], str(row["cores"]), f"{row['cpu_load']:.2f}",
             f"{_gib(row['available_memory'])} / {_gib(row['total_memory'])}",
             _gib(row["memory_budget"]) if row["memory_budget"] else "unlimited", _gib(row["rss"]),
-            f"{_gib(row['shard_store_bytes'])} / "
-            + (_gib(row["shard_store_max"]) if row["shard_store_max"] else "unlimited"),
+            f"{_human(row['shard_store_bytes'])} / "
+            + (_human(row["shard_store_max"]) if row["shard_store_max"] else "unlimited"),
             str(len(row["jobs"])), "yes" if row["secure"] else "no",
         )
     return table

@@ -11,8 +11,11 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from rich.console import Console
 
+from edgeweave.coordinator.cli_serve import node_rows, nodes_status_table
 from edgeweave.coordinator.client import NodeClient, NodeError
+from edgeweave.coordinator.discovery import NodeRecord
 from edgeweave.coordinator.local_cluster import LocalCluster
 from edgeweave.node.shard_store import ShardCacheFull, ShardStore
 
@@ -109,6 +112,12 @@ def test_real_node_bounds_its_store_keeps_loaded_shards_and_reports_sizes(tmp_pa
         assert "--shard-cache-max" in refused.value.message
         assert client.has_shards([a, c, d]) == {a, c, d} and client.health().shard_store_bytes == 3 * mib
         client.unload("pin")
+        rows = node_rows([NodeRecord("n", cluster.addresses[0], "", "", source="static")])
+        assert (rows[0]["shard_store_bytes"], rows[0]["shard_store_max"]) == (3 * mib, 3 * mib)
+        console = Console(width=250, record=True)
+        console.print(nodes_status_table(rows))
+        table = console.export_text()
+        assert "shards/bound" in table and "3.0 MiB / 3.0 MiB" in table
         log = cluster.log_path(0).read_text()
     assert f"evicted shard {b[:12]}" in log
 
