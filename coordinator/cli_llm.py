@@ -284,6 +284,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(json.dumps({
                     "text": text, "tokens": tokens, "ttft_s": stats.ttft_s, "per_token_s": stats.per_token_s,
                     "comm_s": stats.comm_s, "nodes": llm.describe(), "shard_bytes_sent": llm.bytes_sent,
+                    "shard_bytes_written": llm.bytes_written, "weights_source": llm.weights_source,
                 }))
                 return
             sys.stdout.write(decoder.flush() + "\n")

@@ -40,6 +40,7 @@ def node_rows(records: list[NodeRecord]) -> list[dict[str, Any]]:
             arch=r.arch, cores=r.cpu_count, total_memory=r.total_memory, available_memory=health.available_memory,
             memory_budget=r.memory_budget, cpu_load=health.cpu_load, rss=health.rss, jobs=list(health.jobs),
             accelerators=list(r.accelerators), version=info.version, secure=info.secure, uptime_s=info.uptime_s,
+            shard_store_bytes=health.shard_store_bytes, shard_store_max=health.shard_store_max,
         )
         rows.append(row)
     return rows
@@ -49,18 +50,27 @@ def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+def _human(n: int) -> str:
+    """A shard store's size: GiB for large ones, MiB for the small ones a test or a tiny model fills."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def nodes_status_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title=f"cluster: {len(rows)} node(s)")
-    for column in ("name", "address", "arch", "cores", "load", "memory avail/total", "budget", "node RSS", "jobs", "TLS"):
+    for column in ("name", "address", "arch", "cores", "load", "memory avail/total", "budget", "node RSS",
+                   "shards/bound", "jobs", "TLS"):
         table.add_column(column)
     for row in rows:
         if "error" in row:
-            table.add_row(row["name"], row["address"], "[red]unreachable[/red]", "", "", row["error"][:60], "", "", "", "")
+            table.add_row(row["name"], row["address"], "[red]unreachable[/red]", "", "", row["error"][:60], "", "", "",
+                          "", "")
             continue
         table.add_row(
             row["name"], row["address"], row["arch"], str(row["cores"]), f"{row['cpu_load']:.2f}",
             f"{_gib(row['available_memory'])} / {_gib(row['total_memory'])}",
             _gib(row["memory_budget"]) if row["memory_budget"] else "unlimited", _gib(row["rss"]),
+            f"{_human(row['shard_store_bytes'])} / "
+            + (_human(row["shard_store_max"]) if row["shard_store_max"] else "unlimited"),
             str(len(row["jobs"])), "yes" if row["secure"] else "no",
         )
     return table

@@ -26,7 +26,7 @@ import torch
 
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.recovery import ClusterLostError
-from edgeweave.coordinator.tp_driver import DistributedLlama, NodeTiming, profile_weights
+from edgeweave.coordinator.tp_driver import DistributedLlama, NodeTiming
 from edgeweave.runtime.batch import SequenceStep
 from edgeweave.runtime.llama import KVCache, LlamaModel
 from edgeweave.splitting.checkpoints import Checkpoint, open_checkpoint
@@ -215,7 +215,7 @@ class DistributedEngine:
         joined_addresses = {c.address for c in joined}
         nodes = joined if self._broken else [c for c in self.llm.nodes if c.address not in joined_addresses] + joined
         missing = [c for c in nodes if self._weights.get(c.address) is None]
-        for client, weight in zip(missing, profile_weights(missing) if missing else [], strict=True):
+        for client, weight in zip(missing, self.llm.measured_capacities(missing) if missing else [], strict=True):
             self._weights[client.address] = weight
         sent = self.llm.redeploy(nodes, [self._weights[c.address] for c in nodes])
         self._clients += joined

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import torch
 
-from edgeweave.coordinator import recovery
+from edgeweave.coordinator import plan_cache, recovery
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.local_member import LocalMember
 from edgeweave.runtime.batch import Row, SequenceStep
@@ -71,6 +71,10 @@ def profile_weights(nodes: list[NodeClient], budget_s: float = 0.3) -> list[floa
             speeds.append(0.0)
     floor = min((s for s in speeds if s > 0), default=1.0)
     return [s if s > 0 else floor for s in speeds]
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
 
 
 @dataclass
@@ -134,15 +138,18 @@ class DistributedLlama:
         if not nodes:
             raise ValueError("tensor-parallel inference needs at least one node")
         self.checkpoint, self.nodes, self.config = checkpoint, nodes, checkpoint.config
-        self.weights = list(weights) if weights else profile_weights(nodes)
-        if len(self.weights) != len(nodes):
-            raise ValueError(f"got {len(self.weights)} weights for {len(nodes)} nodes")
         self._root = Path(cache_dir) if cache_dir else shard_cache_root()
         self.show_progress = show_progress
         self.dtype, self.window, self.reply_timeout = dtype, window, reply_timeout
         #: --quantize: None keeps the file's precision class (a Q4 GGUF stays 4-bit), "none" is float
         self.quantize, self.backend = check_quantize(quantize), backend
         self.layouts = quantized_layouts(checkpoint, quantize, dtype)
+        #: where the weights came from: "given", "cached plan" or "measured" (plan_cache.py)
+        self.weights_source = "given"
+        self._plan_key: str | None = None  # set when the weights were chosen here: remember the plan
+        self.weights = list(weights) if weights else self._automatic_weights(nodes)
+        if len(self.weights) != len(nodes):
+            raise ValueError(f"got {len(self.weights)} weights for {len(nodes)} nodes")
         self.recover_on_failure = recover
         #: a row's numbers never depend on the rest of its batch (`layer_compute.at_least_two_rows`):
         #: what serving many users needs; a single stream (`edgeweave run`) keeps the one-row fast path
@@ -150,7 +157,11 @@ class DistributedLlama:
         #: with one node holding everything, run all layers there per step (no per-layer hub)
         self.fuse_single_node = fuse_single_node
         self.streams: list = []
+        #: shard bytes this driver wrote into the cache (0 when a verified plan folder was reused)
+        self.bytes_written = 0
         self.bytes_sent = self._deploy(nodes, self.weights)
+        if self._plan_key is not None:
+            plan_cache.remember_plan(self._root, self._plan_key, self.manifest.root, self.plan.plan_id, self.weights)
         # A quantized LM head is one GEMV per token, bound by memory bandwidth: one thread by default.
         # A pool of more in this process spins beside the nodes' threads when they share the cores
         # (a local cluster, --coordinator-share): 54 vs 31 ms per 1B Q4_0 token on two cores.
@@ -176,6 +187,8 @@ class DistributedLlama:
         self.memory_plan = recovery.fit_plan_to_nodes(self.plan, self.nodes)
         folder = self._root / self.checkpoint.fingerprint / f"{self.plan.plan_id}-{self.dtype}"
         self.manifest: Manifest = self._write(folder, self.dtype)
+        self.bytes_written += self.manifest.bytes_written
+        os.utime(folder)  # the folder's mtime is its last use: `edgeweave cache prune` drops the oldest
         for client in self.nodes:
             if isinstance(client, LocalMember):  # computes from the files written here: nothing to send
                 client.offer_files({meta["sha256"]: self.manifest.path(rel) for rel, meta in self.manifest.data["files"].items()})
@@ -193,6 +206,36 @@ class DistributedLlama:
         self._attn_ranks = [r for r in local_first if self.plan.shards[r].n_kv_heads > 0]
         self._mlp_ranks = [r for r in local_first if self.plan.shards[r].n_columns > 0]
         return sent
+
+    def _node_ids(self, nodes: list[NodeClient]) -> list[str]:
+        """Stable ids (a node's data-dir id; the address where a member reports none, e.g. "local")."""
+        return [client.info().node_id or client.address for client in nodes]
+
+    def _automatic_weights(self, nodes: list[NodeClient]) -> list[float]:
+        """Weights when none were given: the cached plan's over these very nodes, else measured
+        capacities stabilized (hysteresis per node id, then a 1/8 grid; see plan_cache.py)."""
+        ids = self._node_ids(nodes)
+        self._plan_key = plan_cache.plan_key(self.checkpoint.fingerprint, self.quantize or "file", self.dtype, ids)
+        entry = plan_cache.remembered_plan(self._root, self._plan_key)
+        if entry is not None and len(entry["weights"]) == len(nodes):
+            weights = [float(w) for w in entry["weights"]]
+            if self.make_plan(weights).plan_id == entry.get("plan_id"):
+                self.weights_source = "cached plan"
+                log.info("node weights %s from the cached plan %s over the same nodes (no profiling)",
+                         _fmt(weights), entry["plan_id"])
+                return weights
+        measured = profile_weights(nodes)
+        capacities, cached = plan_cache.stable_capacities(self._root, ids, measured)
+        weights = plan_cache.grid_weights(capacities)
+        self.weights_source = "measured"
+        log.info("node weights %s: measured %s GFLOP/s, %d of %d kept at their cached capacity (within ±%.0f%%), "
+                 "rounded to 1/%d of the fastest", _fmt(weights), _fmt(measured), sum(cached), len(cached),
+                 plan_cache.TOLERANCE * 100, plan_cache.GRID)
+        return weights
+
+    def measured_capacities(self, nodes: list[NodeClient]) -> list[float]:
+        """Profiled capacities of `nodes` (joining a running model), stabilized against the cache."""
+        return plan_cache.stable_capacities(self._root, self._node_ids(nodes), profile_weights(nodes))[0]
 
     def make_plan(self, weights: list[float]) -> TensorParallelPlan:
         """The cut for these node weights in this run's precision (QuantizationError if blocks forbid it)."""

@@ -61,7 +61,7 @@ def _register_all() -> None:
 
     node_cli.register(app)
     cli_cluster.register(app)
-    for module in ("cli_llm", "cli_split", "cli_serve", "cli_security", "cli_demo", "cli_model"):
+    for module in ("cli_llm", "cli_split", "cli_serve", "cli_security", "cli_demo", "cli_model", "cli_cache"):
         try:
             mod = __import__(f"edgeweave.coordinator.{module}", fromlist=["register"])
         except ModuleNotFoundError as exc:  # an area not built yet in this checkout

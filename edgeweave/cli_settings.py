@@ -36,6 +36,7 @@ BINDINGS: dict[str, dict[str, str]] = {
         "data_dir": "node.data_dir",
         "interface": "node.interface",
         "memory_budget": "node.memory_budget",
+        "shard_cache_max": "node.shard_cache_max",
         "advertise": "node.advertise",
         "secret_file": "cluster.secret_file",
         "insecure": "cluster.insecure",
@@ -48,6 +49,8 @@ BINDINGS: dict[str, dict[str, str]] = {
     "serve": {**_FIND_NODES, "nodes": "coordinator.nodes", "quantize": "coordinator.quantize",
               "cache_dir": "coordinator.cache_dir", "host": "coordinator.http_host", "port": "coordinator.http_port",
               "api_key": "coordinator.api_key", "max_body_bytes": "coordinator.max_body_bytes"},
+    "cache list": {"cache_dir": "coordinator.cache_dir"},
+    "cache prune": {"cache_dir": "coordinator.cache_dir"},
 }
 
 

@@ -10,6 +10,7 @@ The file is `$EDGEWEAVE_CONFIG`, else `~/.config/edgeweave/config.toml`:
     name = "pi-kitchen"
     port = 50551
     memory_budget = "1.5GiB"
+    shard_cache_max = "8GiB"   # the shard store's size bound: least recently used shards go first; "0" = unlimited
 
     [coordinator]
     peers = ["10.0.0.7:50551"]
@@ -55,6 +56,7 @@ class NodeSettings:
     data_dir: str = ""
     interface: str = ""
     memory_budget: str = "0"
+    shard_cache_max: str = "8GiB"  # bound on the node's shard store (LRU eviction); "0" = unlimited
     advertise: bool = True
 
 

@@ -9,7 +9,7 @@ import typer
 
 from edgeweave import security
 from edgeweave.node.daemon import NodeOptions, serve
-from edgeweave.runtime.resources import parse_memory_budget
+from edgeweave.runtime.resources import parse_memory_budget, parse_size
 
 
 def register(app: typer.Typer) -> None:
@@ -22,6 +22,9 @@ def register(app: typer.Typer) -> None:
         data_dir: Path = typer.Option(None, help="Shard store and node id (default ~/.local/share/edgeweave/NAME)."),
         interface: str = typer.Option(None, help="IPv4 address to announce on with mDNS (default: --host, else all)."),
         memory_budget: str = typer.Option(None, help="Memory for weights: 2GiB, 512MB, 0.5 (of free RAM), bytes; 0 = unlimited."),
+        shard_cache_max: str = typer.Option(
+            None, help="Bound on the shard store, e.g. 8GiB; least recently used shards no loaded job needs are "
+                       "evicted beyond it; 0 = unlimited."),
         advertise: bool = typer.Option(True, "--advertise/--no-advertise", help="Announce with mDNS (off for static --peer setups)."),
         ready_file: Path = typer.Option(None, help="Write {address, port, pid, name} as JSON here once serving."),
         secret_file: Path = typer.Option(None, help="Cluster secret (default ~/.config/edgeweave/cluster.secret)."),
@@ -37,6 +40,10 @@ def register(app: typer.Typer) -> None:
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
         try:
+            store_bound = parse_size(shard_cache_max, "shard cache bound")
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--shard-cache-max") from None
+        try:
             tls = security.resolve_tls(str(secret_file) if secret_file else None, bool(insecure), name)
         except security.SecretError as exc:
             typer.echo(f"error: {exc}", err=True)
@@ -50,6 +57,7 @@ def register(app: typer.Typer) -> None:
             data_dir=Path(data_dir or default_dir).expanduser(),
             interface=interface or None,
             memory_budget=budget,
+            shard_cache_max=store_bound,
             advertise=advertise,
             ready_file=ready_file,
             credentials=security.server_credentials(tls) if tls else None,

@@ -30,6 +30,7 @@ class NodeOptions:
     data_dir: Path = Path(".")
     interface: str | None = None
     memory_budget: int = 0
+    shard_cache_max: int = 0  # bytes the shard store may hold (LRU eviction beyond); 0 = unlimited
     advertise: bool = True
     ready_file: Path | None = None
     credentials: grpc.ServerCredentials | None = None
@@ -47,7 +48,8 @@ def write_ready_file(path: Path, info: dict) -> None:
 def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
     """Serve until `stop` is set or a SIGINT/SIGTERM arrives; then withdraw, drain and close."""
     stop = stop or threading.Event()
-    servicer = NodeServicer(opts.name, opts.data_dir, opts.memory_budget, secure=opts.credentials is not None)
+    servicer = NodeServicer(opts.name, opts.data_dir, opts.memory_budget, secure=opts.credentials is not None,
+                            shard_cache_max=opts.shard_cache_max)
     server, port = build_server(servicer, opts.host, opts.port, opts.credentials)
     dataplane = None
     if opts.credentials is not None and opts.tls is None:
@@ -74,7 +76,9 @@ def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
     address = f"{interfaces[0]}:{port}"
     if opts.ready_file:
         write_ready_file(Path(opts.ready_file), {"address": address, "port": port, "pid": os.getpid(), "name": opts.name})
-    log.info("node %s serving on %s:%d", opts.name, opts.host, port)
+    bound = f"{opts.shard_cache_max} bytes" if opts.shard_cache_max else "unlimited"
+    log.info("node %s serving on %s:%d (shard store %d bytes, bound %s)", opts.name, opts.host, port,
+             servicer.store.used_bytes, bound)
     try:
         stop.wait()
     finally:

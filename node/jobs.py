@@ -60,6 +60,18 @@ class JobTable:
         self.default_memory_budget = default_memory_budget
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        #: shards of Loads in progress: pinned like those of loaded jobs, so an upload cannot evict them
+        self._loading: list[set[str]] = []
+        self._pin_lock = threading.Lock()  # held only to copy; never while calling into the store
+        store.pinned = self.referenced
+
+    def referenced(self) -> set[str]:
+        """Digests the shard store must not evict: every loaded job's shards and those being loaded."""
+        with self._pin_lock:
+            pinned = set().union(*self._loading)
+            for job in list(self._jobs.values()):
+                pinned.update(job.shards.values())
+        return pinned
 
     def ids(self) -> list[str]:
         return sorted(self._jobs)
@@ -83,6 +95,17 @@ class JobTable:
         if not isinstance(config, dict):
             raise ExecutorInputError(f"config_json of job {job_id!r} must be a JSON object")
         cls = executor_class(kind)
+        loading = set(shards.values())
+        with self._pin_lock:
+            self._loading.append(loading)
+        try:
+            return self._load(job_id, kind, config, shards, memory_budget, cls)
+        finally:
+            with self._pin_lock:
+                self._loading.remove(loading)
+
+    def _load(self, job_id: str, kind: str, config: dict[str, Any], shards: dict[str, str], memory_budget: int,
+              cls: type[Executor]) -> tuple[Job, bool]:
         with self._lock:
             existing = self._jobs.get(job_id)
             if existing and (existing.kind, existing.config, existing.shards) == (kind, config, shards):

@@ -87,6 +87,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         memory_budget: int = 0,
         max_shard_bytes: int | None = None,
         secure: bool = False,
+        shard_cache_max: int = 0,
     ) -> None:
         self.name = name
         self.data_dir = Path(data_dir)
@@ -95,7 +96,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.memory_budget = memory_budget
         self.secure = secure
         self.data_port = 0  # set by the daemon once the raw-TCP data plane listens
-        self.store = ShardStore(self.data_dir, **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}))
+        self.store = ShardStore(self.data_dir, **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}),
+                                max_bytes=shard_cache_max)
         self.jobs = JobTable(self.store, memory_budget)
         self.started = time.time()
         self._static = resources.snapshot(self.data_dir, memory_budget)  # accelerators/backends probed once
@@ -118,6 +120,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         return pb.HealthReply(
             status="SERVING", cpu_load=r.cpu_load, available_memory=r.available_memory,
             rss=self._process.memory_info().rss, jobs=self.jobs.ids(),
+            shard_store_bytes=self.store.used_bytes, shard_store_max=self.store.max_bytes,
         )
 
     def Profile(self, request, context):

@@ -12,16 +12,26 @@ shard that fails is deleted, so HasShards reports it missing and the coordinator
 
 A full disk (ENOSPC) is answered with ShardNoSpace (RESOURCE_EXHAUSTED) naming free vs needed
 bytes; the partial temp file is removed and the node keeps serving.
+
+Size bound (`max_bytes`, `[node] shard_cache_max`): storing a shard that would take the store past
+it first evicts the least recently used shards that no loaded job references (`pinned`) and that
+are not being written; when even that cannot make room the upload is refused (ShardCacheFull,
+RESOURCE_EXHAUSTED). Recency is the mtime of a shard's `.ok` marker, refreshed whenever HasShards
+or Load touches the shard, so it survives node restarts and costs no extra file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from edgeweave.runtime.shard_files import check_sha256, check_shard_name, sha256_file
@@ -43,6 +53,10 @@ class ShardNoSpace(OSError):
     """The data dir's disk cannot take the shard; the node answers RESOURCE_EXHAUSTED."""
 
 
+class ShardCacheFull(ShardNoSpace):
+    """The shard does not fit under the store's size bound even after evicting every unused shard."""
+
+
 def _no_space(root: Path, name: str, size: int) -> ShardNoSpace:
     free = shutil.disk_usage(root).free
     return ShardNoSpace(
@@ -52,11 +66,85 @@ def _no_space(root: Path, name: str, size: int) -> ShardNoSpace:
     )
 
 
+def _is_digest(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
 class ShardStore:
-    def __init__(self, data_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    def __init__(self, data_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, max_bytes: int = 0,
+                 pinned: Callable[[], set[str]] | None = None) -> None:
         self.root = Path(data_dir) / "shards"
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
+        #: bound on the bytes of all stored shards (0 = unlimited); LRU eviction keeps under it
+        self.max_bytes = max_bytes
+        #: digests that must never be evicted (the shards of loaded jobs); set by the job table
+        self.pinned: Callable[[], set[str]] = pinned or set
+        self._lock = threading.Lock()
+        self._writing: dict[str, int] = {}  # digest -> bytes reserved by an upload in progress
+        self._sizes: dict[str, int] = {}  # digest -> bytes of every stored shard
+        for entry in self.root.iterdir():
+            if _is_digest(entry.name) and entry.is_file():
+                self._sizes[entry.name] = entry.stat().st_size
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of all stored shards (what the size bound counts)."""
+        with self._lock:
+            return sum(self._sizes.values())
+
+    def _touch(self, sha256: str) -> None:
+        """Mark the shard used now (its marker's mtime is its recency for LRU eviction)."""
+        # no marker yet: `has` writes one; until then recency falls back to the file's mtime
+        with contextlib.suppress(OSError):
+            os.utime(self._marker(sha256))
+
+    def _last_use(self, sha256: str) -> float:
+        for path in (self._marker(sha256), self.root / sha256):
+            try:
+                return path.stat().st_mtime
+            except OSError:
+                continue
+        return 0.0
+
+    def _delete(self, sha256: str) -> None:
+        (self.root / sha256).unlink(missing_ok=True)
+        self._marker(sha256).unlink(missing_ok=True)
+        with self._lock:
+            self._sizes.pop(sha256, None)
+
+    def _make_room(self, name: str, sha256: str, size: int) -> None:
+        """Reserve `size` bytes for an upload under the bound, evicting LRU unpinned shards first.
+
+        Raises ShardCacheFull (nothing evicted) when even evicting every evictable shard is not enough."""
+        with self._lock:
+            if self.max_bytes <= 0:
+                self._writing[sha256] = size
+                return
+            pinned = self.pinned()
+            used = sum(self._sizes.values()) + sum(self._writing.values())
+            evictable = sorted((d for d in self._sizes if d not in pinned), key=self._last_use)
+            free_after = self.max_bytes - used + sum(self._sizes[d] for d in evictable)
+            if size > free_after:
+                raise ShardCacheFull(
+                    errno.ENOSPC,
+                    f"shard {name} needs {size} bytes but the node's shard store is bounded to {self.max_bytes} "
+                    f"bytes and only {max(free_after, 0)} can be freed (the rest belongs to loaded jobs or "
+                    "uploads in progress); raise the node's --shard-cache-max ([node] shard_cache_max) or unload jobs",
+                )
+            victims = []
+            for digest in evictable:
+                if used + size <= self.max_bytes:
+                    break
+                used -= self._sizes.pop(digest)
+                victims.append(digest)
+            self._writing[sha256] = size
+        for digest in victims:
+            age = time.time() - self._last_use(digest)
+            (self.root / digest).unlink(missing_ok=True)
+            self._marker(digest).unlink(missing_ok=True)
+            log.info("evicted shard %s (least recently used, %.0f s ago) to make room for %s under the %d-byte "
+                     "shard cache bound", digest[:12], age, name, self.max_bytes)
 
     def path(self, sha256: str) -> Path:
         return self.root / check_sha256(sha256)
@@ -71,18 +159,24 @@ class ShardStore:
         except ValueError:
             return False
         if not path.is_file():
+            with self._lock:
+                self._sizes.pop(sha256, None)
             return False
         size = path.stat().st_size
         marker = self._marker(sha256)
         try:
-            return int(marker.read_text()) == size
+            if int(marker.read_text()) == size:
+                self._touch(sha256)
+                return True
         except (OSError, ValueError):
             pass
         if sha256_file(path) != sha256:  # e.g. copied in by hand, or the disk corrupted it
             log.warning("shard %s failed verification; removing it", sha256)
-            path.unlink(missing_ok=True)
+            self._delete(sha256)
             return False
         marker.write_text(str(size))
+        with self._lock:
+            self._sizes[sha256] = size
         return True
 
     def verify(self, sha256: str) -> bool:
@@ -96,10 +190,10 @@ class ShardStore:
         except OSError:
             return False
         if actual == sha256:
+            self._touch(sha256)
             return True
         log.warning("shard %s is corrupt on disk (hashes to %s); deleting it so it is fetched again", sha256, actual)
-        path.unlink(missing_ok=True)
-        self._marker(sha256).unlink(missing_ok=True)
+        self._delete(sha256)
         return False
 
     def present(self, digests: list[str]) -> list[str]:
@@ -131,14 +225,18 @@ class ShardStore:
                     f"has {stored}; send its real size"
                 )
             return sha256, size, True
-        if shutil.disk_usage(self.root).free < size:
-            raise _no_space(self.root, first.name, size)
+        self._make_room(first.name, sha256, size)
         try:
+            if shutil.disk_usage(self.root).free < size:
+                raise _no_space(self.root, first.name, size)
             return self._write(first, iterator, sha256, size)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, ShardNoSpace):
                 raise _no_space(self.root, first.name, size) from None
             raise
+        finally:
+            with self._lock:
+                self._writing.pop(sha256, None)
 
     def _write(self, first, iterator, sha256: str, size: int) -> tuple[str, int, bool]:
         """Stream the chunks into a temp file, check size and digest, then rename into place."""
@@ -170,6 +268,8 @@ class ShardStore:
                     f"shard {first.name}: received bytes hash to {actual}, not the announced {sha256}; nothing was stored"
                 )
             os.replace(tmp_name, self.path(sha256))
+            with self._lock:
+                self._sizes[sha256] = size
             try:
                 self._marker(sha256).write_text(str(size))
             except OSError as exc:  # the shard is complete; without a marker `has` hashes it once instead

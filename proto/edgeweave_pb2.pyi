@@ -237,18 +237,22 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("status", "cpu_load", "available_memory", "rss", "jobs")
+    __slots__ = ("status", "cpu_load", "available_memory", "rss", "jobs", "shard_store_bytes", "shard_store_max")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CPU_LOAD_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_MEMORY_FIELD_NUMBER: _ClassVar[int]
     RSS_FIELD_NUMBER: _ClassVar[int]
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_STORE_MAX_FIELD_NUMBER: _ClassVar[int]
     status: str
     cpu_load: float
     available_memory: int
     rss: int
     jobs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, status: _Optional[str] = ..., cpu_load: _Optional[float] = ..., available_memory: _Optional[int] = ..., rss: _Optional[int] = ..., jobs: _Optional[_Iterable[str]] = ...) -> None: ...
+    shard_store_bytes: int
+    shard_store_max: int
+    def __init__(self, status: _Optional[str] = ..., cpu_load: _Optional[float] = ..., available_memory: _Optional[int] = ..., rss: _Optional[int] = ..., jobs: _Optional[_Iterable[str]] = ..., shard_store_bytes: _Optional[int] = ..., shard_store_max: _Optional[int] = ...) -> None: ...
 
 class EchoMessage(_message.Message):
     __slots__ = ("data",)

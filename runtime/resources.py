@@ -36,6 +36,14 @@ def parse_memory_budget(text: str | int | float, available: int | None = None) -
     return int(value * _UNITS[unit])
 
 
+def parse_size(text: str | int, what: str = "size") -> int:
+    """Bytes from '8GiB', '512MB', '1.5G' or a plain byte count (no fractions of RAM: a bound, not a share)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{what} {text!r} is not understood; use e.g. 8GiB, 512MB or a byte count (0 = unlimited)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
 def usable_cores() -> int:
     """Cores this process may run on (honours taskset / cgroup affinity, unlike os.cpu_count)."""
     try:

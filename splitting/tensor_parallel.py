@@ -309,6 +309,8 @@ class Manifest:
 
     root: Path
     data: dict[str, Any]
+    #: bytes `write_shards` wrote to produce it (0: a verified folder was reused as it was)
+    bytes_written: int = 0
 
     @property
     def config(self) -> LlamaConfig:
@@ -500,4 +502,5 @@ def write_shards(
     tmp = root / "manifest.json.tmp"
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, root / "manifest.json")
-    return Manifest(root, data)
+    written = sum(meta["size"] for meta in files.values()) + (root / "manifest.json").stat().st_size
+    return Manifest(root, data, written)
