@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 PEER_VENV := .venv-peer
 PEER_STAMP := $(PEER_VENV)/.llama-cpp-installed
 
-.PHONY: demo test lint proto bench bench-peer clean
+.PHONY: demo test lint proto wheel bench bench-peer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,18 @@ lint: $(STAMP)
 proto: $(STAMP)
 	$(PY) proto/generate.py
 
+# The wheel a device installs (docs/deploy.md): dist/edgeweave-<version>-py3-none-any.whl. Only pip
+# is needed (a small venv of its own, not the torch one); pip fetches setuptools from the registry.
+# build/ is removed first: setuptools would otherwise pack files left there by an older build.
+BUILD_VENV ?= .venv-build
+$(BUILD_VENV)/bin/pip:
+	$(PYTHON) -m venv $(BUILD_VENV)
+
+wheel: $(BUILD_VENV)/bin/pip
+	rm -rf build dist/edgeweave-*.whl
+	$(BUILD_VENV)/bin/pip wheel --quiet --no-deps --wheel-dir dist .
+	@ls dist/edgeweave-*.whl
+
 $(PEER_STAMP):
 	python3 -m venv .venv-peer && .venv-peer/bin/pip install llama-cpp-python==0.3.36
 	touch $(PEER_STAMP)
@@ -43,4 +55,4 @@ $(PEER_STAMP):
 bench-peer: $(STAMP) $(PEER_STAMP)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BUILD_VENV) build dist .pytest_cache .ruff_cache

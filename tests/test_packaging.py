@@ -3,13 +3,18 @@
 Offline checks only: every runtime dependency must be on the list of packages whose aarch64
 wheels we have verified (scripts/check_aarch64_wheels.py does that against the registry), none
 may be an x86-only or compile-from-source package, and the systemd unit ships in the package.
+One slow test builds the wheel with `make wheel` (pip fetches setuptools from the registry).
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,3 +64,45 @@ def test_systemd_unit_ships_in_the_package():
     for line in ("Restart=on-failure", "User=edgeweave", "Environment=EDGEWEAVE_CONFIG=/etc/edgeweave/config.toml",
                  "After=network-online.target", "StateDirectory=edgeweave"):
         assert line in unit.splitlines(), line
+
+
+def _package_data_sources() -> dict[str, Path]:
+    """Wheel path -> checkout file, for every data file the package declares."""
+    setuptools_cfg = PYPROJECT["tool"]["setuptools"]
+    package_dirs = setuptools_cfg["package-dir"]
+    expected: dict[str, Path] = {}
+    for package, patterns in setuptools_cfg["package-data"].items():
+        source = ROOT / package_dirs[package]
+        for pattern in patterns:
+            for path in source.glob(pattern):
+                if path.is_file():
+                    expected[f"{package.replace('.', '/')}/{path.relative_to(source)}"] = path
+    data = f"edgeweave-{PYPROJECT['project']['version']}.data/data"
+    for target, files in setuptools_cfg["data-files"].items():
+        for name in files:
+            expected[f"{data}/{target}/{Path(name).name}"] = ROOT / name
+    return expected
+
+
+@pytest.mark.slow
+def test_make_wheel_holds_the_package_data():
+    """`make wheel` (what deploy.md has users run) packs the unit, the web page, the .proto and the
+    guide the unit's Documentation= names, byte for byte, and nothing from outside the package."""
+    result = subprocess.run(["make", "-s", "wheel"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wheel = ROOT / "dist" / f"edgeweave-{PYPROJECT['project']['version']}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        expected = _package_data_sources()
+        assert {"edgeweave/deploy/edgeweave-node.service", "edgeweave/coordinator/web/index.html",
+                "edgeweave/proto/edgeweave.proto"} <= expected.keys()
+        for name, source in expected.items():
+            assert name in names, f"{name} missing from {wheel.name}"
+            assert archive.read(name) == source.read_bytes(), f"{name} differs from {source}"
+        entry_points = archive.read(f"edgeweave-{PYPROJECT['project']['version']}.dist-info/entry_points.txt").decode()
+    assert "edgeweave = edgeweave.cli:main" in entry_points
+    assert {"edgeweave/proto/edgeweave_pb2.py", "edgeweave/node/daemon.py", "edgeweave/cli.py"} <= names
+    version = PYPROJECT["project"]["version"]
+    assert {n.split("/", 1)[0] for n in names} == {"edgeweave", f"edgeweave-{version}.dist-info", f"edgeweave-{version}.data"}
+    unit = (ROOT / "edgeweave" / "deploy" / "edgeweave-node.service").read_text()
+    assert "Documentation=file:///opt/edgeweave/venv/share/doc/edgeweave/deploy.md" in unit.splitlines()
