@@ -91,28 +91,6 @@ def test_unit_security_exposure_is_ok():
 # ----------------------------------------------------------------------------------------------
 # The walk
 
-def _pending(line: str) -> bool:
-    """Commands other branches of issue #14 add (`--version`, `model`, `cache`): walked once they exist here."""
-    from typer.main import get_command
-
-    from edgeweave.cli import app
-
-    command = get_command(app)
-    names = set(command.commands)  # type: ignore[attr-defined]
-    has_version = any("--version" in p.opts for p in command.params)
-    match = re.search(r"\bedgeweave (--version|model|cache)\b", line)
-    if not match:
-        return False
-    return not has_version if match.group(1) == "--version" else match.group(1) not in names
-
-
-def _pending_key(line: str) -> bool:
-    """[node] shard_cache_max is being added beside this change; until then the walk comments it out."""
-    from edgeweave.config import NodeSettings
-
-    return line.startswith("shard_cache_max =") and not hasattr(NodeSettings(), "shard_cache_max")
-
-
 def _untraversable_dirs(paths: list[Path]) -> list[Path]:
     """Ancestors the service user could not enter (a 0700 /root holding pyenv or the checkout)."""
     found: list[Path] = []
@@ -191,11 +169,7 @@ def device_script(work: Path, dev_site_dirs: list[str]) -> str:
         if not walk or heading.startswith(BUILD_SECTION):
             continue
         for line in block.splitlines():
-            if _pending(line):
-                lines.append(f"echo {q('walk: pending in this checkout: ' + line)}")
-            elif _pending_key(line):
-                lines.append("# pending in this checkout: " + line)
-            elif line == "sudo /opt/edgeweave/venv/bin/pip install ~/edgeweave-*.whl":
+            if line == "sudo /opt/edgeweave/venv/bin/pip install ~/edgeweave-*.whl":
                 # The wheel itself, offline; its dependencies are the ones this suite runs on (the
                 # same versions `make` installs), reached with a .pth instead of a 2 GB download.
                 hooks_used += 1
