@@ -19,8 +19,9 @@ The file is `$EDGEWEAVE_CONFIG`, else `~/.config/edgeweave/config.toml`:
     api_key = "..."        # serve: clients must send "Authorization: Bearer ..." (or EDGEWEAVE_COORDINATOR_API_KEY)
 
 An environment variable `EDGEWEAVE_<SECTION>_<KEY>` (e.g. `EDGEWEAVE_NODE_PORT=6000`) overrides
-the file; a flag given on the command line overrides both. Unknown keys are an error, so a typo
-never silently does nothing.
+the file; a flag given on the command line overrides both (`edgeweave.cli_settings` binds each
+key to the options of the commands that have it). Unknown keys are an error, so a typo never
+silently does nothing.
 """
 
 from __future__ import annotations
@@ -148,6 +149,3 @@ def pick_quantize(flag: str | None, configured: str) -> str | None:
     return value
 
 
-def pick(flag: Any, configured: Any) -> Any:
-    """A flag given on the command line (not None) wins over the configured value."""
-    return configured if flag is None else flag

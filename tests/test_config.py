@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeweave.config import ConfigError, load_settings, pick
+from edgeweave.config import ConfigError, load_settings
 
 
 def test_defaults_without_file(tmp_path):
@@ -27,8 +27,6 @@ def test_file_then_environment_then_flag(tmp_path):
     settings = load_settings(path, environ={"EDGEWEAVE_NODE_PORT": "7000", "EDGEWEAVE_COORDINATOR_PEERS": "a:1, b:2"})
     assert settings.node.port == 7000
     assert settings.coordinator.peers == ["a:1", "b:2"]
-    assert pick(8000, settings.node.port) == 8000
-    assert pick(None, settings.node.port) == 7000
 
 
 @pytest.mark.parametrize(
