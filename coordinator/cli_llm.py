@@ -23,7 +23,26 @@ PEER_HELP = "Static node host:port (repeatable). Given peers are the whole clust
 INTERFACE_HELP = "IPv4 address to discover nodes on (and to bind a local cluster to)."
 DISCOVERY_HELP = "Seconds to listen for mDNS announcements (0: only --peer, else a local cluster)."
 
+LOCAL_BUDGET_HELP = ("Memory budget of each node of the local cluster started here (e.g. 600MiB): they stream "
+                     "layers through a sliding window when it is short. Nodes found on the network keep their own.")
+
 log = logging.getLogger(__name__)
+
+
+def check_local_budget(budget: str | None, found: list[str]) -> None:
+    """--memory-budget sets a local cluster's budgets: refused (not ignored) when nodes were found,
+    and checked before anything starts."""
+    from edgeweave.runtime.memory_budget import parse_budget
+
+    if budget is None:
+        return
+    if found:
+        raise typer.BadParameter("applies only to the local cluster started when no node is found; nodes on the "
+                                 "network take their own ([node] memory_budget)", param_hint="--memory-budget")
+    try:
+        parse_budget(budget)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
 
 
 def resolve_quantize(flag: str | None) -> str | None:
@@ -125,7 +144,8 @@ def register(app: typer.Typer) -> None:
             None, help="Per-node memory budget (repeat once per node, e.g. 300MiB; default: what each node found "
                        "announces): plan sliding windows or refuse."
         ),
-        context: int = typer.Option(2048, help="Context length the KV cache must hold (with memory budgets)."),
+        context: int = typer.Option(None, help="Context length each node's KV cache must hold (default: the "
+                                               "model's, at most 4096: what run, serve and the nodes plan for)."),
         quantize: str = typer.Option(None, help=QUANTIZE_HELP),
         peer: list[str] = typer.Option(None, metavar="HOST:PORT", help=PEER_HELP),
         interface: str = typer.Option(None, help=INTERFACE_HELP),
@@ -136,7 +156,7 @@ def register(app: typer.Typer) -> None:
         (or --nodes equal ones when none answers), and which nodes must stream their layers through
         a sliding window to stay within their memory budgets."""
         from edgeweave.coordinator.recovery import UNLIMITED
-        from edgeweave.runtime.memory_budget import parse_budget
+        from edgeweave.runtime.memory_budget import fit_context, parse_budget
         from edgeweave.runtime.quantized import QuantizationError
         from edgeweave.splitting.memory_plan import MemoryPlanError, plan_memory
         from edgeweave.splitting.tensor_parallel import plan_shards, quantized_layouts, tensor_layouts
@@ -181,7 +201,8 @@ def register(app: typer.Typer) -> None:
             budgets = [b or UNLIMITED for b in announced]
         if budgets:
             try:
-                fitted = plan_memory(plan_, budgets, context_length=context, coordinator_rank=None)
+                fitted = plan_memory(plan_, budgets, coordinator_rank=None,
+                                     context_length=fit_context(checkpoint.config.max_position_embeddings, context))
             except MemoryPlanError as exc:
                 typer.echo(f"error: the model does not fit: {exc}", err=True)
                 raise typer.Exit(2) from None
@@ -217,6 +238,7 @@ def register(app: typer.Typer) -> None:
         quantize: str = typer.Option(None, help=QUANTIZE_HELP),
         cache_dir: Path = typer.Option(None, help="Where this coordinator keeps written shards (default "
                                                   "~/.cache/edgeweave/shards, or $EDGEWEAVE_CACHE/shards)."),
+        memory_budget: str = typer.Option(None, help=LOCAL_BUDGET_HELP),
         coordinator_share: float = typer.Option(
             0.0, help="Let this device compute a share too, with this weight (0 = off; with --weights, "
                       "relative to them). Saves a message per allreduce, as TPI-LLM's master does."),
@@ -249,9 +271,11 @@ def register(app: typer.Typer) -> None:
         log.info("model %s: %d layers, %d prompt tokens", checkpoint.path, checkpoint.config.num_layers, len(prompt_ids))
         with contextlib.ExitStack() as stack:
             addresses = [r.address for r in records]
+            check_local_budget(memory_budget, addresses)
             if not addresses:
                 log.info("no nodes found; starting a local cluster of %d node(s)", nodes)
-                cluster = stack.enter_context(LocalCluster(nodes, interface=interface or "127.0.0.1", advertise=False))
+                cluster = stack.enter_context(LocalCluster(nodes, interface=interface or "127.0.0.1", advertise=False,
+                                                           memory_budgets=[memory_budget] * nodes if memory_budget else None))
                 addresses = list(cluster.addresses)
             clients = [stack.enter_context(NodeClient(a)) for a in addresses]
             members, member_weights = clients, node_weights

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgeweave.coordinator.cli_llm import PEER_HELP, QUANTIZE_HELP
+from edgeweave.coordinator.cli_llm import LOCAL_BUDGET_HELP, PEER_HELP, QUANTIZE_HELP
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.discovery import NodeRecord, discover
 from edgeweave.runtime.batch import DEFAULT_PREFILL_CHUNK
@@ -118,7 +118,7 @@ def server_tables(status: dict[str, Any]) -> list[Table]:
 def build_engine(model: str | None, engine_kind: str, peers: list[str], interfaces: list[str] | None,
                  nodes: int, discovery_timeout: float, stack: contextlib.ExitStack,
                  weights: list[float] | None = None, dtype: str = "float32", quantize: str | None = None,
-                 cache_dir: str | None = None) -> Any:
+                 cache_dir: str | None = None, memory_budget: str | None = None) -> Any:
     """The engine to serve: the single-process reference, or the model spread over the cluster
     (the discovered/static nodes, else a LocalCluster of `nodes` started here)."""
     from edgeweave.coordinator import engine as engines
@@ -129,6 +129,9 @@ def build_engine(model: str | None, engine_kind: str, peers: list[str], interfac
         if quantize not in (None, "none"):
             raise typer.BadParameter("the reference engine runs float32; use --engine cluster to quantize",
                                      param_hint="--quantize")
+        if memory_budget:
+            raise typer.BadParameter("the reference engine runs in this process; the budget is for the nodes of a "
+                                     "local cluster (--engine cluster)", param_hint="--memory-budget")
         return stack.enter_context(contextlib.closing(engines.ReferenceEngine(checkpoint)))
     if peers:  # static peers are the whole cluster: never mix in whatever else announces itself
         from edgeweave.coordinator.node_selection import NodeSelectionError, exact_peers
@@ -144,11 +147,15 @@ def build_engine(model: str | None, engine_kind: str, peers: list[str], interfac
             from edgeweave.coordinator.discovery import NodeWatcher
 
             watcher = stack.enter_context(NodeWatcher(interfaces))
+    from edgeweave.coordinator.cli_llm import check_local_budget
+
+    check_local_budget(memory_budget, addresses)
     if not addresses:
         from edgeweave.coordinator.local_cluster import LocalCluster
 
         log.info("no nodes found; starting a local cluster of %d node(s)", nodes)
-        cluster = stack.enter_context(LocalCluster(nodes, interface=(interfaces or ["127.0.0.1"])[0], advertise=False))
+        cluster = stack.enter_context(LocalCluster(nodes, interface=(interfaces or ["127.0.0.1"])[0], advertise=False,
+                                                   memory_budgets=[memory_budget] * nodes if memory_budget else None))
         addresses = list(cluster.addresses)
     return stack.enter_context(contextlib.closing(
         engines.DistributedEngine.open(checkpoint, addresses, weights=weights, dtype=dtype, watcher=watcher,
@@ -185,6 +192,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("float32", help="Shard dtype on disk and on the wire: float32, float16, bfloat16."),
         quantize: str = typer.Option(None, help=QUANTIZE_HELP),
         cache_dir: str = typer.Option(None, help="Where this coordinator keeps written shards."),
+        memory_budget: str = typer.Option(None, help=LOCAL_BUDGET_HELP),
         max_active: int = typer.Option(16, help="Requests decoded together: rows of one batched step, one KV cache each."),
         prefill_chunk: int = typer.Option(DEFAULT_PREFILL_CHUNK, help="Prompt tokens read per step across new "
                                           "requests (the rest next step), so running streams keep flowing."),
@@ -223,7 +231,7 @@ def register(app: typer.Typer) -> None:
             try:
                 text_engine = build_engine(
                     model, engine, peer or [], interface or None, nodes, discovery_timeout, stack,
-                    parse_weights(weights, len(peer) if peer else None), dtype, precision, cache_dir,
+                    parse_weights(weights, len(peer) if peer else None), dtype, precision, cache_dir, memory_budget,
                 )
             except (CheckpointError, QuantizationError, TokenizerError) as exc:
                 raise typer.BadParameter(str(exc), param_hint="MODEL") from None

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from edgeweave.coordinator.client import NodeClient, NodeError
+from edgeweave.runtime.memory_budget import fit_context
 from edgeweave.splitting.memory_plan import MemoryPlan, MemoryPlanError, plan_memory
 from edgeweave.splitting.tensor_parallel import TensorParallelPlan
 
@@ -42,8 +43,6 @@ LOST_CODES = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
     grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED,
 })
-#: KV context the memory check reserves per session (the node executor sizes windows the same way)
-FIT_CONTEXT = 4096
 UNLIMITED = 1 << 62
 
 
@@ -81,12 +80,16 @@ def step_deadline(recent_steps: Sequence[float]) -> float:
     return max(DEADLINE_FLOOR_S, DEADLINE_FACTOR * statistics.median(recent_steps))
 
 
-def fit_plan_to_nodes(plan: TensorParallelPlan, nodes: Sequence[NodeClient]) -> MemoryPlan:
+def fit_plan_to_nodes(plan: TensorParallelPlan, nodes: Sequence[NodeClient],
+                      layer_file_bytes: Sequence[Sequence[int]] | None = None) -> MemoryPlan:
     """Check each node's announced memory budget (0 = no budget) against its share of `plan`; the
-    window each node will use, or MemoryPlanError saying how much memory is missing where."""
+    window each node will use (the node's own accounting: `runtime.memory_budget`), or
+    MemoryPlanError saying how much memory is missing where. With the written files' sizes the
+    windows are exactly the nodes' own."""
     budgets = [client.info().resources.memory_budget or UNLIMITED for client in nodes]
     return plan_memory(plan, budgets, names=[c.address for c in nodes],
-                       context_length=min(plan.config.max_position_embeddings, FIT_CONTEXT), coordinator_rank=None)
+                       context_length=fit_context(plan.config.max_position_embeddings), coordinator_rank=None,
+                       layer_file_bytes=layer_file_bytes)
 
 
 def check_survivors_fit(plan: TensorParallelPlan, nodes: Sequence[NodeClient], lost: Sequence[str]) -> None:
@@ -129,3 +132,27 @@ def finish(record: RecoveryRecord, detected_at: float) -> None:
         "%d bytes of shards re-sent, %d node(s) left",
         record.lost_node, record.detected_after_s, record.stall_s, record.resent_bytes, record.nodes_left,
     )
+
+
+def refetch_changed_shards(llm: DistributedLlama, error: NodeError) -> bool:
+    """After a step's FAILED_PRECONDITION: when that node now lacks some of its shards (it found a
+    layer file changed on disk, deleted it and unloaded its job), re-send what it lacks and load
+    again, on the same nodes with the same plan (sessions are re-prefilled from their history).
+    True when that happened; False when the refusal had another cause (left to the caller)."""
+    rank = next((r for r, c in enumerate(llm.nodes) if c.address == error.address), None)
+    if rank is None:
+        return False
+    digests = {llm.manifest.sha256(rel) for rel in llm.manifest.shard_files(rank).values()}
+    try:
+        present = set(llm.nodes[rank].has_shards(sorted(digests)))
+    except NodeError:
+        return False
+    if present >= digests:
+        return False
+    log.warning("node %s lost %d shard file(s) (%s); re-sending and reloading", error.address,
+                len(digests - present), error.message)
+    start = time.perf_counter()
+    resent = llm.redeploy(list(llm.nodes), list(llm.weights))
+    log.info("node %s has its shards again: %.1f MB re-sent, %.1f s", error.address, resent / 1e6,
+             time.perf_counter() - start)
+    return True

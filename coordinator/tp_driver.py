@@ -54,6 +54,10 @@ def _addressing(rows: Sequence[Row]) -> tuple[str, int, Sequence[Row] | None]:
     return "", 0, rows
 
 
+#: a node that keeps losing files within one step is a broken disk, not a stray corruption: give up
+MAX_REFETCHES_PER_STEP = 2
+
+
 def shard_cache_root() -> Path:
     """Where shards are written: $EDGEWEAVE_CACHE/shards or ~/.cache/edgeweave/shards."""
     base = os.environ.get("EDGEWEAVE_CACHE")
@@ -177,6 +181,8 @@ class DistributedLlama:
         self.recoveries: list[recovery.RecoveryRecord] = []
         #: address -> NodeTiming, over every step this driver ran
         self.node_timings: dict[str, NodeTiming] = {}
+        #: times a node found one of its layer files changed on disk and got it re-sent mid-run
+        self.shard_refetches = 0
 
     def _deploy(self, nodes: list[NodeClient], weights: list[float]) -> int:
         """Plan over `nodes`, write (cached by plan id) and ship what they lack, load the jobs, open
@@ -189,6 +195,8 @@ class DistributedLlama:
         self.manifest: Manifest = self._write(folder, self.dtype)
         self.bytes_written += self.manifest.bytes_written
         os.utime(folder)  # the folder's mtime is its last use: `edgeweave cache prune` drops the oldest
+        # the same check with the files' real sizes: now its windows are exactly what each node picks
+        self.memory_plan = recovery.fit_plan_to_nodes(self.plan, self.nodes, self._layer_file_bytes())
         for client in self.nodes:
             if isinstance(client, LocalMember):  # computes from the files written here: nothing to send
                 client.offer_files({meta["sha256"]: self.manifest.path(rel) for rel, meta in self.manifest.data["files"].items()})
@@ -199,6 +207,10 @@ class DistributedLlama:
             details, resent = self._load_or_refetch(r)
             self.load_details.append(details)
             sent += resent
+        for r, (details, planned) in enumerate(zip(self.load_details, self.memory_plan.windows, strict=True)):
+            if self.window is None and details.get("window") != planned:
+                log.warning("node %s chose window %s where the memory plan says %s", self.nodes[r].address,
+                            details.get("window"), planned)
         self.streams = [client.open_stream(self.reply_timeout) for client in self.nodes]
         self._fused = self.fuse_single_node and "layers" in self.load_details[0].get("ops", [])
         # a local member's share is computed in recv: receive it first, while remote nodes compute
@@ -272,6 +284,15 @@ class DistributedLlama:
         return self._load(rank, self.dtype, self.window), resent
 
     # -- set-up ------------------------------------------------------------------------------
+    def _layer_file_bytes(self) -> list[list[int]]:
+        """Per rank, the size of each of its layer files (what the node sizes its window from)."""
+        sizes = []
+        for rank in range(len(self.plan.shards)):
+            files = self.manifest.shard_files(rank)
+            sizes.append([self.manifest.data["files"][files[f"layer.{i:03d}"]]["size"]
+                          for i in range(self.config.num_layers)])
+        return sizes
+
     def _write(self, folder: Path, dtype: str) -> Manifest:
         """The plan's shard files in `folder`: written once, read back from the cache after that."""
         from edgeweave.coordinator.progress import PhaseProgress
@@ -456,6 +477,7 @@ class DistributedLlama:
         in the same step. On a lost node, `recovery.recover` re-plans over the survivors and we retry."""
         stats = stats or GenerationStats()
         pending: tuple[recovery.RecoveryRecord, float] | None = None
+        refetches = 0
         while True:
             rows, ids = [], []
             for seq in sequences:
@@ -475,6 +497,11 @@ class DistributedLlama:
             try:
                 logits = self._forward_rows(ids, rows, stats)
             except NodeError as exc:
+                if (self.recover_on_failure and exc.code is grpc.StatusCode.FAILED_PRECONDITION
+                        and refetches < MAX_REFETCHES_PER_STEP and recovery.refetch_changed_shards(self, exc)):
+                    refetches += 1
+                    self.shard_refetches += 1
+                    continue
                 if not (self.recover_on_failure and recovery.is_node_lost(exc)):
                     raise
                 detected = time.perf_counter()

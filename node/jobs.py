@@ -124,7 +124,8 @@ class JobTable:
             start = time.perf_counter()
             budget = memory_budget or self.default_memory_budget
             try:
-                executor = cls(config=config, shards=paths, memory_budget=budget)
+                checks = {name: self.store.crc32(digest) for name, digest in shards.items()}
+                executor = cls(config=config, shards=paths, memory_budget=budget, file_checks=checks)
             except (ExecutorInputError, MemoryError):
                 raise
             except (KeyError, TypeError, ValueError) as exc:  # a config the executor cannot use

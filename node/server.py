@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,13 +15,14 @@ import grpc
 import psutil
 
 import edgeweave
-from edgeweave.node.jobs import JobNotFound, JobTable, MissingShard
+from edgeweave.node.jobs import Job, JobNotFound, JobTable, MissingShard
 from edgeweave.node.shard_store import ShardCorrupt, ShardNoSpace, ShardRejected, ShardStore
 from edgeweave.proto import pb, pb_grpc
 from edgeweave.runtime import resources
 from edgeweave.runtime.batch import Row
 from edgeweave.runtime.codec import TensorDecodeError, decode, decode_quantized, encode
 from edgeweave.runtime.executor import ExecutorInputError, ExecutorStateError
+from edgeweave.runtime.shard_files import ShardChangedOnDisk
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def _status_for(exc: BaseException) -> grpc.StatusCode:
     """The gRPC status a request error maps to (INTERNAL for anything unexpected)."""
     if isinstance(exc, (TensorDecodeError, ExecutorInputError, ShardRejected)):
         return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, (ExecutorStateError, MissingShard)):
+    if isinstance(exc, (ExecutorStateError, MissingShard, ShardChangedOnDisk)):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, JobNotFound):
         return grpc.StatusCode.NOT_FOUND
@@ -176,14 +178,36 @@ class NodeServicer(pb_grpc.NodeServicer):
         executor = job.executor
         with job.lock:
             start = time.perf_counter()
-            outputs = executor.forward(req.op, req.layer, req.position, req.session, tensors, rows)
+            try:
+                outputs = executor.forward(req.op, req.layer, req.position, req.session, tensors, rows)
+            except ShardChangedOnDisk as exc:
+                changed = exc
+            else:
+                changed = None
             compute_s = time.perf_counter() - start
             stall_s = getattr(executor, "last_stall_s", 0.0)
             job.requests += 1
             job.compute_s += compute_s
             job.stall_s += stall_s
+        if changed is not None:
+            raise self._drop_changed_shard(job, changed)
         return pb.ForwardReply(seq=req.seq, tensors=[pb.Tensor(**encode(t)) for t in outputs],
                                compute_s=compute_s, stall_s=stall_s)
+
+    def _drop_changed_shard(self, job: Job, exc: ShardChangedOnDisk) -> ShardChangedOnDisk:
+        """A layer file's bytes changed under a loaded job: never compute with them. Delete the
+        file (HasShards then reports it missing) and unload the job, so the coordinator re-sends
+        that one file and loads again; returns the error to answer (FAILED_PRECONDITION)."""
+        digest = exc.path.name
+        name = next((n for n, d in job.shards.items() if d == digest), digest)
+        log.error("job %s: shard %s (%s) changed on disk while loaded; deleting it and unloading the job",
+                  job.job_id, name, digest)
+        self.store.discard(digest)
+        with contextlib.suppress(JobNotFound):
+            self.jobs.unload(job.job_id)
+        return ShardChangedOnDisk(exc.path, f"shard {name} (sha256 {digest}) of job {job.job_id!r} changed on disk "
+                                            "since Load; the node deleted it and unloaded the job: send it again "
+                                            "and Load")
 
     def Forward(self, request_iterator, context):
         """The hot path: one long-lived stream, messages handled in order."""

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from edgeweave.runtime.shard_files import check_sha256, check_shard_name, sha256_file
+from edgeweave.runtime.shard_files import check_sha256, check_shard_name, sha256_and_crc32, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ class ShardStore:
         self._lock = threading.Lock()
         self._writing: dict[str, int] = {}  # digest -> bytes reserved by an upload in progress
         self._sizes: dict[str, int] = {}  # digest -> bytes of every stored shard
+        #: digest -> crc32 of the bytes `verify` last hashed: readers re-check each later read with it
+        self._crc32: dict[str, int] = {}
         for entry in self.root.iterdir():
             if _is_digest(entry.name) and entry.is_file():
                 self._sizes[entry.name] = entry.stat().st_size
@@ -112,6 +114,17 @@ class ShardStore:
         self._marker(sha256).unlink(missing_ok=True)
         with self._lock:
             self._sizes.pop(sha256, None)
+            self._crc32.pop(sha256, None)
+
+    def discard(self, sha256: str) -> None:
+        """Delete a stored shard found changed on disk, so HasShards reports it missing."""
+        log.warning("deleting shard %s: its bytes changed on disk since they were verified", sha256)
+        self._delete(check_sha256(sha256))
+
+    def crc32(self, sha256: str) -> int | None:
+        """The crc32 of the shard's bytes as of its last `verify` (None if never verified here)."""
+        with self._lock:
+            return self._crc32.get(sha256)
 
     def _make_room(self, name: str, sha256: str, size: int) -> None:
         """Reserve `size` bytes for an upload under the bound, evicting LRU unpinned shards first.
@@ -186,11 +199,13 @@ class ShardStore:
         except ValueError:
             return False
         try:
-            actual = sha256_file(path)
+            actual, crc = sha256_and_crc32(path)
         except OSError:
             return False
         if actual == sha256:
             self._touch(sha256)
+            with self._lock:
+                self._crc32[sha256] = crc
             return True
         log.warning("shard %s is corrupt on disk (hashes to %s); deleting it so it is fetched again", sha256, actual)
         self._delete(sha256)

@@ -31,10 +31,14 @@ class Executor:
 
     kind: ClassVar[str] = ""
 
-    def __init__(self, config: dict[str, Any], shards: dict[str, Path], memory_budget: int) -> None:
+    def __init__(self, config: dict[str, Any], shards: dict[str, Path], memory_budget: int,
+                 file_checks: dict[str, int | None] | None = None) -> None:
         self.config = config
         self.shards = shards
         self.memory_budget = memory_budget
+        #: shard name -> crc32 of its bytes as verified at Load; executors that read a file again
+        #: later (a sliding window) check each read against it
+        self.file_checks = file_checks or {}
 
     def details(self) -> dict[str, Any]:
         """What the executor decided at load time (reported in LoadReply)."""

@@ -29,6 +29,7 @@ import gc
 import logging
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ from edgeweave.runtime.safetensors_read import (
     parse_safetensors,
     read_file_into,
 )
+from edgeweave.runtime.shard_files import ShardChangedOnDisk
 
 Layer = dict[str, torch.Tensor]
 _NO_BUFFER = torch.empty(0, dtype=torch.uint8)
@@ -126,6 +128,7 @@ class LayerStore:
         dtype: torch.dtype | None = None,
         read_threads: int | None = None,
         prepare: Callable[[Layer], Any] | None = None,
+        checksums: Sequence[int | None] | None = None,
     ) -> None:
         if not paths:
             raise ValueError("a layer store needs at least one layer file")
@@ -136,6 +139,11 @@ class LayerStore:
         if missing:
             raise FileNotFoundError(f"layer files not found: {', '.join(missing[:3])}")
         self.n_layers = len(self.paths)
+        #: each file's crc32 as verified at Load: every read is checked against it, so a file changed
+        #: on disk since then is an error (ShardChangedOnDisk), never wrong weights (None: unchecked)
+        self.checksums = list(checksums) if checksums is not None else [None] * self.n_layers
+        if len(self.checksums) != self.n_layers:
+            raise ValueError(f"{len(self.checksums)} checksums for {self.n_layers} layer files")
         self.dtype = dtype
         #: turns a layer's tensors into what `layer(i)` returns (e.g. its prepacked matmuls), on the
         #: reading thread; when it keeps no view of them, a resident layer's buffer is freed at once
@@ -351,6 +359,12 @@ class LayerStore:
         start = time.perf_counter()
         path = self.paths[index]
         nbytes = read_file_into(path, buffer, self.read_threads)
+        expected = self.checksums[index]
+        if expected is not None:
+            actual = zlib.crc32(memoryview(buffer.numpy())[:nbytes])
+            if actual != expected:
+                raise ShardChangedOnDisk(path, f"layer file {path} changed on disk since it was verified at Load "
+                                               f"(crc32 {actual:08x}, expected {expected:08x})")
         elapsed = time.perf_counter() - start
         tensors = parse_safetensors(buffer, nbytes, path)
         if self.dtype is not None:

@@ -20,6 +20,20 @@ from edgeweave.runtime.resources import parse_memory_budget
 
 GIB = 1024**3
 
+#: what a node process needs besides weights and KV cache (interpreter, torch, gRPC, ONNX Runtime,
+#: activations): the RSS of an idle node (about 300 MB here) plus headroom. The coordinator's
+#: plan and the node's own window use this same number, so a plan's windows are the node's.
+NODE_OVERHEAD_BYTES = 400 * 1024**2
+
+#: the context a node's KV cache is sized for when fitting (the model's own maximum if smaller)
+FIT_CONTEXT = 4096
+
+
+def fit_context(max_position_embeddings: int, context: int | None = None) -> int:
+    """The context length memory is planned for: `context` if given, else the model's maximum
+    capped at FIT_CONTEXT (the same on the coordinator, in `edgeweave plan` and on the node)."""
+    return int(context) if context else min(int(max_position_embeddings), FIT_CONTEXT)
+
 
 class MemoryBudgetError(ValueError):
     """The budget cannot hold the fixed costs plus one layer; the message carries the numbers."""

@@ -51,8 +51,8 @@ def choose_providers() -> list[str]:
 class OnnxExecutor(Executor):
     kind = "onnx"
 
-    def __init__(self, config, shards, memory_budget):
-        super().__init__(config, shards, memory_budget)
+    def __init__(self, config, shards, memory_budget, file_checks=None):
+        super().__init__(config, shards, memory_budget, file_checks)
         graph = config.get("graph")
         if not isinstance(graph, str) or graph not in shards:
             raise ExecutorInputError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 from pathlib import Path
 
 #: read size for hashing and uploading; large enough to keep syscalls cheap, small enough for a Pi.
@@ -27,6 +28,25 @@ def sha256_file(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> str:
         while block := f.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_and_crc32(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> tuple[str, int]:
+    """(hex sha256, crc32) of a file in one read: the full check at Load, and the cheap one (zlib's
+    crc32, ~4 GB/s here) a sliding window repeats on every later read of the same bytes."""
+    digest, crc = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+            crc = zlib.crc32(block, crc)
+    return digest.hexdigest(), crc
+
+
+class ShardChangedOnDisk(RuntimeError):
+    """A shard file's bytes changed after Load verified them (a failing disk, a stray writer)."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(message)
+        self.path = Path(path)
 
 
 def check_shard_name(name: str) -> str:

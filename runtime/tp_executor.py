@@ -26,8 +26,10 @@ from edgeweave.runtime.layer_compute import BACKENDS, FloatMatmuls, LayerMatmuls
 from edgeweave.runtime.layer_store import LayerStore, layer_file_sizes
 from edgeweave.runtime.llama import KVCache, LayerNorms, Rotary, batched_attention, decoder_layer, mlp_shard
 from edgeweave.runtime.memory_budget import (
+    NODE_OVERHEAD_BYTES,
     MemoryBudgetError,
     choose_window,
+    fit_context,
     held_layer_bytes,
     kv_cache_bytes,
 )
@@ -42,8 +44,9 @@ class TensorParallelExecutor(Executor):
 
     kind = "tp_llm"
 
-    def __init__(self, config: dict[str, Any], shards: dict[str, Path], memory_budget: int = 0) -> None:
-        super().__init__(config, shards, memory_budget)
+    def __init__(self, config: dict[str, Any], shards: dict[str, Path], memory_budget: int = 0,
+                 file_checks: dict[str, int | None] | None = None) -> None:
+        super().__init__(config, shards, memory_budget, file_checks)
         model = config.get("model")
         if not isinstance(model, dict) or any(k not in model for k in _REQUIRED_MODEL_KEYS):
             raise ExecutorInputError(f"tp_llm config needs a 'model' object with {', '.join(_REQUIRED_MODEL_KEYS)}")
@@ -72,7 +75,8 @@ class TensorParallelExecutor(Executor):
             raise ExecutorInputError(f"tp_llm batch_invariant must be true or false, not {self.batch_invariant!r}")
         try:
             build = matmuls_factory(self.backend, self.threads, self.dtype, self.batch_invariant)
-            self.store = LayerStore(paths, self.window, prepare=build)
+            self.store = LayerStore(paths, self.window, prepare=build,
+                                    checksums=[self.file_checks.get(n) for n in names])
             first = self.store.layer(0)
         except (ValueError, KeyError) as exc:  # QuantizationError is a ValueError: a malformed shard
             raise ExecutorInputError(f"tp_llm cannot use its layer shards: {exc}") from None
@@ -126,12 +130,15 @@ class TensorParallelExecutor(Executor):
             return window
         if memory_budget <= 0:
             return None
-        context = int(self.config.get("context", model.get("max_position_embeddings", 2048)))
+        # the coordinator's accounting (splitting.memory_plan.plan_memory), term for term: the same
+        # runtime overhead, KV cache context and held bytes per layer file, so its plan is our window
+        context = fit_context(model.get("max_position_embeddings", 2048), self.config.get("context"))
         quantized, kv_rows = self._shard_header(paths[0])
-        kv = kv_cache_bytes(self.n_layers, kv_rows // self.head_dim, self.head_dim, min(context, 4096))
+        kv = kv_cache_bytes(self.n_layers, kv_rows // self.head_dim, self.head_dim, context)
         resident, windowed = held_layer_bytes(layer_file_sizes(paths), self.backend if quantized else "float")
         try:
-            return choose_window(resident, memory_budget, kv_cache_bytes=kv, windowed_bytes=windowed)
+            return choose_window(resident, memory_budget, kv_cache_bytes=kv, overhead=NODE_OVERHEAD_BYTES,
+                                 windowed_bytes=windowed)
         except MemoryBudgetError as exc:
             raise ExecutorInputError(str(exc)) from None
 

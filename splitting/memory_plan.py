@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgeweave.runtime.memory_budget import (
+    NODE_OVERHEAD_BYTES,
     MemoryBudgetError,
     choose_window,
     format_bytes,
@@ -23,9 +24,8 @@ from edgeweave.runtime.memory_budget import (
 )
 from edgeweave.splitting.tensor_parallel import TensorParallelPlan
 
-#: what a node process needs besides weights and KV cache (interpreter, torch, gRPC, activations);
-#: measured as the RSS of `python -c "import torch, grpc"` plus headroom.
-DEFAULT_NODE_OVERHEAD = 400 * 1024**2
+#: the node's runtime overhead, as the node itself counts it (`runtime.memory_budget`)
+DEFAULT_NODE_OVERHEAD = NODE_OVERHEAD_BYTES
 
 
 class MemoryPlanError(MemoryBudgetError):
@@ -122,19 +122,24 @@ def plan_memory(
     coordinator_rank: int | None = 0,
     overhead: int = DEFAULT_NODE_OVERHEAD,
     backend: str = "ort",
+    layer_file_bytes: Sequence[Sequence[int]] | None = None,
 ) -> MemoryPlan:
     """Fit a tensor-parallel plan: layer sizes and KV heads per node come from the plan.
 
     `coordinator_bytes` (embedding, norms, LM head) count against `coordinator_rank`'s budget when
     the coordinator runs on that node; pass None when it runs elsewhere. A quantized plan's layers
     cost what its `backend`'s kernels hold (`runtime.memory_budget.held_layer_bytes`).
+    `layer_file_bytes` (per node, per layer) are the written shard files' sizes: what the node
+    itself sizes its window from (`runtime.tp_executor`); without them the plan's estimate is
+    used, a few KB per layer below the files (their headers).
     """
     cfg = plan.config
     if len(budgets) != len(plan.shards):
         raise ValueError(f"got {len(budgets)} memory budgets for {len(plan.shards)} nodes")
     names = list(names) if names is not None else [str(s.rank) for s in plan.shards]
     kernel = backend if plan.layouts is not None else "float"
-    held = [held_layer_bytes([plan.layer_bytes(s.rank, itemsize)] * cfg.num_layers, kernel) for s in plan.shards]
+    sizes = layer_file_bytes or [[plan.layer_bytes(s.rank, itemsize)] * cfg.num_layers for s in plan.shards]
+    held = [held_layer_bytes(list(node_sizes), kernel) for node_sizes in sizes]
     kv = [kv_cache_bytes(cfg.num_layers, s.n_kv_heads, cfg.head_dim, context_length, itemsize) for s in plan.shards]
     fixed = [overhead + (coordinator_bytes if s.rank == coordinator_rank else 0) for s in plan.shards]
     return fit_cluster(names, budgets, [r for r, _ in held], kv, fixed, windowed_bytes=[w for _, w in held])

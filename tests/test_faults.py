@@ -22,10 +22,10 @@ from llm_reference import (
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.engine import DistributedEngine
 from edgeweave.coordinator.local_cluster import LocalCluster
-from edgeweave.coordinator.recovery import FIT_CONTEXT, ClusterLostError
+from edgeweave.coordinator.recovery import ClusterLostError
 from edgeweave.coordinator.scheduler import GenerationJob, Scheduler
 from edgeweave.coordinator.tp_driver import DistributedLlama
-from edgeweave.runtime.memory_budget import kv_cache_bytes
+from edgeweave.runtime.memory_budget import FIT_CONTEXT, kv_cache_bytes
 from edgeweave.runtime.sampling import SamplingParams
 from edgeweave.splitting.memory_plan import DEFAULT_NODE_OVERHEAD
 from edgeweave.splitting.tensor_parallel import layer_file, plan_shards, write_shards
