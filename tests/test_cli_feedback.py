@@ -6,6 +6,7 @@ a terminal: the progress must arrive as log lines, and stdout must carry only th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -45,6 +46,13 @@ def _one_sentence_error(result: subprocess.CompletedProcess, *words: str) -> Non
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     return write_random_llama(tmp_path_factory.mktemp("tiny") / "hf", "tiny")
+
+
+def test_plan_without_nodes_says_what_it_assumed(tmp_path):
+    result = _edgeweave(tmp_path, "plan", "--discovery-timeout", "0", "--nodes", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    planned = json.loads(result.stdout)
+    assert planned["source"] == "no nodes found: planned for 3 equal node(s)" and len(planned["nodes"]) == 3
 
 
 def test_version_and_plain_help(tmp_path):
@@ -123,6 +131,13 @@ def test_piped_run_logs_each_phase_and_recovery_leaves_stdout_alone(tmp_path):
         argv = [sys.executable, "-m", "edgeweave", *node_arguments(cluster.identity), "run", "-p", QUESTION,
                 "--max-tokens", "40", "--weights", "1,1", *(arg for a in cluster.addresses for arg in ("--peer", a))]
         env = {k: v for k, v in _env(tmp_path).items() if k != "EDGEWEAVE_CLUSTER_INSECURE"}
+        peers = [arg for a in cluster.addresses for arg in ("--peer", a)]
+        plan = subprocess.run([sys.executable, "-m", "edgeweave", *node_arguments(cluster.identity), "plan", "--json",
+                               *peers], capture_output=True, text=True, env=env, timeout=120)
+        assert plan.returncode == 0, plan.stderr[-2000:]
+        planned = json.loads(plan.stdout)
+        assert planned["source"].startswith("planned for the 2 node(s) found")
+        assert [n["address"] for n in planned["nodes"]] == list(cluster.addresses)
         plain = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=240)
         assert plain.returncode == 0, plain.stderr[-3000:]
         assert "Paris" in plain.stdout
