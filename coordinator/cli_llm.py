@@ -77,19 +77,29 @@ def find_nodes_or_fail(peers: list[str] | None, interface: str | None, discovery
         raise typer.BadParameter(str(exc), param_hint="--peer") from None
 
 
-def discovered_plan_inputs(records: list[Any], weights: list[float] | None) -> tuple[list[float], list[int]]:
-    """Weights (given, else measured as `run` measures them) and memory budgets of discovered nodes."""
+def discovered_plan_inputs(records: list[Any], given: list[float] | None, plan_id_for: Any, key_parts: tuple[str, str],
+                           cache_dir: Path | None) -> tuple[list[float], list[int], str]:
+    """Weights, announced memory budgets and where the weights came from, for discovered nodes:
+    `--weights` if given, else exactly what `run` would pick (its cached plan over these nodes, or
+    a fresh measurement stabilized like run's; read-only: plan changes no cache)."""
+    from edgeweave.coordinator import plan_cache
     from edgeweave.coordinator.client import NodeClient
-    from edgeweave.coordinator.tp_driver import profile_weights
+    from edgeweave.coordinator.tp_driver import profile_weights, shard_cache_root
 
     clients = [NodeClient(r.address) for r in records]
     try:
-        measured = weights or profile_weights(clients)
-        budgets = [c.info().resources.memory_budget for c in clients]
+        infos = [c.info() for c in clients]
+        budgets = [info.resources.memory_budget for info in infos]
+        if given:
+            return given, budgets, "given"
+        ids = [info.node_id or c.address for info, c in zip(infos, clients, strict=True)]
+        root = Path(cache_dir) if cache_dir else shard_cache_root()
+        weights, source = plan_cache.automatic_weights(root, plan_cache.plan_key(key_parts[0], key_parts[1], "float32", ids),
+                                                       ids, lambda: profile_weights(clients), plan_id_for, update=False)
+        return weights, budgets, source
     finally:
         for client in clients:
             client.close()
-    return measured, budgets
 
 
 def layouts_table(rows: list[dict], title: str) -> Table:
@@ -150,6 +160,8 @@ def register(app: typer.Typer) -> None:
         peer: list[str] = typer.Option(None, metavar="HOST:PORT", help=PEER_HELP),
         interface: str = typer.Option(None, help=INTERFACE_HELP),
         discovery_timeout: float = typer.Option(None, help=DISCOVERY_HELP),
+        cache_dir: Path = typer.Option(None, help="The coordinator's shard cache, whose remembered plans "
+                                                  "`run` reuses (default ~/.cache/edgeweave/shards)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
         """Show how the model's heads and MLP columns would be cut across the nodes on the network
@@ -171,16 +183,22 @@ def register(app: typer.Typer) -> None:
         records = find_nodes_or_fail(peer, interface, discovery_timeout)
         given = parse_weights(weights, len(records) or None)
         announced: list[int] = []
-        if records:
-            node_weights, announced = discovered_plan_inputs(records, given)
-            source = (f"planned for the {len(records)} node(s) found ({', '.join(r.address for r in records)}), "
-                      f"weights {'given' if given else 'measured'}, budgets as they announce them")
-        else:
-            node_weights = given or [1.0] * nodes
-            source = f"no nodes found: planned for {len(node_weights)} {'weighted' if given else 'equal'} node(s)"
         try:
             layouts = quantized_layouts(checkpoint, precision)
-            plan_ = plan_shards(checkpoint.config, node_weights, layouts, precision or "file")
+
+            def plan_for(node_weights: list[float]) -> Any:
+                return plan_shards(checkpoint.config, node_weights, layouts, precision or "file")
+
+            if records:
+                node_weights, announced, origin = discovered_plan_inputs(
+                    records, given, lambda w: plan_for(w).plan_id, (checkpoint.fingerprint, precision or "file"),
+                    cache_dir)
+                source = (f"planned for the {len(records)} node(s) found ({', '.join(r.address for r in records)}), "
+                          f"weights {origin}, budgets as they announce them")
+            else:
+                node_weights = given or [1.0] * nodes
+                source = f"no nodes found: planned for {len(node_weights)} {'weighted' if given else 'equal'} node(s)"
+            plan_ = plan_for(node_weights)
             layout_rows = tensor_layouts(checkpoint, plan_)
         except (QuantizationError, CheckpointError) as exc:
             typer.echo(f"error: {exc}", err=True)

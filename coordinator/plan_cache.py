@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,9 @@ def grid_weights(capacities: list[float], grid: int = GRID) -> list[float]:
 
 
 def stable_capacities(root: Path, node_ids: list[str], measured: list[float],
-                      tolerance: float = TOLERANCE) -> tuple[list[float], list[bool]]:
+                      tolerance: float = TOLERANCE, update: bool = True) -> tuple[list[float], list[bool]]:
     """Each node's capacity after hysteresis against `root/capacities.json` (updated for the nodes
-    whose measurement left the band); also which values came from the file."""
+    whose measurement left the band, unless `update` is False); also which values came from the file."""
     path = Path(root) / CAPACITIES_FILE
     stored = read_json(path)
     values, cached, changed = [], [], False
@@ -85,7 +86,7 @@ def stable_capacities(root: Path, node_ids: list[str], measured: list[float],
             changed = True
         values.append(value)
         cached.append(hit)
-    if changed:
+    if changed and update:
         write_json(path, stored)
     return values, cached
 
@@ -112,3 +113,29 @@ def remember_plan(root: Path, key: str, folder: Path, plan_id: str, weights: lis
     plans = read_json(path)
     plans[key] = {"folder": str(Path(folder).relative_to(root)), "plan_id": plan_id, "weights": list(weights)}
     write_json(path, plans)
+
+
+def automatic_weights(root: Path, key: str, node_ids: list[str], measure: Callable[[], list[float]],
+                      plan_id_for: Callable[[list[float]], str], update: bool = True) -> tuple[list[float], str]:
+    """(weights, where they came from) when none were given: the remembered plan's over these
+    very nodes (no profiling), else `measure()` stabilized per node id and snapped to the grid.
+    `edgeweave run`/`serve` (update=True) and `edgeweave plan` (update=False, read-only) share it,
+    so plan shows the cut a run would make."""
+    entry = remembered_plan(root, key)
+    if entry is not None and len(entry["weights"]) == len(node_ids):
+        weights = [float(w) for w in entry["weights"]]
+        if plan_id_for(weights) == entry.get("plan_id"):
+            log.info("node weights %s from the cached plan %s over the same nodes (no profiling)",
+                     _fmt(weights), entry["plan_id"])
+            return weights, "cached plan"
+    measured = measure()
+    capacities, cached = stable_capacities(root, node_ids, measured, update=update)
+    weights = grid_weights(capacities)
+    log.info("node weights %s: measured %s GFLOP/s, %d of %d kept at their cached capacity (within ±%.0f%%), "
+             "rounded to 1/%d of the fastest", _fmt(weights), _fmt(measured), sum(cached), len(cached),
+             TOLERANCE * 100, GRID)
+    return weights, "measured"
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"

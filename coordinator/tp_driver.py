@@ -77,10 +77,6 @@ def profile_weights(nodes: list[NodeClient], budget_s: float = 0.3) -> list[floa
     return [s if s > 0 else floor for s in speeds]
 
 
-def _fmt(values: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
-
-
 @dataclass
 class NodeTiming:
     """Running totals for one node address (kept across redeploys, for /metrics): Forward messages
@@ -228,21 +224,8 @@ class DistributedLlama:
         capacities stabilized (hysteresis per node id, then a 1/8 grid; see plan_cache.py)."""
         ids = self._node_ids(nodes)
         self._plan_key = plan_cache.plan_key(self.checkpoint.fingerprint, self.quantize or "file", self.dtype, ids)
-        entry = plan_cache.remembered_plan(self._root, self._plan_key)
-        if entry is not None and len(entry["weights"]) == len(nodes):
-            weights = [float(w) for w in entry["weights"]]
-            if self.make_plan(weights).plan_id == entry.get("plan_id"):
-                self.weights_source = "cached plan"
-                log.info("node weights %s from the cached plan %s over the same nodes (no profiling)",
-                         _fmt(weights), entry["plan_id"])
-                return weights
-        measured = profile_weights(nodes)
-        capacities, cached = plan_cache.stable_capacities(self._root, ids, measured)
-        weights = plan_cache.grid_weights(capacities)
-        self.weights_source = "measured"
-        log.info("node weights %s: measured %s GFLOP/s, %d of %d kept at their cached capacity (within ±%.0f%%), "
-                 "rounded to 1/%d of the fastest", _fmt(weights), _fmt(measured), sum(cached), len(cached),
-                 plan_cache.TOLERANCE * 100, plan_cache.GRID)
+        weights, self.weights_source = plan_cache.automatic_weights(
+            self._root, self._plan_key, ids, lambda: profile_weights(nodes), lambda w: self.make_plan(w).plan_id)
         return weights
 
     def measured_capacities(self, nodes: list[NodeClient]) -> list[float]:

@@ -97,7 +97,7 @@ def test_second_run_on_the_same_nodes_writes_and_sends_nothing(cluster, tiny, tm
             plan_id, used = first.plan.plan_id, first.manifest.root.stat().st_mtime
         assert len(_folders(root)) == 1
         time.sleep(0.02)
-        with caplog.at_level(logging.INFO, logger="edgeweave.coordinator.tp_driver"), \
+        with caplog.at_level(logging.INFO, logger="edgeweave.coordinator.plan_cache"), \
                 DistributedLlama(tiny, clients, cache_dir=root) as second:
             assert second.weights_source == "cached plan" and second.plan.plan_id == plan_id
             assert (second.bytes_written, second.bytes_sent) == (0, 0)
