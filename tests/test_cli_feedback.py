@@ -22,6 +22,9 @@ from edgeweave.coordinator.identity import node_arguments
 from edgeweave.coordinator.local_cluster import LocalCluster
 from edgeweave.splitting.random_llama import write_random_llama
 
+#: every test here starts `edgeweave` subprocesses (a few seconds of imports each)
+pytestmark = pytest.mark.slow
+
 QUESTION = "What is the capital of France? Answer in one sentence."
 
 
@@ -133,7 +136,6 @@ def test_serve_on_a_busy_port_fails_before_loading_anything(tmp_path):
     assert "local cluster" not in result.stderr and "serving" not in result.stdout
 
 
-@pytest.mark.slow
 def test_piped_run_logs_each_phase_and_recovery_leaves_stdout_alone(tmp_path):
     """Piped, `run` logs every long phase (shards written with a percentage or their cache, shipped
     with MB/s, loaded per node, first token). A node killed mid-generation is survived, and stdout

@@ -127,6 +127,7 @@ def _edgeweave(*args: str, config: str, extra_env: dict[str, str] | None = None)
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_config_file_peers_reach_run_then_environment_then_flag(tmp_path):
     """The whole chain in the real console script: `run` reads [coordinator] peers from the
     file (it used to ignore the file), the environment overrides it, a flag overrides both;
@@ -142,6 +143,7 @@ def test_config_file_peers_reach_run_then_environment_then_flag(tmp_path):
         assert f"peer 127.0.0.1:{port} " in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_broken_config_file_is_one_sentence_for_every_command(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text("[coordinator]\npeer = ['a:1']\n")
