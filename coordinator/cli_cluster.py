@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeweave.coordinator.client import NodeClient, NodeError
-from edgeweave.coordinator.discovery import NodeRecord, discover, static_record
+from edgeweave.coordinator.discovery import NodeRecord, static_record, survey
 from edgeweave.coordinator.local_cluster import ClusterStartError, LocalCluster
 
 
@@ -55,10 +55,20 @@ def _gib(value: str) -> str:
         return "?"
 
 
-def nodes_table(records: list[NodeRecord], rtts: list[float | None]) -> Table:
+def _source(record: NodeRecord) -> str:
+    """The source column: where the node was found, and for one we do not use, why."""
+    if record.note.startswith("another cluster"):
+        return f"{record.source}, OTHER CLUSTER {record.cluster or '?'}"
+    if record.note:
+        return f"{record.source}, NO ANSWER"
+    return record.source
+
+
+def nodes_table(records: list[NodeRecord], rtts: list[float | None], others: int = 0) -> Table:
     """One row per node. The address never wraps or shortens (its port is what --peer needs):
     the other columns fold instead on a narrow terminal."""
-    table = Table(title=f"{len(records)} edgeweave node(s)")
+    title = f"{len(records) - others} edgeweave node(s)" + (f" + {others} not of this cluster or silent" if others else "")
+    table = Table(title=title)
     for column in ("name", "address", "arch", "cores", "memory (avail/total)", "version", "source", "RTT ms"):
         if column in ("address", "RTT ms"):  # "unreachable" stays one word too
             table.add_column(column, no_wrap=True)
@@ -68,7 +78,7 @@ def nodes_table(records: list[NodeRecord], rtts: list[float | None]) -> Table:
         p = r.properties
         table.add_row(
             r.name, r.address, p.get("arch", "?"), p.get("cores", "?"),
-            f"{_gib(p.get('mem_avail', ''))} / {_gib(p.get('mem_total', ''))}", r.version, r.source,
+            f"{_gib(p.get('mem_avail', ''))} / {_gib(p.get('mem_total', ''))}", r.version, _source(r),
             f"{rtt:.2f}" if rtt is not None else "unreachable",
         )
     return table
@@ -84,21 +94,31 @@ def register(app: typer.Typer) -> None:
                                        help="Static node (repeatable), for networks without multicast."),
         wait_for: int = typer.Option(None, help="Return as soon as this many nodes are known."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+        show_all: bool = typer.Option(False, "--all", help="Also list nodes of other clusters and announced "
+                                                         "nodes that do not answer, marked."),
     ) -> None:
-        """List the nodes on the LAN (mDNS) and the static peers, with a measured round-trip time.
-        A listed peer that does not answer is shown as unreachable."""
+        """List the nodes of this cluster on the LAN (mDNS) and the static peers, with a measured
+        round-trip time. A listed peer that does not answer is shown as unreachable; nodes of other
+        clusters (another secret) are counted, and shown with --all."""
         records = [peer_record(p) for p in peer or []]
+        others: list[NodeRecord] = []
         if wait_for is None or len(records) < wait_for:
-            found = discover(timeout=discovery_timeout, interfaces=interface or None,
-                             wait_for=None if wait_for is None else wait_for - len(records))
+            seen = survey(timeout=discovery_timeout, interfaces=interface or None,
+                          wait_for=None if wait_for is None else wait_for - len(records))
             listed = {r.address for r in records}
-            records += [r for r in found if r.address not in listed]
+            records += [r for r in seen.ours if r.address not in listed]
+            others = [r for r in seen.others if r.address not in listed]
         rtts = [health_rtt_ms(r.address) if r.node_id else None for r in records]
+        if show_all:
+            records, rtts = records + others, rtts + [None] * len(others)
+        elif others:
+            typer.echo(f"{len(others)} announced node(s) not of this cluster or not answering are hidden; "
+                       "--all lists them", err=True)
         if as_json:
             typer.echo(json.dumps([{**vars(r), "rtt_ms": rtt} for r, rtt in zip(records, rtts, strict=True)], indent=2))
             return
         if records:
-            Console().print(nodes_table(records, rtts))
+            Console().print(nodes_table(records, rtts, len(others) if show_all else 0))
         else:
             where = f"on {', '.join(interface)}" if interface else "on any interface"
             typer.echo(f"no node announced itself {where} within {discovery_timeout:g} s. Start one with "

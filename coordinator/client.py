@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +82,108 @@ def make_channel(
     return grpc.insecure_channel(address, options=options)
 
 
+#: how long diagnosing a failed first contact may take (one TCP connect, one TLS hello)
+PROBE_TIMEOUT_S = 2.0
+#: how long a first call waits for its channel to connect before probing what is there
+FIRST_CONTACT_S = 3.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What answers at an address, seen from below gRPC: why a first call failed."""
+
+    outcome: str  # "refused" (nothing listens), "silent" (no TCP answer), "hung" (connects, never speaks),
+    #               "plaintext" (not TLS), "tls" (speaks TLS)
+    detail: str = ""
+    cluster: str | None = None  # for "tls": the cluster fingerprint its certificate names, if any
+
+
+def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> Probe:
+    """Connect to `address` and say hello in TLS without verifying anything: enough to tell a closed
+    port from a black hole, a plaintext node from a TLS one, and to read which cluster a TLS node
+    names in its certificate (unverified; used only to word an error)."""
+    host, _, port = address.rpartition(":")
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except TimeoutError:
+        return Probe("silent")
+    except OSError as exc:
+        return Probe("refused", exc.strerror or str(exc))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    with sock:
+        try:
+            with context.wrap_socket(sock, server_hostname=security.SERVER_NAME) as tls:
+                der = tls.getpeercert(binary_form=True)
+        except TimeoutError:
+            return Probe("hung")
+        except ssl.SSLError as exc:
+            if "ALERT" in str(exc).upper():  # it spoke TLS and refused us on the way (no client certificate)
+                return Probe("tls")
+            return Probe("plaintext", exc.reason or str(exc))
+        except OSError as exc:  # closed on our hello: not a TLS server
+            return Probe("plaintext", exc.strerror or str(exc))
+    return Probe("tls", cluster=security.certificate_fingerprint(der) if der else None)
+
+
+def explain(address: str, code: grpc.StatusCode, details: str, found: Probe, ours: str | None,
+            insecure: bool) -> NodeError:
+    """The NodeError for a first call that failed, worded from what `probe` found (`ours` is this
+    device's cluster fingerprint, None if unknown)."""
+    unavailable = grpc.StatusCode.UNAVAILABLE
+    if found.outcome == "refused":
+        return NodeError(address, unavailable, f"nothing listens there ({found.detail}): is the node running, "
+                                               "and is this its port?")
+    if found.outcome == "silent":
+        return NodeError(address, unavailable, f"no answer within {PROBE_TIMEOUT_S:g} s: the address is down or "
+                                               "unreachable, or a firewall drops the packets")
+    if found.outcome == "hung":
+        return NodeError(address, unavailable, "it accepts connections but never answers: a hung process, or not "
+                                               "an edgeweave node")
+    if found.outcome == "tls" and insecure:
+        cluster = f" of cluster {found.cluster}" if found.cluster else ""
+        return NodeError(address, grpc.StatusCode.UNAUTHENTICATED,
+                         f"the node requires TLS (it is a secure node{cluster}) but this coordinator runs "
+                         "--insecure: give it the cluster secret (--secret-file) instead")
+    if found.outcome == "plaintext" and not insecure:
+        return NodeError(address, grpc.StatusCode.UNAUTHENTICATED,
+                         "the node speaks plaintext (it runs --insecure) but this coordinator requires TLS: start "
+                         "the node with the cluster secret, or run this command with --insecure")
+    if found.outcome == "tls" and code in (grpc.StatusCode.UNAUTHENTICATED, unavailable, grpc.StatusCode.UNKNOWN) \
+            and _handshake_failed(details):
+        if found.cluster and ours and found.cluster != ours:
+            return NodeError(address, grpc.StatusCode.UNAUTHENTICATED,
+                             f"the node belongs to another cluster (fingerprint {found.cluster}; ours is {ours}): "
+                             "it holds a different cluster secret")
+        named = f" (the node names cluster {found.cluster})" if found.cluster else ""
+        return NodeError(address, grpc.StatusCode.UNAUTHENTICATED,
+                         f"TLS handshake refused{named}: this device and the node do not share a cluster secret")
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return NodeError(address, code, f"{details} (the node is up but did not answer in time)")
+    return NodeError(address, code, f"{details} (is the node running and reachable?)")
+
+
+def _handshake_failed(details: str) -> bool:
+    lowered = details.lower()
+    return "handshake" in lowered or "ssl" in lowered or "certificate" in lowered
+
+
 def _error(address: str, exc: grpc.RpcError) -> NodeError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code is grpc.StatusCode.UNAVAILABLE and ("handshake" in details.lower() or "ssl" in details.lower()):
+    if code is grpc.StatusCode.UNAVAILABLE and _handshake_failed(details):
         code = grpc.StatusCode.UNAUTHENTICATED
         details = f"{details} (TLS handshake refused: this device and the node do not share a cluster secret)"
     elif code is grpc.StatusCode.UNAVAILABLE:
         details = f"{details} (is the node running and reachable?)"
     return NodeError(address, code, details or "no details")
+
+
+#: statuses of a first call worth a probe: the connection (not the request) failed
+_CONTACT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED,
+                            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN})
 
 
 class NodeClient:
@@ -100,14 +194,48 @@ class NodeClient:
         self.address = address
         self.timeout = timeout
         self.cluster = cluster
+        self._explicit = credentials is not None  # the caller chose the credentials: our cluster is unknown
         self.channel = make_channel(address, credentials, extra_options, cluster)
         self.stub = pb_grpc.NodeStub(self.channel)
+        self._answered = False  # once a call got through, failures are the node's, not the contact's
 
     def _call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
+        timeout = timeout or self.timeout
         try:
-            return method(request, timeout=timeout or self.timeout)
+            reply = method(request, timeout=timeout) if self._answered else self._first_call(method, request, timeout)
         except grpc.RpcError as exc:
-            raise _error(self.address, exc) from None
+            raise self._first_contact_error(exc) if not self._answered else _error(self.address, exc) from None
+        self._answered = True
+        return reply
+
+    def _first_call(self, method: Callable, request: Any, timeout: float) -> Any:
+        """The first call of this client: if it has no reply after FIRST_CONTACT_S, probe the address;
+        a black hole or a hung peer fails it now, a live server (a slow link, a slow call) gets the
+        full deadline. Without this a black hole costs the whole deadline of the first call."""
+        future = method.future(request, timeout=timeout)
+        try:
+            return future.result(timeout=min(timeout, FIRST_CONTACT_S))
+        except grpc.FutureTimeoutError:
+            pass
+        found = probe(self.address)
+        if found.outcome in ("refused", "silent", "hung"):
+            future.cancel()
+            raise explain(self.address, grpc.StatusCode.UNAVAILABLE, "no reply", found, None, False)
+        return future.result()
+
+    def _first_contact_error(self, exc: grpc.RpcError) -> NodeError:
+        """Why the very first call failed, in one sentence: closed port, black hole, TLS mode
+        mismatch, another cluster. Costs one probe (at most PROBE_TIMEOUT_S), only on failure."""
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        if code not in _CONTACT_CODES:
+            return _error(self.address, exc)
+        details = (exc.details() if hasattr(exc, "details") else str(exc)) or "no details"
+        if self._explicit:
+            ours, insecure = None, False
+        else:
+            member = self.cluster or identity.current()
+            ours, insecure = member.fingerprint, member.insecure
+        return explain(self.address, code, details, probe(self.address), ours, insecure)
 
     # -- resources ---------------------------------------------------------------------------
     def info(self) -> pb.InfoReply:

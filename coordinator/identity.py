@@ -30,6 +30,11 @@ class Identity:
     def insecure(self) -> bool:
         return self.material is None
 
+    @property
+    def fingerprint(self) -> str:
+        """The public name of this cluster, as nodes announce it (security.INSECURE_FINGERPRINT when insecure)."""
+        return security.material_fingerprint(self.material)
+
 
 _lock = threading.Lock()
 _identity: Identity | None = None

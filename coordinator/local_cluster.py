@@ -25,6 +25,32 @@ class ClusterStartError(RuntimeError):
     """A node did not come up; the text carries the tail of its log."""
 
 
+#: seconds a local node may take to come up, overriding the load-scaled default
+START_TIMEOUT_ENV = "EDGEWEAVE_NODE_START_TIMEOUT"
+BASE_START_TIMEOUT_S = 60.0
+
+
+def default_start_timeout() -> float:
+    """$EDGEWEAVE_NODE_START_TIMEOUT, else 60 s scaled by how oversubscribed this machine is (load
+    average per core, at least 1): a node importing torch on a busy 2-core box is slow, not broken."""
+    from edgeweave.config import ConfigError
+
+    given = os.environ.get(START_TIMEOUT_ENV)
+    if given is not None:
+        try:
+            value = float(given)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise ConfigError(f"${START_TIMEOUT_ENV} must be a positive number of seconds, got {given!r}")
+        return value
+    try:
+        load = os.getloadavg()[0] / max(1, len(os.sched_getaffinity(0)))
+    except OSError:
+        load = 1.0
+    return BASE_START_TIMEOUT_S * max(1.0, load)
+
+
 def _log_tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -44,7 +70,7 @@ class LocalCluster:
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         names: Sequence[str] | None = None,
-        start_timeout: float = 60.0,
+        start_timeout: float | None = None,
         detach: bool = False,
         cluster_identity: identity.Identity | None = None,
     ) -> None:
@@ -60,7 +86,7 @@ class LocalCluster:
         self.env = env
         tag = secrets.token_hex(2)  # unique mDNS names, so parallel clusters on one host do not clash
         self.names = list(names) if names else [f"node{i}-{tag}" for i in range(n)]
-        self.start_timeout = start_timeout
+        self.start_timeout = start_timeout if start_timeout is not None else default_start_timeout()
         self.detach = detach  # start in a new session, so the nodes outlive this process (cluster up)
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.ports: list[int] = [0] * n
@@ -106,7 +132,9 @@ class LocalCluster:
             if proc.poll() is not None:
                 raise ClusterStartError(f"node {self.names[i]} exited with code {proc.returncode}:\n{_log_tail(self.log_path(i))}")
             if time.monotonic() > deadline:
-                raise ClusterStartError(f"node {self.names[i]} not ready after {self.start_timeout} s:\n{_log_tail(self.log_path(i))}")
+                raise ClusterStartError(
+                    f"node {self.names[i]} not ready after {self.start_timeout:.0f} s (raise ${START_TIMEOUT_ENV} on a "
+                    f"slow or busy machine); the end of its log:\n{_log_tail(self.log_path(i))}")
             time.sleep(0.05)
         info = json.loads(ready.read_text())
         self.ports[i], self.addresses[i] = info["port"], info["address"]

@@ -77,6 +77,7 @@ _register_all()
 def main() -> None:
     from edgeweave.config import ConfigError
     from edgeweave.coordinator.client import NodeError
+    from edgeweave.coordinator.local_cluster import ClusterStartError
     from edgeweave.coordinator.recovery import ClusterLostError
     from edgeweave.runtime.memory_budget import MemoryBudgetError
     from edgeweave.security import SecretError
@@ -86,6 +87,6 @@ def main() -> None:
     except (SecretError, ConfigError, MemoryBudgetError) as exc:  # a setup problem: one sentence, no traceback
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
-    except (NodeError, ClusterLostError) as exc:  # the cluster failed us: say which node and why
+    except (NodeError, ClusterLostError, ClusterStartError) as exc:  # the cluster failed us: say which node and why
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(1) from None

@@ -86,14 +86,46 @@ def _derive_ca_key(secret: bytes) -> ec.EllipticCurvePrivateKey:
     return ec.derive_private_key(scalar, ec.SECP256R1())
 
 
-def cluster_fingerprint(secret: bytes) -> str:
-    """A short public identifier of the cluster (hash of the CA public key), safe to show or announce."""
-    public = _derive_ca_key(secret).public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+#: what an --insecure member announces instead of a fingerprint: insecure members form one "cluster"
+INSECURE_FINGERPRINT = "insecure"
+#: leaf certificates name their cluster in this subject field, so a refused peer can be named
+_CLUSTER_PREFIX = "edgeweave cluster "
+
+
+def _public_fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
+    public = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     digest = hashes.Hash(hashes.SHA256())
     digest.update(public)
     return digest.finalize().hex()[:16]
+
+
+def cluster_fingerprint(secret: bytes) -> str:
+    """A short public identifier of the cluster (hash of the CA public key), safe to show or announce."""
+    return _public_fingerprint(_derive_ca_key(secret).public_key())
+
+
+def material_fingerprint(material: TlsMaterial | None) -> str:
+    """The fingerprint of the cluster `material` belongs to (its CA's public key); INSECURE_FINGERPRINT for None.
+    Members hold only their material, not always the secret, so this is what they announce."""
+    if material is None:
+        return INSECURE_FINGERPRINT
+    public = x509.load_pem_x509_certificate(material.ca_pem).public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    return _public_fingerprint(public)
+
+
+def certificate_fingerprint(cert_der: bytes) -> str | None:
+    """The cluster fingerprint a member's leaf certificate names (unverified: for error messages only)."""
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+        units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    except ValueError:
+        return None
+    for unit in units:
+        value = str(unit.value)
+        if value.startswith(_CLUSTER_PREFIX):
+            return value.removeprefix(_CLUSTER_PREFIX)
+    return None
 
 
 def _ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
@@ -132,7 +164,11 @@ def issue_member_material(secret: bytes, member_name: str) -> TlsMaterial:
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, member_name or SERVER_NAME)]))
+        .subject_name(x509.Name([
+            x509.NameAttribute(NameOID.COMMON_NAME, member_name or SERVER_NAME),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME,
+                               _CLUSTER_PREFIX + _public_fingerprint(ca_key.public_key())),
+        ]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

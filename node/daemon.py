@@ -48,8 +48,11 @@ def write_ready_file(path: Path, info: dict) -> None:
 def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
     """Serve until `stop` is set or a SIGINT/SIGTERM arrives; then withdraw, drain and close."""
     stop = stop or threading.Event()
-    servicer = NodeServicer(opts.name, opts.data_dir, opts.memory_budget, secure=opts.credentials is not None,
-                            shard_cache_max=opts.shard_cache_max)
+    secure = opts.credentials is not None
+    # without the material (a caller that passed bare credentials) the cluster is unknown: announce none
+    cluster = security.material_fingerprint(opts.tls) if opts.tls is not None or not secure else ""
+    servicer = NodeServicer(opts.name, opts.data_dir, opts.memory_budget, secure=secure,
+                            shard_cache_max=opts.shard_cache_max, cluster=cluster)
     server, port = build_server(servicer, opts.host, opts.port, opts.credentials)
     dataplane = None
     if opts.credentials is not None and opts.tls is None:
@@ -67,7 +70,7 @@ def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
             "name": opts.name, "node_id": servicer.node_id, "version": edgeweave.__version__,
             "mem_total": str(r.total_memory), "mem_avail": str(r.available_memory), "cores": str(r.cpu_count),
             "arch": r.arch, "accel": ",".join(r.accelerators), "backends": ",".join(r.backends),
-            "budget": str(opts.memory_budget), "secure": "1" if servicer.secure else "0",
+            "budget": str(opts.memory_budget), "secure": "1" if servicer.secure else "0", "cluster": cluster,
         })
         advertiser.start()
     if threading.current_thread() is threading.main_thread():

@@ -90,6 +90,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         max_shard_bytes: int | None = None,
         secure: bool = False,
         shard_cache_max: int = 0,
+        cluster: str = "",
     ) -> None:
         self.name = name
         self.data_dir = Path(data_dir)
@@ -97,6 +98,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.node_id = _node_id(self.data_dir)
         self.memory_budget = memory_budget
         self.secure = secure
+        self.cluster = cluster  # the public fingerprint of this node's cluster (security.material_fingerprint)
         self.data_port = 0  # set by the daemon once the raw-TCP data plane listens
         self.store = ShardStore(self.data_dir, **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}),
                                 max_bytes=shard_cache_max)
@@ -114,7 +116,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         return pb.InfoReply(
             name=self.name, node_id=self.node_id, version=edgeweave.__version__,
             resources=pb.Resources(**vars(r)), uptime_s=time.time() - self.started,
-            jobs=self.jobs.ids(), secure=self.secure, data_port=self.data_port,
+            jobs=self.jobs.ids(), secure=self.secure, data_port=self.data_port, cluster=self.cluster,
         )
 
     def Health(self, request, context):

@@ -53,7 +53,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("name", "node_id", "version", "resources", "uptime_s", "jobs", "secure", "data_port")
+    __slots__ = ("name", "node_id", "version", "resources", "uptime_s", "jobs", "secure", "data_port", "cluster")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class InfoReply(_message.Message):
     JOBS_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
     name: str
     node_id: str
     version: str
@@ -70,7 +71,8 @@ class InfoReply(_message.Message):
     jobs: _containers.RepeatedScalarFieldContainer[str]
     secure: bool
     data_port: int
-    def __init__(self, name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., uptime_s: _Optional[float] = ..., jobs: _Optional[_Iterable[str]] = ..., secure: _Optional[bool] = ..., data_port: _Optional[int] = ...) -> None: ...
+    cluster: str
+    def __init__(self, name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., uptime_s: _Optional[float] = ..., jobs: _Optional[_Iterable[str]] = ..., secure: _Optional[bool] = ..., data_port: _Optional[int] = ..., cluster: _Optional[str] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
     __slots__ = ("matmul_size", "budget_s")
