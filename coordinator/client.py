@@ -419,7 +419,11 @@ class RawForwardStream(ForwardCalls):
             code = _STATUS_BY_VALUE.get(reply.error_code, grpc.StatusCode.INTERNAL)
             raise self._fail(code, reply.error_message or "the node sent a reply nobody asked for")
         sock.close()
-        self._sock = self._connect()
+        try:
+            self._sock = self._connect()
+        except NodeError:
+            self._closed = True  # as after any failure: later sends are CANCELLED, not a closed socket's error
+            raise
         self.reconnects += 1
         log.info("%s: the node closed an idle data plane connection; reconnected", self.address)
 
