@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import queue
+import select
 import socket
 import ssl
 import threading
@@ -22,11 +23,12 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from edgeweave import security
 from edgeweave.coordinator import identity
 from edgeweave.proto import pb, pb_grpc
-from edgeweave.proto.framing import FrameClosed, read_exact, read_length, send_frame, tune_data_socket
+from edgeweave.proto.framing import HEADER, FrameClosed, read_exact, read_length, send_frame, tune_data_socket
 from edgeweave.runtime.batch import Row
 from edgeweave.runtime.codec import Quantized, decode, decode_quantized, encode
 from edgeweave.runtime.shard_files import CHUNK_BYTES, check_shard_name, sha256_file
@@ -499,9 +501,19 @@ class RawForwardStream(ForwardCalls):
         self._seq = itertools.count(1)
         self._expected: deque[int] = deque()
         self._closed = False
+        self._port, self._cluster = port, client.cluster
+        self._connect_timeout = min(client.timeout or CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S)
+        self.reconnects = 0  # times a connection the node closed while idle was replaced
+        self._sock = self._connect()
+
+    def _connect(self) -> socket.socket:
+        port = self._port
         try:
-            self._sock = connect_data_plane(client.address, port, client.cluster,
-                                            timeout=min(client.timeout or CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S))
+            return connect_data_plane(self.address, port, self._cluster, timeout=self._connect_timeout)
+        except (ssl.SSLEOFError, ConnectionResetError) as exc:
+            raise NodeError(self.address, grpc.StatusCode.UNAVAILABLE,
+                            f"the node closed the data plane connection (port {port}) during the TLS handshake: "
+                            f"{exc} (is it at its [node] max_data_connections?)") from None
         except ssl.SSLError as exc:
             raise NodeError(self.address, grpc.StatusCode.UNAUTHENTICATED,
                             f"TLS handshake with the data plane (port {port}) failed: {exc} "
@@ -509,6 +521,39 @@ class RawForwardStream(ForwardCalls):
         except OSError as exc:
             raise NodeError(self.address, grpc.StatusCode.UNAVAILABLE,
                             f"cannot reach the data plane on port {port}: {exc} (is the node running and reachable?)") from None
+
+    def _reopen_if_closed(self) -> None:
+        """With no reply outstanding, replace a connection the node has closed: it closes those idle
+        past its [node] data_idle_timeout, and the jobs and KV caches live in the node, not in the
+        connection. A frame waiting unasked is the node's refusal: raised as its NodeError."""
+        sock = self._sock
+        pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+        if self._expected or not (pending or select.select([sock], [], [], 0)[0]):
+            return
+        sock.setblocking(False)
+        try:
+            first = sock.recv(1)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return  # only TLS housekeeping (a session ticket) was waiting: the connection is fine
+        except OSError:
+            first = b""  # reset: as closed
+        if first:
+            sock.settimeout(self._connect_timeout)
+            try:
+                rest = read_exact(sock, HEADER.size - 1)
+                reply = pb.ForwardReply.FromString(read_exact(sock, HEADER.unpack(first + rest)[0]))
+            except (OSError, DecodeError) as exc:
+                raise self._fail(grpc.StatusCode.INTERNAL, f"the node sent an unreadable frame unasked: {exc}") from None
+            code = _STATUS_BY_VALUE.get(reply.error_code, grpc.StatusCode.INTERNAL)
+            raise self._fail(code, reply.error_message or "the node sent a reply nobody asked for")
+        sock.close()
+        try:
+            self._sock = self._connect()
+        except NodeError:
+            self._closed = True  # as after any failure: later sends are CANCELLED, not a closed socket's error
+            raise
+        self.reconnects += 1
+        log.info("%s: the node closed an idle data plane connection; reconnected", self.address)
 
     def _fail(self, code: grpc.StatusCode, message: str) -> NodeError:
         self.close()
@@ -521,6 +566,7 @@ class RawForwardStream(ForwardCalls):
         """Write one request; returns its sequence number."""
         request = self._request(job_id, op, tensors, layer, position, session, rows)
         seq, body = request.seq, request.SerializeToString()
+        self._reopen_if_closed()
         try:
             self._sock.settimeout(self.reply_timeout)
             send_frame(self._sock, body)

@@ -11,6 +11,10 @@ The file is `$EDGEWEAVE_CONFIG`, else `~/.config/edgeweave/config.toml`:
     port = 50551
     memory_budget = "1.5GiB"
     shard_cache_max = "8GiB"   # the shard store's size bound: least recently used shards go first; "0" = unlimited
+    max_frame_bytes = "256MiB" # largest Forward frame / gRPC message received (64 MiB per 2048 tokens at hidden 8192)
+    max_data_connections = 16  # open data-plane connections; more are refused
+    data_idle_timeout = 300.0  # s a data-plane connection may wait for its next frame (coordinators reconnect)
+    data_frame_timeout = 120.0 # s one frame may take to arrive whole
 
     [coordinator]
     peers = ["10.0.0.7:50551"]
@@ -58,6 +62,11 @@ class NodeSettings:
     interface: str = ""
     memory_budget: str = "0"
     shard_cache_max: str = "8GiB"  # bound on the node's shard store (LRU eviction); "0" = unlimited
+    # what one peer may cost the node (node/limits.py says why these values; keep them equal)
+    max_frame_bytes: str = "256MiB"  # largest data-plane frame and gRPC message received
+    max_data_connections: int = 16
+    data_idle_timeout: float = 300.0  # seconds
+    data_frame_timeout: float = 120.0  # seconds
     advertise: bool = True
 
 

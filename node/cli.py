@@ -9,6 +9,7 @@ import typer
 
 from edgeweave import security
 from edgeweave.node.daemon import NodeOptions, serve
+from edgeweave.node.limits import Limits
 from edgeweave.runtime.resources import parse_memory_budget, parse_size
 
 
@@ -25,6 +26,14 @@ def register(app: typer.Typer) -> None:
         shard_cache_max: str = typer.Option(
             None, help="Bound on the shard store, e.g. 8GiB; least recently used shards no loaded job needs are "
                        "evicted beyond it; 0 = unlimited."),
+        max_frame_bytes: str = typer.Option(
+            None, help="Largest Forward frame or gRPC message the node receives, e.g. 256MiB (longer prompts "
+                       "need more: 64 MiB per 2048 tokens at hidden 8192 in float32)."),
+        max_data_connections: int = typer.Option(None, help="Open data-plane connections allowed; more are refused."),
+        data_idle_timeout: float = typer.Option(
+            None, help="Seconds a data-plane connection may wait for its next frame before it is closed."),
+        data_frame_timeout: float = typer.Option(
+            None, help="Seconds one data-plane frame may take to arrive (or its reply to be taken)."),
         advertise: bool = typer.Option(True, "--advertise/--no-advertise", help="Announce with mDNS (off for static --peer setups)."),
         ready_file: Path = typer.Option(None, help="Write {address, port, pid, name} as JSON here once serving."),
         secret_file: Path = typer.Option(None, help="Cluster secret (default ~/.config/edgeweave/cluster.secret)."),
@@ -44,6 +53,15 @@ def register(app: typer.Typer) -> None:
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--shard-cache-max") from None
         try:
+            frame_bytes = parse_size(max_frame_bytes, "max frame size")
+        except ValueError:
+            raise typer.BadParameter(f"{max_frame_bytes!r} is not a size; use e.g. 256MiB or a byte count",
+                                     param_hint="--max-frame-bytes") from None
+        try:
+            limits = Limits(frame_bytes, max_data_connections, data_idle_timeout, data_frame_timeout)
+        except ValueError as exc:
+            raise typer.BadParameter(f"{exc} (a flag, [node] in config.toml or EDGEWEAVE_NODE_*)") from None
+        try:
             tls = security.resolve_tls(str(secret_file) if secret_file else None, bool(insecure), name)
         except security.SecretError as exc:
             typer.echo(f"error: {exc}", err=True)
@@ -62,4 +80,5 @@ def register(app: typer.Typer) -> None:
             ready_file=ready_file,
             credentials=security.server_credentials(tls) if tls else None,
             tls=tls,
+            limits=limits,
         ))

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -16,6 +16,7 @@ import edgeweave
 from edgeweave import security
 from edgeweave.node.advertiser import Advertiser, choose_interfaces
 from edgeweave.node.dataplane import DataPlane
+from edgeweave.node.limits import Limits
 from edgeweave.node.server import NodeServicer, build_server
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class NodeOptions:
     ready_file: Path | None = None
     credentials: grpc.ServerCredentials | None = None
     tls: security.TlsMaterial | None = None  # the material behind `credentials`; secures the raw-TCP data plane
+    limits: Limits = field(default_factory=Limits)  # what one peer may cost: message size, connections, timeouts
 
 
 def write_ready_file(path: Path, info: dict) -> None:
@@ -53,13 +55,14 @@ def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
     cluster = security.material_fingerprint(opts.tls) if opts.tls is not None or not secure else ""
     servicer = NodeServicer(opts.name, opts.data_dir, opts.memory_budget, secure=secure,
                             shard_cache_max=opts.shard_cache_max, cluster=cluster)
-    server, port = build_server(servicer, opts.host, opts.port, opts.credentials)
+    server, port = build_server(servicer, opts.host, opts.port, opts.credentials, opts.limits)
     dataplane = None
     if opts.credentials is not None and opts.tls is None:
         log.warning("no TLS material for the raw-TCP data plane (NodeOptions.tls); serving Forward over gRPC only")
     else:  # a secure node never opens a plaintext data plane
         data_port = opts.data_port if opts.data_port >= 0 else (opts.port + 1 if opts.port else 0)
-        dataplane = DataPlane(servicer.handle_forward, opts.host, opts.tls, key_dir=opts.data_dir, port=data_port).start()
+        dataplane = DataPlane(servicer.handle_forward, opts.host, opts.tls, key_dir=opts.data_dir, limits=opts.limits,
+                              port=data_port).start()
         servicer.data_port = dataplane.port
     server.start()
     interfaces = choose_interfaces(opts.host, opts.interface)
@@ -80,8 +83,11 @@ def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
     if opts.ready_file:
         write_ready_file(Path(opts.ready_file), {"address": address, "port": port, "pid": os.getpid(), "name": opts.name})
     bound = f"{opts.shard_cache_max} bytes" if opts.shard_cache_max else "unlimited"
-    log.info("node %s serving on %s:%d (shard store %d bytes, bound %s)", opts.name, opts.host, port,
-             servicer.store.used_bytes, bound)
+    limits = opts.limits
+    log.info("node %s serving on %s:%d (shard store %d bytes, bound %s; messages up to %d bytes, %d data-plane "
+             "connections, idle timeout %g s, frame timeout %g s)", opts.name, opts.host, port,
+             servicer.store.used_bytes, bound, limits.max_frame_bytes, limits.max_data_connections,
+             limits.data_idle_timeout_s, limits.data_frame_timeout_s)
     try:
         stop.wait()
     finally:

@@ -16,6 +16,7 @@ import psutil
 
 import edgeweave
 from edgeweave.node.jobs import Job, JobNotFound, JobTable, MissingShard
+from edgeweave.node.limits import Limits
 from edgeweave.node.shard_store import ShardCorrupt, ShardNoSpace, ShardRejected, ShardStore
 from edgeweave.proto import pb, pb_grpc
 from edgeweave.runtime import resources
@@ -26,19 +27,25 @@ from edgeweave.runtime.shard_files import ShardChangedOnDisk
 
 log = logging.getLogger(__name__)
 
-#: gRPC's 4 MiB default is far below one layer's weights or a long prompt's activations.
-MAX_MESSAGE_BYTES = 1 << 30
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),  # a second node on the same port must fail, not share it
-    ("grpc.keepalive_permit_without_calls", 1),
-    # coordinators ping every second (coordinator/client.py KEEPALIVE_MS) to notice a vanished
-    # node within ~2 s; a stricter server would answer those pings with GOAWAY (too_many_pings)
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
-    ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+#: what the node may send: its own replies (a long prompt's activations), not a peer's say-so
+MAX_SEND_BYTES = 1 << 30
+
+
+def server_options(max_receive_bytes: int) -> list[tuple[str, int]]:
+    """gRPC server options; the receive cap is the node's [node] max_frame_bytes (node/limits.py),
+    the same bound as the data plane's frames (gRPC's 4 MiB default is below a long prompt's
+    activations, 1 GiB let any peer make the node buffer 1 GiB per message)."""
+    return [
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        ("grpc.so_reuseport", 0),  # a second node on the same port must fail, not share it
+        ("grpc.keepalive_permit_without_calls", 1),
+        # coordinators ping every second (coordinator/client.py KEEPALIVE_MS) to notice a vanished
+        # node within ~2 s; a stricter server would answer those pings with GOAWAY (too_many_pings)
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 def _status_for(exc: BaseException) -> grpc.StatusCode:
@@ -233,15 +240,18 @@ class NodeServicer(pb_grpc.NodeServicer):
 
 
 def build_server(
-    servicer: pb_grpc.NodeServicer, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+    servicer: pb_grpc.NodeServicer, host: str, port: int, credentials: grpc.ServerCredentials | None = None,
+    limits: Limits | None = None,
 ) -> tuple[grpc.Server, int]:
     """A ready (not yet started) gRPC server bound to host:port; returns (server, bound port).
 
-    The one place where node servers are created, so TLS (credentials) plugs in here.
+    The one place where node servers are created, so TLS (credentials) plugs in here, and the
+    receive cap is `limits.max_frame_bytes` (the node's [node] max_frame_bytes).
     """
+    limits = limits or Limits()
     workers = max(16, 4 * resources.usable_cores())  # each open Forward stream holds one thread
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-                         options=SERVER_OPTIONS)
+                         options=server_options(limits.max_frame_bytes))
     pb_grpc.add_NodeServicer_to_server(servicer, server)
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
