@@ -38,6 +38,8 @@ BINDINGS: dict[str, dict[str, str]] = {
         "memory_budget": "node.memory_budget",
         "shard_cache_max": "node.shard_cache_max",
         "advertise": "node.advertise",
+        "session_grace_s": "node.session_grace_s",
+        "job_idle_s": "node.job_idle_s",
         "secret_file": "cluster.secret_file",
         "insecure": "cluster.insecure",
     },

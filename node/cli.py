@@ -26,13 +26,20 @@ def register(app: typer.Typer) -> None:
             None, help="Bound on the shard store, e.g. 8GiB; least recently used shards no loaded job needs are "
                        "evicted beyond it; 0 = unlimited."),
         advertise: bool = typer.Option(True, "--advertise/--no-advertise", help="Announce with mDNS (off for static --peer setups)."),
+        session_grace_s: float = typer.Option(
+            None, help="Seconds a coordinator's KV sessions outlive its last Forward stream (freed after, e.g. "
+                       "when it was killed); a coordinator reconnecting within it keeps them."),
+        job_idle_s: float = typer.Option(
+            None, help="Seconds a loaded model that no coordinator's stream holds stays loaded before it is unloaded."),
         ready_file: Path = typer.Option(None, help="Write {address, port, pid, name} as JSON here once serving."),
+        watch_fd: int = typer.Option(
+            None, hidden=True, help="Inherited pipe fd: stop when it reads EOF (the launcher died; LocalCluster)."),
         secret_file: Path = typer.Option(None, help="Cluster secret (default ~/.config/edgeweave/cluster.secret)."),
         insecure: bool = typer.Option(False, "--insecure/--secure", help="Plaintext, unauthenticated gRPC: local trials only."),
     ) -> None:
         """Serve this device's compute to a coordinator until Ctrl-C / SIGTERM.
 
-        Every option but --ready-file may also come from [node] (and [cluster]) in config.toml or
+        Every option but --ready-file and --watch-fd may also come from [node] (and [cluster]) in config.toml or
         EDGEWEAVE_NODE_* variables; the flag wins."""
         name = name or socket.gethostname().split(".")[0]
         try:
@@ -62,4 +69,7 @@ def register(app: typer.Typer) -> None:
             ready_file=ready_file,
             credentials=security.server_credentials(tls) if tls else None,
             tls=tls,
+            session_grace_s=session_grace_s,
+            job_idle_s=job_idle_s,
+            watch_fd=watch_fd,
         ))

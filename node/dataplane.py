@@ -22,6 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from edgeweave import security
+from edgeweave.node.leases import StreamLease
 from edgeweave.node.server import MAX_MESSAGE_BYTES, error_status
 from edgeweave.proto import pb
 from edgeweave.proto.framing import FrameClosed, read_exact, read_length, send_frame, tune_data_socket
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 #: an accepted connection must finish its TLS handshake within this, so a silent peer cannot pin a thread
 HANDSHAKE_TIMEOUT_S = 10.0
-Handler = Callable[[pb.ForwardRequest], pb.ForwardReply]
+Handler = Callable[[pb.ForwardRequest, StreamLease], pb.ForwardReply]
 
 
 class RequestError(Exception):
@@ -45,10 +46,12 @@ class DataPlane:
     """Listens on host:port (0 = an ephemeral one); `port` is what InfoReply.data_port announces."""
 
     def __init__(
-        self, handle: Handler, host: str, tls: security.TlsMaterial | None = None,
-        key_dir: str | Path | None = None, max_frame_bytes: int = MAX_MESSAGE_BYTES, port: int = 0,
+        self, handle: Handler, open_lease: Callable[[], StreamLease], host: str,
+        tls: security.TlsMaterial | None = None, key_dir: str | Path | None = None,
+        max_frame_bytes: int = MAX_MESSAGE_BYTES, port: int = 0,
     ) -> None:
         self.handle = handle
+        self.open_lease = open_lease  # each connection is one lease holder (node/leases.py)
         self.max_frame_bytes = max_frame_bytes
         self._ssl = security.ssl_context(tls, server=True, key_dir=key_dir) if tls else None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -87,13 +90,17 @@ class DataPlane:
                 if self._closed:
                     return
                 self._connections.add(conn)
-            self._loop(conn)
+            lease = self.open_lease()
+            try:
+                self._loop(conn, lease)
+            finally:
+                lease.close()
         finally:
             with self._lock:
                 self._connections.discard(conn)
             conn.close()
 
-    def _loop(self, conn: socket.socket) -> None:
+    def _loop(self, conn: socket.socket, lease: StreamLease) -> None:
         """Frame in, reply out, until the peer hangs up or a request fails (one error reply, then close)."""
         handle = self.handle
         seq = 0
@@ -109,7 +116,7 @@ class DataPlane:
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"frame of {n} bytes is not a ForwardRequest ({exc})") from None
                 seq = req.seq
-                send_frame(conn, handle(req).SerializeToString())
+                send_frame(conn, handle(req, lease).SerializeToString())
         except (FrameClosed, OSError):
             return  # peer gone (or node closing): nothing to answer
         except RequestError as exc:
