@@ -9,6 +9,13 @@
    round-tripped through the echo executor on a mutual-TLS node and a plaintext node, interleaved.
 3. Decode tokens/s of a 2-node SmolLM2 cluster, secure vs --insecure, interleaved rounds.
    Goal: TLS costs < 10% on decode.
+4. A hung node: SIGSTOP (not SIGKILL) of 1 of 3 nodes mid-generation. Its kernel keeps the
+   connections open, so detection rests on the decode reply deadline (coordinator/recovery.py
+   step_deadline: max(3 s, 10 x the median recent step)); reports detection and stall like 1.
+5. Node memory over coordinator crashes: CYCLES times a coordinator process loads SmolLM2 onto 2
+   nodes, opens 16 sessions and is SIGKILLed; after each, the nodes' session count (must fall to
+   0 within [node] session_grace_s, node/leases.py) and RSS. Goal: RSS growth from the first
+   cycle to the last below RSS_GROWTH_BOUND.
 
     python benchmarks/faults.py [--quick]
 """
@@ -28,6 +35,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -43,6 +51,9 @@ from edgeweave.splitting.tokenizer import Tokenizer
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 PROMPT = [{"role": "user", "content": "Tell me about the history of Paris in a few sentences."}]
 INSECURE = Identity(None, None)
+#: the goal of the crash cycles: a node's RSS after the last cycle at most this much above the first's
+RSS_GROWTH_BOUND = 64 * 2**20
+CRASH_SESSIONS = 16
 
 
 def recovery_runs(checkpoint, prompt_ids: list[int], kills: int, cache: Path) -> list[dict]:
@@ -60,6 +71,86 @@ def recovery_runs(checkpoint, prompt_ids: list[int], kills: int, cache: Path) ->
                 client.close()
             cluster.restart(2)
     return records
+
+
+def hung_runs(checkpoint, prompt_ids: list[int], stops: int, cache: Path) -> list[dict]:
+    """SIGSTOP node 2 of 3 after 6 tokens, `stops` times (SIGKILLed and restarted after each)."""
+    records = []
+    with LocalCluster(3, advertise=False, env=ONE_THREAD) as cluster:
+        for _ in range(stops):
+            clients = [NodeClient(a, cluster=cluster.identity) for a in cluster.addresses]
+            with DistributedLlama(checkpoint, clients, [1.0, 1.0, 1.0], cache_dir=cache) as llm:
+                for i, _token in enumerate(llm.generate(prompt_ids, 16)):
+                    if i == 5:
+                        cluster.kill(2, signal.SIGSTOP)
+                records += llm.last_stats.recoveries
+            for client in clients:
+                client.close()
+            cluster.kill(2, signal.SIGKILL)  # a stopped process only answers SIGKILL
+            cluster.restart(2)
+    return records
+
+
+#: a coordinator that crashes: loads the model, opens sessions, says "ready", idles until SIGKILLed
+CRASHING_COORDINATOR = textwrap.dedent("""
+    import json, sys, time
+    from edgeweave.coordinator import identity
+    from edgeweave.coordinator.client import NodeClient
+    from edgeweave.coordinator.tp_driver import DistributedLlama
+    from edgeweave.runtime.batch import SequenceStep
+    from edgeweave.splitting.checkpoints import open_checkpoint
+    from edgeweave.splitting.tokenizer import Tokenizer
+    secret, cache, sessions, chat, *addresses = sys.argv[1:]
+    identity.configure(secret)
+    checkpoint = open_checkpoint()
+    ids = Tokenizer.from_checkpoint(checkpoint).encode_chat(json.loads(chat))
+    llm = DistributedLlama(checkpoint, [NodeClient(a) for a in addresses], [1.0] * len(addresses), cache_dir=cache)
+    for i in range(int(sessions)):
+        llm.step([SequenceStep(f"crash-{i}", ids, 0)])
+    print("ready", flush=True)
+    time.sleep(3600)
+""")
+
+
+def crash_cycles(cycles: int, cache: Path) -> list[dict]:
+    """`cycles` coordinator crashes against the same 2 nodes; per cycle the sessions held before
+    the kill, the seconds until the nodes held none, and each node's RSS after that."""
+    rows = []
+    with LocalCluster(2, advertise=False, env=ONE_THREAD) as cluster:
+        nodes = [psutil.Process(p.pid) for p in cluster.procs if p]
+        clients = [NodeClient(a, cluster=cluster.identity) for a in cluster.addresses]
+        argv = [sys.executable, "-c", CRASHING_COORDINATOR, str(cluster.identity.secret_file), str(cache),
+                str(CRASH_SESSIONS), json.dumps(PROMPT), *cluster.addresses]
+        for cycle in range(cycles):
+            coordinator = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+            assert coordinator.stdout is not None
+            if coordinator.stdout.readline() != "ready\n":
+                coordinator.kill()
+                raise RuntimeError(f"crash cycle {cycle}: the coordinator failed (exit {coordinator.wait()})")
+            held = [c.health().sessions for c in clients]
+            coordinator.kill()
+            coordinator.wait()
+            killed = time.monotonic()
+            while any(c.health().sessions for c in clients):
+                if time.monotonic() - killed > 60:
+                    raise RuntimeError(f"crash cycle {cycle}: sessions still held 60 s after the kill")
+                time.sleep(0.05)
+            freed_s = time.monotonic() - killed
+            rows.append({"cycle": cycle + 1, "sessions_before_kill": held, "freed_after_s": freed_s,
+                         "rss": [n.memory_info().rss for n in nodes], "jobs": [len(c.health().jobs) for c in clients]})
+        for client in clients:
+            client.close()
+    return rows
+
+
+def crash_table(rows: list[dict]) -> Table:
+    table = Table(title=f"node RSS over {len(rows)} SIGKILLed coordinators ({CRASH_SESSIONS} sessions each)")
+    for col in ("cycle", "sessions held", "freed after (s)", "RSS node0 (MB)", "RSS node1 (MB)", "jobs"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["cycle"]), "/".join(map(str, r["sessions_before_kill"])), f"{r['freed_after_s']:.2f}",
+                      *(f"{b / 1e6:.0f}" for b in r["rss"]), "/".join(map(str, r["jobs"])))
+    return table
 
 
 #: the coordinator of the namespace run: prints one line per token, then its recovery records
@@ -161,6 +252,10 @@ def decode_speeds(checkpoint, prompt_ids: list[int], rounds: int, tokens: int, c
     return {m: statistics.median(s) for m, s in per_token.items()}
 
 
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def recovery_table(title: str, records: list[dict]) -> Table:
     table = Table(title=title)
     for col in ("kill", "detected after (s)", "stall to next token (s)", "bytes re-sent"):
@@ -176,7 +271,9 @@ def main() -> None:
     parser.add_argument("--namespaces", action="store_true", help="also measure recovery across network namespaces (root)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    kills, rtt_rounds, rounds, tokens = (2, 300, 2, 16) if args.quick else (4, 2000, 3, 32)
+    kills, rtt_rounds, rounds, tokens, cycles = (2, 300, 2, 16, 4) if args.quick else (4, 2000, 3, 32, 20)
+    with open("/proc/loadavg") as f:
+        loadavg = f.read().split()[:3]
     checkpoint = open_checkpoint()
     prompt_ids = Tokenizer.from_checkpoint(checkpoint).encode_chat(PROMPT)
     console = Console()
@@ -186,10 +283,17 @@ def main() -> None:
         ns_records = recovery_across_namespaces(kills) if args.namespaces else []
         rtts = forward_rtts(rtt_rounds)
         decode = decode_speeds(checkpoint, prompt_ids, rounds, tokens, cache)
+        hung = hung_runs(checkpoint, prompt_ids, kills, cache)
+        crashes = crash_cycles(cycles, cache)
 
     console.print(recovery_table(f"recovery after kill -9 of 1 of 3 nodes ({len(records)} kills)", records))
     if ns_records:
         console.print(recovery_table(f"the same across network namespaces ({len(ns_records)} kills)", ns_records))
+    console.print(recovery_table(f"recovery after SIGSTOP (a hung node) of 1 of 3 nodes ({len(hung)} stops)", hung))
+    console.print(crash_table(crashes))
+    growth = [last - first for first, last in zip(crashes[0]["rss"], crashes[-1]["rss"], strict=True)]
+    console.print(f"RSS growth cycle 1 -> {len(crashes)}: {', '.join(f'{g / 1e6:+.1f} MB' for g in growth)} "
+                  f"(bound {RSS_GROWTH_BOUND / 1e6:.0f} MB: {'met' if max(growth) <= RSS_GROWTH_BOUND else 'MISSED'})")
     table = Table(title="TLS vs insecure (medians, same run, interleaved)")
     for col in ("measure", "TLS", "insecure", "TLS / insecure"):
         table.add_column(col, justify="right")
@@ -210,6 +314,16 @@ def main() -> None:
         "forward_rtt_s": rtts,
         "decode_s_per_token": decode,
         "decode_tls_cost": decode["tls"] / decode["insecure"] - 1,
+        "hung_recoveries": hung,
+        "hung_median_detected_after_s": _median([r["detected_after_s"] for r in hung]),
+        "hung_median_stall_s": _median([r["stall_s"] for r in hung]),
+        "crash_cycles": crashes,
+        "crash_median_freed_after_s": _median([r["freed_after_s"] for r in crashes]),
+        "crash_rss_growth_bytes": growth,
+        "crash_rss_growth_bound_bytes": RSS_GROWTH_BOUND,
+        "crash_rss_bound_met": max(growth) <= RSS_GROWTH_BOUND,
+        "loadavg_before": loadavg,
+        "cpus": len(os.sched_getaffinity(0)),
         "quick": args.quick,
     }
     out = Path(__file__).resolve().parent / "results" / "faults.json"

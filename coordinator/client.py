@@ -317,11 +317,18 @@ class NodeClient:
 
     # -- streams -----------------------------------------------------------------------------
     def open_stream(
-        self, reply_timeout: float | None = None, transport: str | None = None
+        self, reply_timeout: float | None = None, transport: str | None = None, lease: str = "",
     ) -> ForwardStream | RawForwardStream:
         """A Forward stream over the node's raw-TCP data plane ("tcp", the default: no thread
         hand-offs, ~0.3 ms less per round trip) when the node announces a data_port, else over gRPC
-        ("grpc", also what $EDGEWEAVE_DATA_PLANE=grpc forces)."""
+        ("grpc", also what $EDGEWEAVE_DATA_PLANE=grpc forces). Its requests carry `lease`."""
+        stream = self._open_stream(reply_timeout, transport)
+        stream.lease = lease
+        return stream
+
+    def _open_stream(
+        self, reply_timeout: float | None, transport: str | None
+    ) -> ForwardStream | RawForwardStream:
         transport = (transport or os.environ.get(DATA_PLANE_ENV) or "tcp").lower()
         if transport not in ("grpc", "tcp"):
             raise ValueError(f"unknown Forward transport {transport!r}: use 'grpc' or 'tcp' (${DATA_PLANE_ENV})")
@@ -364,6 +371,9 @@ class ForwardCalls:
     address: str
     _closed: bool
     _seq: Iterator[int]
+    #: the coordinator's lease id on the node (node/leases.py): its sessions outlive a dropped stream
+    #: for the node's session_grace_s, and a stream reopened with the same id keeps them
+    lease: str = ""
 
     def _request(self, job_id: str, op: str, tensors: list[torch.Tensor | Quantized], layer: int,
                  position: int, session: str, rows: Sequence[Row] | None = None) -> pb.ForwardRequest:
@@ -372,7 +382,7 @@ class ForwardCalls:
             raise NodeError(self.address, grpc.StatusCode.CANCELLED, "this Forward stream is closed")
         return pb.ForwardRequest(
             job_id=job_id, seq=next(self._seq), op=op, layer=layer, position=position, session=session,
-            tensors=[pb.Tensor(**encode(t)) for t in tensors],
+            lease=self.lease, tensors=[pb.Tensor(**encode(t)) for t in tensors],
             rows=[pb.BatchRow(session=r.session, position=r.position, length=r.length) for r in rows or ()],
         )
 

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgeweave import __version__
+from edgeweave.coordinator.client import NodeError
 from edgeweave.coordinator.engine import TextEngine
 from edgeweave.coordinator.http_guard import RequestGuard, error_response
 from edgeweave.coordinator.openai_logprobs import CompletionLogprobs, chat_entry
@@ -41,6 +43,14 @@ DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*\]|function-.*)$")
 MAX_STOP_STRINGS = 4
+
+
+def generation_error(error: BaseException) -> APIError:
+    """A failed generation as an HTTP error: 503 (retry later) when a healthy node refused it for
+    lack of room (its session cap), else 500."""
+    if isinstance(error, NodeError) and error.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return APIError(503, f"The cluster is at capacity, retry later: {error}", None, "capacity", "server_error")
+    return APIError(500, f"Generation failed: {error}", None, "generation_failed", "server_error")
 
 
 class APIError(Exception):
@@ -335,7 +345,7 @@ class Service:
             _, _, reason, error = event
             if error is not None:
                 run.cancel("failed")
-                raise APIError(500, f"Generation failed: {error}", None, "generation_failed", "server_error")
+                raise generation_error(error)
             choice.pieces.append(choice.assembler.finish())
             choice.finish = _finish_reason(reason)
             pending -= 1

@@ -88,6 +88,9 @@ class LocalCluster:
         self.names = list(names) if names else [f"node{i}-{tag}" for i in range(n)]
         self.start_timeout = start_timeout if start_timeout is not None else default_start_timeout()
         self.detach = detach  # start in a new session, so the nodes outlive this process (cluster up)
+        #: unless detached, every node inherits this pipe's read end and stops at its EOF: the write end
+        #: lives only in this process, so the nodes die with it however it dies (SIGKILL included)
+        self._watch: tuple[int, int] | None = None
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.ports: list[int] = [0] * n
         self.addresses: list[str] = [""] * n
@@ -106,6 +109,8 @@ class LocalCluster:
             "--interface", self.interface, "--ready-file", str(self._ready_path(i)),
         ]
         argv += identity.node_arguments(self.identity)
+        if self._watch is not None:
+            argv += ["--watch-fd", str(self._watch[0])]
         if not self.advertise:
             argv.append("--no-advertise")
         if self.memory_budgets:
@@ -119,11 +124,13 @@ class LocalCluster:
         # devices would each use all of theirs), unless the caller decided.
         threads = str(len(cpus) if cpus else max(1, len(os.sched_getaffinity(0)) // self.n))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, **(self.env or {})}
+        if not self.detach and self._watch is None:
+            self._watch = os.pipe()  # both ends non-inheritable: only pass_fds hands the read end on
         with open(self.log_path(i), "ab") as log:
             self.procs[i] = subprocess.Popen(
                 self._argv(i), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-                start_new_session=self.detach,
+                start_new_session=self.detach, pass_fds=(self._watch[0],) if self._watch else (),
             )
 
     def _wait_ready(self, i: int, deadline: float) -> None:
@@ -190,6 +197,10 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._watch is not None:
+            for fd in self._watch:
+                os.close(fd)
+            self._watch = None
         if self._own_dir and not self.detach:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 

@@ -100,7 +100,9 @@ class LocalMember:
             raise NodeError(self.address, grpc.StatusCode.NOT_FOUND, f"no job {job_id!r} on the coordinator")
         return executor
 
-    def open_stream(self, reply_timeout: float | None = None, transport: str | None = None) -> LocalStream:
+    def open_stream(self, reply_timeout: float | None = None, transport: str | None = None,
+                    lease: str = "") -> LocalStream:
+        """`lease` is kept for the interface: this process's sessions die with it anyway."""
         return LocalStream(self, reply_timeout)
 
     # -- what a node would report about itself --------------------------------------------
@@ -145,6 +147,8 @@ class LocalStream(ForwardCalls):
             raise NodeError(self.address, grpc.StatusCode.FAILED_PRECONDITION, "recv without a pending send")
         seq, job_id, op, tensors, layer, position, session, rows = self._pending.popleft()
         executor = self._member._job(job_id)
+        if op == "hold":  # a node's lease op; in-process there is no lease to hold
+            return [], pb.ForwardReply(seq=seq)
         start = time.perf_counter()
         try:
             outputs = executor.forward(op, layer, position, session, tensors, rows)

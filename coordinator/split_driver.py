@@ -105,6 +105,7 @@ class SplitSession:
         client.load(job_id, "onnx", config, {shard: digests[shard]})
         if side not in self.streams:
             self.streams[side] = client.open_stream(reply_timeout=self.reply_timeout)
+        self.streams[side].call(job_id, "hold", [])  # the open stream holds the job (node/leases.py)
         self.jobs[(side, graph)] = _Deployed(client, self.streams[side], job_id)
 
     def _run(self, side: str, graph: str, tensor: torch.Tensor | Quantized, raw: bool = False):

@@ -157,6 +157,9 @@ class DistributedLlama:
         #: with one node holding everything, run all layers there per step (no per-layer hub)
         self.fuse_single_node = fuse_single_node
         self.streams: list = []
+        #: this driver's lease on the nodes (node/leases.py): every stream carries it, so a stream
+        #: reopened after a refusal keeps the sessions, and they are freed soon after this process dies
+        self.lease = uuid.uuid4().hex
         #: shard bytes this driver wrote into the cache (0 when a verified plan folder was reused)
         self.bytes_written = 0
         self.bytes_sent = self._deploy(nodes, self.weights)
@@ -207,13 +210,47 @@ class DistributedLlama:
             if self.window is None and details.get("window") != planned:
                 log.warning("node %s chose window %s where the memory plan says %s", self.nodes[r].address,
                             details.get("window"), planned)
-        self.streams = [client.open_stream(self.reply_timeout) for client in self.nodes]
+        self.streams = self._open_streams()
         self._fused = self.fuse_single_node and "layers" in self.load_details[0].get("ops", [])
         # a local member's share is computed in recv: receive it first, while remote nodes compute
         local_first = sorted(range(len(self.nodes)), key=lambda r: not isinstance(self.nodes[r], LocalMember))
         self._attn_ranks = [r for r in local_first if self.plan.shards[r].n_kv_heads > 0]
         self._mlp_ranks = [r for r in local_first if self.plan.shards[r].n_columns > 0]
         return sent
+
+    def _open_streams(self) -> list:
+        """One Forward stream per node, each bound to its job at once (op "hold"): the open stream is
+        this coordinator's claim on the job, so a node never unloads the model of an idle coordinator."""
+        streams = []
+        try:
+            for client, job in zip(self.nodes, self.job_ids, strict=True):
+                streams.append(client.open_stream(self.reply_timeout, lease=self.lease))
+                streams[-1].call(job, "hold", [])
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        return streams
+
+    def _after_refusal(self, sequences: Sequence[SequenceStep]) -> None:
+        """A node refused this step (e.g. its session cap) but is healthy: a refusal ends its stream,
+        and the other nodes may hold replies or half a step of these sessions. Reopen every stream
+        (same lease: other sessions stay) and drop the step's sessions everywhere, so the nodes
+        stay consistent and a later step of theirs starts again from a full prefill."""
+        for stream in self.streams:
+            stream.close()
+        self.streams = self._open_streams()
+        names = [seq.session for seq in sequences]
+        for name in names:
+            self._session_epoch.pop(name, None)
+        self._sessions.difference_update(names)
+        rows = [Row(s, 0, 1) for s in names] if len(names) > 1 else None
+        for r in self._attn_ranks:
+            try:
+                self.streams[r].call(self.job_ids[r], "reset", [], session=names[0], rows=rows)
+            except NodeError as exc:
+                log.warning("resetting session(s) %s on %s after a refusal failed: %s", ", ".join(names),
+                            exc.address, exc.message)
 
     def _node_ids(self, nodes: list[NodeClient]) -> list[str]:
         """Stable ids (a node's data-dir id; the address where a member reports none, e.g. "local")."""
@@ -485,7 +522,10 @@ class DistributedLlama:
                     refetches += 1
                     self.shard_refetches += 1
                     continue
-                if not (self.recover_on_failure and recovery.is_node_lost(exc)):
+                if not recovery.is_node_lost(exc):  # the node refused this step: this request's error
+                    self._after_refusal(sequences)
+                    raise
+                if not self.recover_on_failure:
                     raise
                 detected = time.perf_counter()
                 record = recovery.recover(self, exc, detected_after_s=detected - step_start)

@@ -42,6 +42,8 @@ BINDINGS: dict[str, dict[str, str]] = {
         "data_idle_timeout": "node.data_idle_timeout",
         "data_frame_timeout": "node.data_frame_timeout",
         "advertise": "node.advertise",
+        "session_grace_s": "node.session_grace_s",
+        "job_idle_s": "node.job_idle_s",
         "secret_file": "cluster.secret_file",
         "insecure": "cluster.insecure",
     },

@@ -68,6 +68,12 @@ class NodeSettings:
     data_idle_timeout: float = 300.0  # seconds
     data_frame_timeout: float = 120.0  # seconds
     advertise: bool = True
+    #: seconds a coordinator's KV sessions outlive its last Forward stream (a reconnect within it keeps
+    #: them): long enough for a reconnect, short enough that crash-restart loops cannot fill the cap
+    session_grace_s: float = 5.0
+    #: seconds a loaded model that no coordinator holds stays loaded (a coordinator restarted within it
+    #: reuses the job instead of reloading it); an idle coordinator's open stream keeps it regardless
+    job_idle_s: float = 300.0
 
 
 @dataclass

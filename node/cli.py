@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 from pathlib import Path
 
@@ -35,13 +36,20 @@ def register(app: typer.Typer) -> None:
         data_frame_timeout: float = typer.Option(
             None, help="Seconds one data-plane frame may take to arrive (or its reply to be taken)."),
         advertise: bool = typer.Option(True, "--advertise/--no-advertise", help="Announce with mDNS (off for static --peer setups)."),
+        session_grace_s: float = typer.Option(
+            None, help="Seconds a coordinator's KV sessions outlive its last Forward stream (freed after, e.g. "
+                       "when it was killed); a coordinator reconnecting within it keeps them."),
+        job_idle_s: float = typer.Option(
+            None, help="Seconds a loaded model that no coordinator's stream holds stays loaded before it is unloaded."),
         ready_file: Path = typer.Option(None, help="Write {address, port, pid, name} as JSON here once serving."),
+        watch_fd: int = typer.Option(
+            None, hidden=True, help="Inherited pipe fd: stop when it reads EOF (the launcher died; LocalCluster)."),
         secret_file: Path = typer.Option(None, help="Cluster secret (default ~/.config/edgeweave/cluster.secret)."),
         insecure: bool = typer.Option(False, "--insecure/--secure", help="Plaintext, unauthenticated gRPC: local trials only."),
     ) -> None:
         """Serve this device's compute to a coordinator until Ctrl-C / SIGTERM.
 
-        Every option but --ready-file may also come from [node] (and [cluster]) in config.toml or
+        Every option but --ready-file and --watch-fd may also come from [node] (and [cluster]) in config.toml or
         EDGEWEAVE_NODE_* variables; the flag wins."""
         name = name or socket.gethostname().split(".")[0]
         try:
@@ -61,6 +69,9 @@ def register(app: typer.Typer) -> None:
             limits = Limits(frame_bytes, max_data_connections, data_idle_timeout, data_frame_timeout)
         except ValueError as exc:
             raise typer.BadParameter(f"{exc} (a flag, [node] in config.toml or EDGEWEAVE_NODE_*)") from None
+        for flag, seconds in (("--session-grace-s", session_grace_s), ("--job-idle-s", job_idle_s)):
+            if not (math.isfinite(seconds) and seconds >= 0):
+                raise typer.BadParameter(f"must be a finite number of seconds >= 0, not {seconds!r}", param_hint=flag)
         try:
             tls = security.resolve_tls(str(secret_file) if secret_file else None, bool(insecure), name)
         except security.SecretError as exc:
@@ -81,4 +92,7 @@ def register(app: typer.Typer) -> None:
             credentials=security.server_credentials(tls) if tls else None,
             tls=tls,
             limits=limits,
+            session_grace_s=session_grace_s,
+            job_idle_s=job_idle_s,
+            watch_fd=watch_fd,
         ))

@@ -16,6 +16,7 @@ import edgeweave
 from edgeweave import security
 from edgeweave.node.advertiser import Advertiser, choose_interfaces
 from edgeweave.node.dataplane import DataPlane
+from edgeweave.node.leases import JOB_IDLE_S, SESSION_GRACE_S
 from edgeweave.node.limits import Limits
 from edgeweave.node.server import NodeServicer, build_server
 
@@ -37,6 +38,10 @@ class NodeOptions:
     credentials: grpc.ServerCredentials | None = None
     tls: security.TlsMaterial | None = None  # the material behind `credentials`; secures the raw-TCP data plane
     limits: Limits = field(default_factory=Limits)  # what one peer may cost: message size, connections, timeouts
+    session_grace_s: float = SESSION_GRACE_S  # a dead coordinator's sessions are freed this long after its streams close
+    job_idle_s: float = JOB_IDLE_S  # a job no open stream holds is unloaded after this long unused
+    #: an inherited pipe's read end (LocalCluster): its EOF means the launcher died, so this node stops
+    watch_fd: int | None = None
 
 
 def write_ready_file(path: Path, info: dict) -> None:
@@ -47,6 +52,26 @@ def write_ready_file(path: Path, info: dict) -> None:
     os.replace(tmp, path)
 
 
+def watch_launcher(fd: int, stop: threading.Event) -> threading.Thread:
+    """Set `stop` once `fd` reads EOF: the launcher (the only holder of the pipe's write end) exited,
+    however it died (SIGKILL included). A pipe cannot be fooled by pid reuse, and unlike
+    PR_SET_PDEATHSIG it does not fire when the thread that spawned us exits."""
+
+    def wait() -> None:
+        try:
+            while os.read(fd, 4096):
+                pass  # the launcher never writes; tolerate it anyway
+        except OSError as exc:
+            log.warning("launcher pipe (fd %d) failed: %s; stopping as if the launcher exited", fd, exc)
+        if not stop.is_set():
+            log.warning("the process that launched this node exited; stopping")
+            stop.set()
+
+    thread = threading.Thread(target=wait, name="launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
     """Serve until `stop` is set or a SIGINT/SIGTERM arrives; then withdraw, drain and close."""
     stop = stop or threading.Event()
@@ -54,15 +79,16 @@ def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
     # without the material (a caller that passed bare credentials) the cluster is unknown: announce none
     cluster = security.material_fingerprint(opts.tls) if opts.tls is not None or not secure else ""
     servicer = NodeServicer(opts.name, opts.data_dir, opts.memory_budget, secure=secure,
-                            shard_cache_max=opts.shard_cache_max, cluster=cluster)
+                            shard_cache_max=opts.shard_cache_max, cluster=cluster,
+                            session_grace_s=opts.session_grace_s, job_idle_s=opts.job_idle_s)
     server, port = build_server(servicer, opts.host, opts.port, opts.credentials, opts.limits)
     dataplane = None
     if opts.credentials is not None and opts.tls is None:
         log.warning("no TLS material for the raw-TCP data plane (NodeOptions.tls); serving Forward over gRPC only")
     else:  # a secure node never opens a plaintext data plane
         data_port = opts.data_port if opts.data_port >= 0 else (opts.port + 1 if opts.port else 0)
-        dataplane = DataPlane(servicer.handle_forward, opts.host, opts.tls, key_dir=opts.data_dir, limits=opts.limits,
-                              port=data_port).start()
+        dataplane = DataPlane(servicer.handle_forward, servicer.leases.open_stream, opts.host, opts.tls,
+                              key_dir=opts.data_dir, limits=opts.limits, port=data_port).start()
         servicer.data_port = dataplane.port
     server.start()
     interfaces = choose_interfaces(opts.host, opts.interface)
@@ -79,6 +105,8 @@ def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+    if opts.watch_fd is not None:
+        watch_launcher(opts.watch_fd, stop)
     address = f"{interfaces[0]}:{port}"
     if opts.ready_file:
         write_ready_file(Path(opts.ready_file), {"address": address, "port": port, "pid": os.getpid(), "name": opts.name})

@@ -29,6 +29,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from edgeweave import security
+from edgeweave.node.leases import StreamLease
 from edgeweave.node.limits import Limits
 from edgeweave.node.server import error_status
 from edgeweave.proto import pb
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 10.0
 #: refusals at the connection cap are logged at most this often (a flood must not flood the log)
 REFUSAL_LOG_INTERVAL_S = 5.0
-Handler = Callable[[pb.ForwardRequest], pb.ForwardReply]
+Handler = Callable[[pb.ForwardRequest, StreamLease], pb.ForwardReply]
 
 
 class RequestError(Exception):
@@ -59,10 +60,12 @@ class DataPlane:
     """Listens on host:port (0 = an ephemeral one); `port` is what InfoReply.data_port announces."""
 
     def __init__(
-        self, handle: Handler, host: str, tls: security.TlsMaterial | None = None,
-        key_dir: str | Path | None = None, limits: Limits | None = None, port: int = 0,
+        self, handle: Handler, open_lease: Callable[[], StreamLease], host: str,
+        tls: security.TlsMaterial | None = None, key_dir: str | Path | None = None, limits: Limits | None = None,
+        port: int = 0,
     ) -> None:
         self.handle = handle
+        self.open_lease = open_lease  # each connection is one lease holder (node/leases.py)
         self.limits = limits or Limits()
         self._ssl = security.ssl_context(tls, server=True, key_dir=key_dir) if tls else None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -136,7 +139,11 @@ class DataPlane:
                 if self._closed:
                     return
                 self._connections.add(conn)
-            self._loop(conn)
+            lease = self.open_lease()
+            try:
+                self._loop(conn, lease)
+            finally:
+                lease.close()
         finally:
             with self._lock:
                 self._connections.discard(conn)
@@ -165,7 +172,7 @@ class DataPlane:
                                "([node] max_frame_bytes)")
         return read_exact(conn, n, deadline)
 
-    def _loop(self, conn: socket.socket) -> None:
+    def _loop(self, conn: socket.socket, lease: StreamLease) -> None:
         """Frame in, reply out, until the peer hangs up or a request fails (one error reply, then close)."""
         handle = self.handle
         seq = 0
@@ -180,7 +187,7 @@ class DataPlane:
                                        f"frame of {len(body)} bytes is not a ForwardRequest ({exc})") from None
                 del body  # the request holds its own copy; do not keep both while computing
                 seq = req.seq
-                reply = handle(req).SerializeToString()
+                reply = handle(req, lease).SerializeToString()
                 conn.settimeout(self.limits.data_frame_timeout_s)  # a peer that stops reading frees us too
                 send_frame(conn, reply)
         except IdleConnection as exc:

@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,8 @@ class Job:
     executor: Executor
     shard_bytes: int
     loaded_at: float = field(default_factory=time.time)
+    #: time.monotonic() of its last unary call or last stream closing (node/leases.py: the idle clock)
+    last_used: float = field(default_factory=time.monotonic)
     #: serializes calls into one executor: executors keep per-session state (KV caches)
     lock: threading.Lock = field(default_factory=threading.Lock)
     requests: int = 0
@@ -109,6 +112,7 @@ class JobTable:
         with self._lock:
             existing = self._jobs.get(job_id)
             if existing and (existing.kind, existing.config, existing.shards) == (kind, config, shards):
+                existing.last_used = time.monotonic()
                 return existing, True
             # every Load re-hashes its shards (a corrupt file is deleted here), see node/shard_store.py
             missing = {name: digest for name, digest in shards.items() if not self.store.verify(digest)}
@@ -149,6 +153,32 @@ class JobTable:
             job.executor.close()
         log.info("job %s %s after %d requests, %.3f s compute", job.job_id, why, job.requests, job.compute_s)
         return stats
+
+    def mark_used(self, job_id: str) -> None:
+        """Restart the job's idle clock (a call for it, or its last stream closing)."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            job.last_used = time.monotonic()
+
+    def idle_jobs(self, idle_s: float, exclude: set[str]) -> list[str]:
+        """Jobs not in `exclude` (those open streams hold) unused for `idle_s` seconds or more."""
+        now = time.monotonic()
+        return [job_id for job_id, job in list(self._jobs.items())
+                if job_id not in exclude and now - job.last_used >= idle_s]
+
+    def unload_idle(self, job_id: str, idle_s: float, held: Callable[[str], bool]) -> bool:
+        """Unload `job_id` if it is still idle and not `held` (checked under the lock a Load takes,
+        so a coordinator reusing the job meanwhile keeps it). True if it was unloaded."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or held(job_id) or time.monotonic() - job.last_used < idle_s:
+                return False
+            self._close(job, f"unloaded (idle {idle_s:.0f} s, no coordinator holds it)")
+            return True
+
+    def session_count(self) -> int:
+        """KV sessions held by all jobs' executors (what Health reports)."""
+        return sum(job.executor.session_count() for job in list(self._jobs.values()))
 
     def unload(self, job_id: str) -> dict[str, Any]:
         with self._lock:

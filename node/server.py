@@ -16,6 +16,7 @@ import psutil
 
 import edgeweave
 from edgeweave.node.jobs import Job, JobNotFound, JobTable, MissingShard
+from edgeweave.node.leases import JOB_IDLE_S, SESSION_GRACE_S, LeaseTable, StreamLease
 from edgeweave.node.limits import Limits
 from edgeweave.node.shard_store import ShardCorrupt, ShardNoSpace, ShardRejected, ShardStore
 from edgeweave.proto import pb, pb_grpc
@@ -24,6 +25,7 @@ from edgeweave.runtime.batch import Row
 from edgeweave.runtime.codec import TensorDecodeError, decode, decode_quantized, encode
 from edgeweave.runtime.executor import ExecutorInputError, ExecutorStateError
 from edgeweave.runtime.shard_files import ShardChangedOnDisk
+from edgeweave.runtime.tp_executor import SessionLimitError
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,21 @@ def server_options(max_receive_bytes: int) -> list[tuple[str, int]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.http2.max_pings_without_data", 0),
+        # the node pings too, so the Forward stream (the lease, node/leases.py) of a coordinator that
+        # vanished without a FIN (power loss) ends within ~10 s, like the data plane's TCP keepalive
+        ("grpc.keepalive_time_ms", 5_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
     ]
+
+
+#: ops whose sessions a lease records (at layer 0: every pass over a session starts there)
+_SESSION_OPS = frozenset({"attn", "layers", "reset"})
 
 
 def _status_for(exc: BaseException) -> grpc.StatusCode:
     """The gRPC status a request error maps to (INTERNAL for anything unexpected)."""
+    if isinstance(exc, SessionLimitError):  # a full node refusing one request; it is healthy
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, (TensorDecodeError, ExecutorInputError, ShardRejected)):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, (ExecutorStateError, MissingShard, ShardChangedOnDisk)):
@@ -98,6 +110,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         secure: bool = False,
         shard_cache_max: int = 0,
         cluster: str = "",
+        session_grace_s: float = SESSION_GRACE_S,
+        job_idle_s: float = JOB_IDLE_S,
     ) -> None:
         self.name = name
         self.data_dir = Path(data_dir)
@@ -110,6 +124,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.store = ShardStore(self.data_dir, **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}),
                                 max_bytes=shard_cache_max)
         self.jobs = JobTable(self.store, memory_budget)
+        #: every Forward stream is a lease on its sessions and jobs; the sweeper frees expired ones
+        self.leases = LeaseTable(self.jobs, session_grace_s, job_idle_s).start()
         self.started = time.time()
         self._static = resources.snapshot(self.data_dir, memory_budget)  # accelerators/backends probed once
         self._process = psutil.Process(os.getpid())
@@ -132,6 +148,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             status="SERVING", cpu_load=r.cpu_load, available_memory=r.available_memory,
             rss=self._process.memory_info().rss, jobs=self.jobs.ids(),
             shard_store_bytes=self.store.used_bytes, shard_store_max=self.store.max_bytes,
+            sessions=self.jobs.session_count(),
         )
 
     def Profile(self, request, context):
@@ -174,14 +191,20 @@ class NodeServicer(pb_grpc.NodeServicer):
     def JobStats(self, request, context):
         try:
             stats = self.jobs.get(request.job_id).stats()
+            self.jobs.mark_used(request.job_id)
         except Exception as exc:
             _abort(context, "JobStats", exc)
         return pb.JobStatsReply(job_id=request.job_id, stats_json=json.dumps(stats, default=str))
 
-    def handle_forward(self, req: pb.ForwardRequest) -> pb.ForwardReply:
-        """One Forward message: decode, compute, encode. Shared by the gRPC stream and the raw
-        TCP data plane (node/dataplane.py), so both paths compute and account exactly alike."""
+    def handle_forward(self, req: pb.ForwardRequest, lease: StreamLease) -> pb.ForwardReply:
+        """One Forward message on the stream holding `lease`: decode, compute, encode. Shared by the
+        gRPC stream and the raw TCP data plane (node/dataplane.py), so both compute, account and
+        lease exactly alike."""
         job = self.jobs.get(req.job_id)
+        if req.job_id not in lease.jobs:  # the stream's first message for this job: it now holds it
+            lease.touch(req.lease, req.job_id, req.op, ())
+        if req.op == "hold":
+            return pb.ForwardReply(seq=req.seq)
         tensors = [decode_quantized(t) if t.quantized else decode(t) for t in req.tensors]
         rows = [Row(r.session, r.position, r.length) for r in req.rows] or None
         executor = job.executor
@@ -200,6 +223,8 @@ class NodeServicer(pb_grpc.NodeServicer):
             job.stall_s += stall_s
         if changed is not None:
             raise self._drop_changed_shard(job, changed)
+        if req.op in _SESSION_OPS and req.layer == 0:  # after success: the lease holds real caches only
+            lease.touch(req.lease, req.job_id, req.op, [r.session for r in req.rows] or [req.session])
         return pb.ForwardReply(seq=req.seq, tensors=[pb.Tensor(**encode(t)) for t in outputs],
                                compute_s=compute_s, stall_s=stall_s)
 
@@ -221,12 +246,16 @@ class NodeServicer(pb_grpc.NodeServicer):
     def Forward(self, request_iterator, context):
         """The hot path: one long-lived stream, messages handled in order."""
         handle = self.handle_forward
+        lease = self.leases.open_stream()
+        context.add_callback(lease.close)  # however the stream ends (a vanished peer included)
         try:
             for req in request_iterator:
-                yield handle(req)
+                yield handle(req, lease)
         except Exception as exc:
             if context.is_active():
                 _abort(context, "Forward", exc)
+        finally:
+            lease.close()
 
     # -- transport floor ---------------------------------------------------------------------
     def Echo(self, request, context):
@@ -236,6 +265,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         yield from request_iterator
 
     def close(self) -> None:
+        self.leases.close()
         self.jobs.close_all()
 
 

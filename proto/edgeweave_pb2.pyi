@@ -189,7 +189,7 @@ class JobStatsReply(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., stats_json: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("job_id", "seq", "op", "layer", "position", "session", "tensors", "rows")
+    __slots__ = ("job_id", "seq", "op", "layer", "position", "session", "tensors", "rows", "lease")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,7 @@ class ForwardRequest(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     seq: int
     op: str
@@ -206,7 +207,8 @@ class ForwardRequest(_message.Message):
     session: str
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     rows: _containers.RepeatedCompositeFieldContainer[BatchRow]
-    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., op: _Optional[str] = ..., layer: _Optional[int] = ..., position: _Optional[int] = ..., session: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[BatchRow, _Mapping]]] = ...) -> None: ...
+    lease: str
+    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., op: _Optional[str] = ..., layer: _Optional[int] = ..., position: _Optional[int] = ..., session: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[BatchRow, _Mapping]]] = ..., lease: _Optional[str] = ...) -> None: ...
 
 class BatchRow(_message.Message):
     __slots__ = ("session", "position", "length")
@@ -239,7 +241,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("status", "cpu_load", "available_memory", "rss", "jobs", "shard_store_bytes", "shard_store_max")
+    __slots__ = ("status", "cpu_load", "available_memory", "rss", "jobs", "shard_store_bytes", "shard_store_max", "sessions")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CPU_LOAD_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_MEMORY_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +249,7 @@ class HealthReply(_message.Message):
     JOBS_FIELD_NUMBER: _ClassVar[int]
     SHARD_STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARD_STORE_MAX_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     status: str
     cpu_load: float
     available_memory: int
@@ -254,7 +257,8 @@ class HealthReply(_message.Message):
     jobs: _containers.RepeatedScalarFieldContainer[str]
     shard_store_bytes: int
     shard_store_max: int
-    def __init__(self, status: _Optional[str] = ..., cpu_load: _Optional[float] = ..., available_memory: _Optional[int] = ..., rss: _Optional[int] = ..., jobs: _Optional[_Iterable[str]] = ..., shard_store_bytes: _Optional[int] = ..., shard_store_max: _Optional[int] = ...) -> None: ...
+    sessions: int
+    def __init__(self, status: _Optional[str] = ..., cpu_load: _Optional[float] = ..., available_memory: _Optional[int] = ..., rss: _Optional[int] = ..., jobs: _Optional[_Iterable[str]] = ..., shard_store_bytes: _Optional[int] = ..., shard_store_max: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
 
 class EchoMessage(_message.Message):
     __slots__ = ("data",)

@@ -56,6 +56,14 @@ class Executor:
         """Counters for JobStats/Unload (peak RSS, bytes read, stall time, ...)."""
         return {}
 
+    def session_count(self) -> int:
+        """Per-session states held (KV caches); 0 for executors without sessions."""
+        return 0
+
+    def drop_sessions(self, sessions: set[str]) -> int:
+        """Forget these sessions' state (their coordinator's lease expired); returns how many were held."""
+        return 0
+
     def close(self) -> None:
         """Release memory and files; called on Unload and node shutdown."""
 

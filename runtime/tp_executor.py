@@ -39,6 +39,10 @@ _REQUIRED_MODEL_KEYS = ("hidden_size", "num_layers", "head_dim", "rope_theta")
 MAX_SESSIONS = 64
 
 
+class SessionLimitError(ExecutorStateError):
+    """The node holds MAX_SESSIONS sessions: a refusal of this request (RESOURCE_EXHAUSTED), not a node failure."""
+
+
 class TensorParallelExecutor(Executor):
     """kind "tp_llm": ops attn / mlp / reset / truncate over this node's shard of a Llama model."""
 
@@ -238,8 +242,9 @@ class TensorParallelExecutor(Executor):
         cache = self.caches.get(session)
         if cache is None:
             if len(self.caches) >= MAX_SESSIONS:
-                raise ExecutorStateError(
-                    f"this node already holds {MAX_SESSIONS} sessions; reset finished sessions before starting new ones"
+                raise SessionLimitError(
+                    f"this node already holds {MAX_SESSIONS} sessions; reset finished sessions before starting new "
+                    "ones (sessions of a coordinator that died are freed after the node's session_grace_s)"
                 )
             cache = self.caches[session] = KVCache(self.n_layers, self.n_kv_heads, self.head_dim, self.dtype)
         return cache
@@ -269,6 +274,14 @@ class TensorParallelExecutor(Executor):
             "executor_compute_s": self.compute_s,
             "layer_store": self.store.stats(),
         }
+
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self.caches)
+
+    def drop_sessions(self, sessions: set[str]) -> int:
+        with self._lock:
+            return sum(self.caches.pop(name, None) is not None for name in sessions)
 
     def close(self) -> None:
         self.caches.clear()
