@@ -38,13 +38,13 @@ proto: $(STAMP)
 # The wheel a device installs (docs/deploy.md): dist/edgeweave-<version>-py3-none-any.whl. Only pip
 # is needed (a small venv of its own, not the torch one); pip fetches setuptools from the registry.
 # build/ is removed first: setuptools would otherwise pack files left there by an older build.
+# The venv is (re)made whenever its interpreter no longer runs (e.g. the python it was made from moved).
 BUILD_VENV ?= .venv-build
-$(BUILD_VENV)/bin/pip:
-	$(PYTHON) -m venv $(BUILD_VENV)
 
-wheel: $(BUILD_VENV)/bin/pip
+wheel:
+	@$(BUILD_VENV)/bin/python -c "" 2>/dev/null || { rm -rf $(BUILD_VENV) && $(PYTHON) -m venv $(BUILD_VENV); }
 	rm -rf build dist/edgeweave-*.whl
-	$(BUILD_VENV)/bin/pip wheel --quiet --no-deps --wheel-dir dist .
+	$(BUILD_VENV)/bin/python -m pip wheel --quiet --no-deps --wheel-dir dist .
 	@ls dist/edgeweave-*.whl
 
 $(PEER_STAMP):

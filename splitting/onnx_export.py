@@ -10,7 +10,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -46,6 +45,8 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path | None = No
     finally:
         module.train(was_training)
     data = buffer.getvalue()
+    import onnx  # here, not at the top: its import (~0.8 s) would slow every `edgeweave` command
+
     onnx.checker.check_model(onnx.load_from_string(data))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from edgeweave.splitting.tokenizer import Tokenizer
 pytestmark = [pytest.mark.slow, pytest.mark.llm]
 
 CHAT = [{"role": "user", "content": "Name three rivers of Europe and say where they flow."}]
-N_TOKENS = 24
+N_TOKENS = 12
 cluster = local_cluster_fixture(2)
 
 
