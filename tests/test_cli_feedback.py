@@ -39,6 +39,22 @@ def _edgeweave(tmp_path: Path, *args: str, timeout: float = 120, **env: str) -> 
                           env=_env(tmp_path, **env), timeout=timeout)
 
 
+def _in_process(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """The same command through the same Typer app, in this process (no interpreter start-up and
+    imports per call: what the input checks need). An exception that escapes the app becomes a
+    "Traceback" in stderr, as the console script would print it."""
+    from typer.testing import CliRunner
+
+    from edgeweave.cli import app
+
+    unset = {k: None for k in os.environ if k.startswith("EDGEWEAVE_")}
+    result = CliRunner().invoke(app, list(args), env={**unset, **_env(tmp_path, **env)}, prog_name="edgeweave")
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += f"Traceback (escaped the app): {result.exception!r}"
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
+
+
 def _one_sentence_error(result: subprocess.CompletedProcess, *words: str) -> None:
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr, result.stderr
@@ -52,25 +68,25 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 
 def test_plan_without_nodes_says_what_it_assumed(tmp_path):
-    result = _edgeweave(tmp_path, "plan", "--discovery-timeout", "0", "--nodes", "3", "--json")
+    result = _in_process(tmp_path, "plan", "--discovery-timeout", "0", "--nodes", "3", "--json")
     assert result.returncode == 0, result.stderr
     planned = json.loads(result.stdout)
     assert planned["source"] == "no nodes found: planned for 3 equal node(s)" and len(planned["nodes"]) == 3
 
 
 def test_version_and_plain_help(tmp_path):
-    version = _edgeweave(tmp_path, "--version")
+    version = _in_process(tmp_path, "--version")
     assert version.returncode == 0 and re.fullmatch(r"edgeweave \S+\n", version.stdout)
-    run_help = _edgeweave(tmp_path, "run", "--help", COLUMNS="100").stdout
+    run_help = _in_process(tmp_path, "run", "--help", COLUMNS="100").stdout
     assert "<bool>" not in run_help  # flags read as flags, not as options taking a value
     assert "--chat / --no-chat" in run_help and "[coordinator] quantize" in run_help
-    node_help = _edgeweave(tmp_path, "node", "--help", COLUMNS="100").stdout
+    node_help = _in_process(tmp_path, "node", "--help", COLUMNS="100").stdout
     assert "--advertise / --no-advertise" in node_help and "[default: advertise]" in node_help
     assert re.search(r"--port <int>.*\[default:\s+50551\]", node_help, re.S)
 
 
 def test_hf_folder_without_tokenizer_or_with_a_missing_shard(tmp_path, tiny_folder):
-    no_tokenizer = _edgeweave(tmp_path, "run", str(tiny_folder), "-p", "hi", "--discovery-timeout", "0")
+    no_tokenizer = _in_process(tmp_path, "run", str(tiny_folder), "-p", "hi", "--discovery-timeout", "0")
     _one_sentence_error(no_tokenizer, "tokenizer.json")
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -78,7 +94,7 @@ def test_hf_folder_without_tokenizer_or_with_a_missing_shard(tmp_path, tiny_fold
         (broken / file.name).symlink_to(file)
     (broken / "model-00002-of-00005.safetensors").unlink()
     for command in (["plan", str(broken)], ["run", str(broken), "-p", "hi", "--discovery-timeout", "0"]):
-        _one_sentence_error(_edgeweave(tmp_path, *command), "lacks model-00002-of-00005.safetensors")
+        _one_sentence_error(_in_process(tmp_path, *command), "lacks model-00002-of-00005.safetensors")
 
 
 @pytest.mark.parametrize(("args", "words"), [
@@ -88,7 +104,7 @@ def test_hf_folder_without_tokenizer_or_with_a_missing_shard(tmp_path, tiny_fold
     (["run", "-p", "hi", "--max-tokens", "0"], ["--max-tokens"]),
 ])
 def test_bad_run_input_is_one_sentence(tmp_path, args, words):
-    _one_sentence_error(_edgeweave(tmp_path, *args, "--discovery-timeout", "0"), *words)
+    _one_sentence_error(_in_process(tmp_path, *args, "--discovery-timeout", "0"), *words)
 
 
 def test_missing_default_model_says_how_to_install_it(tmp_path):
