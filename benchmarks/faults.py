@@ -56,37 +56,22 @@ RSS_GROWTH_BOUND = 64 * 2**20
 CRASH_SESSIONS = 16
 
 
-def recovery_runs(checkpoint, prompt_ids: list[int], kills: int, cache: Path) -> list[dict]:
-    """kill -9 node 2 of 3 after 6 tokens, `kills` times; one recovery record per kill."""
+def fault_runs(checkpoint, prompt_ids: list[int], times: int, cache: Path, sig: int = signal.SIGKILL) -> list[dict]:
+    """Send `sig` to node 2 of 3 after 6 tokens, `times` times (SIGKILL: a dead node; SIGSTOP: a
+    hung one, SIGKILLed afterwards since a stopped process only answers that); one recovery record each."""
     records = []
     with LocalCluster(3, advertise=False, env=ONE_THREAD) as cluster:
-        for _ in range(kills):
+        for _ in range(times):
             clients = [NodeClient(a, cluster=cluster.identity) for a in cluster.addresses]
             with DistributedLlama(checkpoint, clients, [1.0, 1.0, 1.0], cache_dir=cache) as llm:
                 for i, _token in enumerate(llm.generate(prompt_ids, 16)):
                     if i == 5:
-                        cluster.kill(2)
+                        cluster.kill(2, sig)
                 records += llm.last_stats.recoveries
             for client in clients:
                 client.close()
-            cluster.restart(2)
-    return records
-
-
-def hung_runs(checkpoint, prompt_ids: list[int], stops: int, cache: Path) -> list[dict]:
-    """SIGSTOP node 2 of 3 after 6 tokens, `stops` times (SIGKILLed and restarted after each)."""
-    records = []
-    with LocalCluster(3, advertise=False, env=ONE_THREAD) as cluster:
-        for _ in range(stops):
-            clients = [NodeClient(a, cluster=cluster.identity) for a in cluster.addresses]
-            with DistributedLlama(checkpoint, clients, [1.0, 1.0, 1.0], cache_dir=cache) as llm:
-                for i, _token in enumerate(llm.generate(prompt_ids, 16)):
-                    if i == 5:
-                        cluster.kill(2, signal.SIGSTOP)
-                records += llm.last_stats.recoveries
-            for client in clients:
-                client.close()
-            cluster.kill(2, signal.SIGKILL)  # a stopped process only answers SIGKILL
+            if sig != signal.SIGKILL:
+                cluster.kill(2, signal.SIGKILL)
             cluster.restart(2)
     return records
 
@@ -171,7 +156,7 @@ NS_COORDINATOR = textwrap.dedent("""
 
 
 def recovery_across_namespaces(kills: int) -> list[dict]:
-    """The same kill -9 as `recovery_runs`, with nodes on hosts 0-2 and the coordinator on host 3."""
+    """The same kill -9 as `fault_runs`, with nodes on hosts 0-2 and the coordinator on host 3."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from netns import Testbed
 
@@ -279,11 +264,11 @@ def main() -> None:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="edgeweave-faults-") as cache_dir:
         cache = Path(cache_dir)
-        records = recovery_runs(checkpoint, prompt_ids, kills, cache)
+        records = fault_runs(checkpoint, prompt_ids, kills, cache)
         ns_records = recovery_across_namespaces(kills) if args.namespaces else []
         rtts = forward_rtts(rtt_rounds)
         decode = decode_speeds(checkpoint, prompt_ids, rounds, tokens, cache)
-        hung = hung_runs(checkpoint, prompt_ids, kills, cache)
+        hung = fault_runs(checkpoint, prompt_ids, kills, cache, signal.SIGSTOP)
         crashes = crash_cycles(cycles, cache)
 
     console.print(recovery_table(f"recovery after kill -9 of 1 of 3 nodes ({len(records)} kills)", records))
