@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeweave.coordinator.client import NodeClient, NodeError
-from edgeweave.coordinator.discovery import NodeRecord, static_record, survey
+from edgeweave.coordinator.discovery import NodeRecord, survey
 from edgeweave.coordinator.local_cluster import ClusterStartError, LocalCluster
 
 
@@ -37,15 +37,6 @@ def health_rtt_ms(address: str, calls: int = 5, timeout: float = 2.0) -> float |
         return statistics.median(samples)
     except NodeError:
         return None
-
-
-def peer_record(peer: str) -> NodeRecord:
-    """A listed peer's record from its Info RPC; one that does not answer keeps a row (no node id)."""
-    try:
-        return static_record(peer)
-    except NodeError as exc:
-        return NodeRecord(name="?", address=peer, node_id="", version="?", properties={"error": exc.message},
-                          source="static")
 
 
 def _gib(value: str) -> str:
@@ -100,14 +91,10 @@ def register(app: typer.Typer) -> None:
         """List the nodes of this cluster on the LAN (mDNS) and the static peers, with a measured
         round-trip time. A listed peer that does not answer is shown as unreachable; nodes of other
         clusters (another secret) are counted, and shown with --all."""
-        records = [peer_record(p) for p in peer or []]
-        others: list[NodeRecord] = []
-        if wait_for is None or len(records) < wait_for:
-            seen = survey(timeout=discovery_timeout, interfaces=interface or None,
-                          wait_for=None if wait_for is None else wait_for - len(records))
-            listed = {r.address for r in records}
-            records += [r for r in seen.ours if r.address not in listed]
-            others = [r for r in seen.others if r.address not in listed]
+        seen = survey(timeout=discovery_timeout, interfaces=interface or None, peers=peer or [], wait_for=wait_for)
+        # a listed peer always keeps its row (unreachable if it did not answer); others need --all
+        records = seen.ours + [r for r in seen.others if r.source == "static"]
+        others = [r for r in seen.others if r.source != "static"]
         rtts = [health_rtt_ms(r.address) if r.node_id else None for r in records]
         if show_all:
             records, rtts = records + others, rtts + [None] * len(others)

@@ -67,12 +67,12 @@ def open_model(model: str | None) -> Any:
         raise typer.BadParameter(str(exc), param_hint="MODEL") from None
 
 
-def find_nodes_or_fail(peers: list[str] | None, interface: str | None, discovery_timeout: float) -> list[Any]:
+def find_nodes_or_fail(peers: list[str] | None, interfaces: list[str] | None, discovery_timeout: float) -> list[Any]:
     """`node_selection.find_nodes`, with a bad or silent peer as a usage error naming it."""
     from edgeweave.coordinator.node_selection import NodeSelectionError, find_nodes
 
     try:
-        return find_nodes(peers, [interface] if interface else None, discovery_timeout)
+        return find_nodes(peers, interfaces, discovery_timeout)
     except NodeSelectionError as exc:
         raise typer.BadParameter(str(exc), param_hint="--peer") from None
 
@@ -81,25 +81,29 @@ def discovered_plan_inputs(records: list[Any], given: list[float] | None, plan_i
                            cache_dir: Path | None) -> tuple[list[float], list[int], str]:
     """Weights, announced memory budgets and where the weights came from, for discovered nodes:
     `--weights` if given, else exactly what `run` would pick (its cached plan over these nodes, or
-    a fresh measurement stabilized like run's; read-only: plan changes no cache)."""
+    a fresh measurement stabilized like run's; read-only: plan changes no cache). Node ids and
+    budgets come with the records (TXT or Info); the nodes are dialled only to be measured."""
     from edgeweave.coordinator import plan_cache
     from edgeweave.coordinator.client import NodeClient
     from edgeweave.coordinator.tp_driver import profile_weights, shard_cache_root
 
-    clients = [NodeClient(r.address) for r in records]
-    try:
-        infos = [c.info() for c in clients]
-        budgets = [info.resources.memory_budget for info in infos]
-        if given:
-            return given, budgets, "given"
-        ids = [info.node_id or c.address for info, c in zip(infos, clients, strict=True)]
-        root = Path(cache_dir) if cache_dir else shard_cache_root()
-        weights, source = plan_cache.automatic_weights(root, plan_cache.plan_key(key_parts[0], key_parts[1], "float32", ids),
-                                                       ids, lambda: profile_weights(clients), plan_id_for, update=False)
-        return weights, budgets, source
-    finally:
-        for client in clients:
-            client.close()
+    budgets = [int(r.properties.get("budget") or 0) for r in records]
+    if given:
+        return given, budgets, "given"
+
+    def measure() -> list[float]:
+        clients = [NodeClient(r.address) for r in records]
+        try:
+            return profile_weights(clients)
+        finally:
+            for client in clients:
+                client.close()
+
+    ids = [r.node_id or r.address for r in records]
+    root = Path(cache_dir) if cache_dir else shard_cache_root()
+    weights, source = plan_cache.automatic_weights(root, plan_cache.plan_key(key_parts[0], key_parts[1], "float32", ids),
+                                                   ids, measure, plan_id_for, update=False)
+    return weights, budgets, source
 
 
 def layouts_table(rows: list[dict], title: str) -> Table:
@@ -180,7 +184,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(str(exc), param_hint="MODEL") from None
         if nodes < 1:
             raise typer.BadParameter("at least one node", param_hint="--nodes")
-        records = find_nodes_or_fail(peer, interface, discovery_timeout)
+        records = find_nodes_or_fail(peer, [interface] if interface else None, discovery_timeout)
         given = parse_weights(weights, len(records) or None)
         announced: list[int] = []
         try:
@@ -275,7 +279,7 @@ def register(app: typer.Typer) -> None:
         if max_tokens < 1:
             raise typer.BadParameter("must be at least 1", param_hint="--max-tokens")
         # cheap checks first: a silent peer is named before a 100 MB model file is parsed
-        records = find_nodes_or_fail(peer, interface, discovery_timeout)
+        records = find_nodes_or_fail(peer, [interface] if interface else None, discovery_timeout)
         node_weights = parse_weights(weights, len(records) or nodes)
         checkpoint, tokenizer = open_model(model)
         try:

@@ -133,22 +133,15 @@ def build_engine(model: str | None, engine_kind: str, peers: list[str], interfac
             raise typer.BadParameter("the reference engine runs in this process; the budget is for the nodes of a "
                                      "local cluster (--engine cluster)", param_hint="--memory-budget")
         return stack.enter_context(contextlib.closing(engines.ReferenceEngine(checkpoint)))
-    if peers:  # static peers are the whole cluster: never mix in whatever else announces itself
-        from edgeweave.coordinator.node_selection import NodeSelectionError, exact_peers
+    from edgeweave.coordinator.cli_llm import check_local_budget, find_nodes_or_fail
 
-        try:
-            addresses = [r.address for r in exact_peers(peers)]
-        except NodeSelectionError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--peer") from None
+    # static peers are the whole cluster (each must answer): never mix in whatever else announces itself
+    addresses = [r.address for r in find_nodes_or_fail(peers, interfaces, discovery_timeout)]
     watcher = None
-    if not peers:
-        addresses = [r.address for r in discover(timeout=discovery_timeout, interfaces=interfaces)]
-        if addresses:  # keep browsing: a node that restarts (or arrives) joins the next request
-            from edgeweave.coordinator.discovery import NodeWatcher
+    if addresses and not peers:  # keep browsing: a node that restarts (or arrives) joins the next request
+        from edgeweave.coordinator.discovery import NodeWatcher
 
-            watcher = stack.enter_context(NodeWatcher(interfaces))
-    from edgeweave.coordinator.cli_llm import check_local_budget
-
+        watcher = stack.enter_context(NodeWatcher(interfaces))
     check_local_budget(memory_budget, addresses)
     if not addresses:
         from edgeweave.coordinator.local_cluster import LocalCluster

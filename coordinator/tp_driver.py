@@ -244,13 +244,7 @@ class DistributedLlama:
         for name in names:
             self._session_epoch.pop(name, None)
         self._sessions.difference_update(names)
-        rows = [Row(s, 0, 1) for s in names] if len(names) > 1 else None
-        for r in self._attn_ranks:
-            try:
-                self.streams[r].call(self.job_ids[r], "reset", [], session=names[0], rows=rows)
-            except NodeError as exc:
-                log.warning("resetting session(s) %s on %s after a refusal failed: %s", ", ".join(names),
-                            exc.address, exc.message)
+        self._reset_on_nodes(names)
 
     def _node_ids(self, nodes: list[NodeClient]) -> list[str]:
         """Stable ids (a node's data-dir id; the address where a member reports none, e.g. "local")."""
@@ -547,12 +541,17 @@ class DistributedLlama:
         if not live or self._closed:
             return
         self._sessions.difference_update(live)
-        rows = [Row(s, 0, 1) for s in live] if len(live) > 1 else None
+        self._reset_on_nodes(live)
+
+    def _reset_on_nodes(self, sessions: Sequence[str]) -> None:
+        """One reset message per node holding attention heads, for all of `sessions`."""
+        rows = [Row(s, 0, 1) for s in sessions] if len(sessions) > 1 else None
         for r in self._attn_ranks:
             try:
-                self.streams[r].call(self.job_ids[r], "reset", [], session=live[0], rows=rows)
+                self.streams[r].call(self.job_ids[r], "reset", [], session=sessions[0], rows=rows)
             except NodeError as exc:  # a lost node; the next step's recovery deals with it
-                log.warning("resetting session(s) %s on %s failed: %s", ", ".join(live), exc.address, exc.message)
+                log.warning("resetting session(s) %s on %s failed: %s", ", ".join(sessions), exc.address,
+                            exc.message)
 
     @property
     def fused(self) -> bool:

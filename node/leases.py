@@ -140,11 +140,6 @@ class LeaseTable:
                     del self._job_streams[job_id]
                     self.jobs.mark_used(job_id)  # the idle clock starts when its last stream closes
 
-    def leased_sessions(self) -> int:
-        """Sessions some lease holds (its stream open, or within its grace)."""
-        with self._lock:
-            return len(self._owner)
-
     def sweep(self) -> None:
         """Free the sessions of leases past their grace, and unload jobs idle past job_idle_s."""
         now = self._clock()

@@ -154,8 +154,7 @@ class ShardStore:
             self._writing[sha256] = size
         for digest in victims:
             age = time.time() - self._last_use(digest)
-            (self.root / digest).unlink(missing_ok=True)
-            self._marker(digest).unlink(missing_ok=True)
+            self._delete(digest)
             log.info("evicted shard %s (least recently used, %.0f s ago) to make room for %s under the %d-byte "
                      "shard cache bound", digest[:12], age, name, self.max_bytes)
 
