@@ -15,10 +15,14 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeweave.splitting.checkpoints import CheckpointError, open_checkpoint
+from edgeweave.splitting.layouts import Layout, LayoutError, parse_layout
 
 MODEL_HELP = "GGUF file or Hugging Face folder (default: the bundled SmolLM2-135M-Instruct)."
 QUANTIZE_HELP = ("Weight precision of the shards: q4, q8 or none (float32). Default: [coordinator] quantize, else "
                  "the file's own (a Q4 GGUF stays 4-bit, exactly; a HF folder stays float).")
+LAYOUT_HELP = ("Which node holds which layers: tensor (every node a share of every layer), pipeline (each node a "
+               "range of whole layers, in proportion to its capacity), or stages given exactly: pipeline:12,18 "
+               "(layers per node) or hybrid:12x2,18x1 (layers x nodes per stage).")
 PEER_HELP = "Static node host:port (repeatable). Given peers are the whole cluster: each must answer."
 INTERFACE_HELP = "IPv4 address to discover nodes on (and to bind a local cluster to)."
 DISCOVERY_HELP = "Seconds to listen for mDNS announcements (0: only --peer, else a local cluster)."
@@ -129,6 +133,18 @@ def parse_weights(text: str | None, n_nodes: int | None = None) -> list[float] |
     if n_nodes is not None and len(weights) != n_nodes:
         raise typer.BadParameter(f"{len(weights)} weights for {n_nodes} nodes", param_hint="--weights")
     return weights
+
+
+def resolve_layout(text: str) -> str | Layout:
+    """--layout / [coordinator] layout, parsed (a bad one is a one-sentence usage error)."""
+    try:
+        request = parse_layout(text)
+    except LayoutError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--layout") from None
+    if request == "auto":
+        raise typer.BadParameter("auto needs the layout planner, which this build does not have yet",
+                                 param_hint="--layout")
+    return request
 
 
 def plan_table(rows: list[dict], title: str) -> Table:
@@ -261,12 +277,13 @@ def register(app: typer.Typer) -> None:
         cache_dir: Path = typer.Option(None, help="Where this coordinator keeps written shards (default "
                                                   "~/.cache/edgeweave/shards, or $EDGEWEAVE_CACHE/shards)."),
         memory_budget: str = typer.Option(None, help=LOCAL_BUDGET_HELP),
+        layout: str = typer.Option(None, help=LAYOUT_HELP),
         coordinator_share: float = typer.Option(
             0.0, help="Let this device compute a share too, with this weight (0 = off; with --weights, "
                       "relative to them). Saves a message per allreduce, as TPI-LLM's master does."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     ) -> None:
-        """Generate text with the model split across nodes by tensor parallelism."""
+        """Generate text with the model split across nodes (tensor parallel, pipeline or hybrid: --layout)."""
         from edgeweave.coordinator.client import NodeClient
         from edgeweave.coordinator.local_cluster import LocalCluster
         from edgeweave.coordinator.tp_driver import DistributedLlama
@@ -274,6 +291,7 @@ def register(app: typer.Typer) -> None:
         from edgeweave.runtime.sampling import SamplingParams
 
         precision = resolve_quantize(quantize)
+        layout_request = resolve_layout(layout)
         if coordinator_share < 0:
             raise typer.BadParameter("must be >= 0", param_hint="--coordinator-share")
         if max_tokens < 1:
@@ -309,9 +327,9 @@ def register(app: typer.Typer) -> None:
             try:
                 llm = stack.enter_context(DistributedLlama(
                     checkpoint, members, member_weights, dtype=dtype, show_progress=not as_json, quantize=precision,
-                    cache_dir=cache_dir,
+                    cache_dir=cache_dir, layout=layout_request,
                 ))
-            except QuantizationError as exc:
+            except (QuantizationError, LayoutError) as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(2) from None
             decoder = tokenizer.stream_decoder()
@@ -331,6 +349,8 @@ def register(app: typer.Typer) -> None:
                     "text": text, "tokens": tokens, "ttft_s": stats.ttft_s, "per_token_s": stats.per_token_s,
                     "comm_s": stats.comm_s, "nodes": llm.describe(), "shard_bytes_sent": llm.bytes_sent,
                     "shard_bytes_written": llm.bytes_written, "weights_source": llm.weights_source,
+                    "layout": llm.layout.describe(), "stages": llm.layout.to_dict(),
+                    "messages_per_token": llm.messages_per_token,
                 }))
                 return
             sys.stdout.write(decoder.flush() + "\n")

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgeweave.coordinator.cli_llm import LOCAL_BUDGET_HELP, PEER_HELP, QUANTIZE_HELP
+from edgeweave.coordinator.cli_llm import LAYOUT_HELP, LOCAL_BUDGET_HELP, PEER_HELP, QUANTIZE_HELP
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.discovery import NodeRecord, discover
 from edgeweave.runtime.batch import DEFAULT_PREFILL_CHUNK
@@ -118,7 +118,7 @@ def server_tables(status: dict[str, Any]) -> list[Table]:
 def build_engine(model: str | None, engine_kind: str, peers: list[str], interfaces: list[str] | None,
                  nodes: int, discovery_timeout: float, stack: contextlib.ExitStack,
                  weights: list[float] | None = None, dtype: str = "float32", quantize: str | None = None,
-                 cache_dir: str | None = None, memory_budget: str | None = None) -> Any:
+                 cache_dir: str | None = None, memory_budget: str | None = None, layout: Any = "tensor") -> Any:
     """The engine to serve: the single-process reference, or the model spread over the cluster
     (the discovered/static nodes, else a LocalCluster of `nodes` started here)."""
     from edgeweave.coordinator import engine as engines
@@ -132,6 +132,9 @@ def build_engine(model: str | None, engine_kind: str, peers: list[str], interfac
         if memory_budget:
             raise typer.BadParameter("the reference engine runs in this process; the budget is for the nodes of a "
                                      "local cluster (--engine cluster)", param_hint="--memory-budget")
+        if layout != "tensor":
+            raise typer.BadParameter("the reference engine runs every layer in this process; a layout is for "
+                                     "--engine cluster", param_hint="--layout")
         return stack.enter_context(contextlib.closing(engines.ReferenceEngine(checkpoint)))
     from edgeweave.coordinator.cli_llm import check_local_budget, find_nodes_or_fail
 
@@ -152,7 +155,7 @@ def build_engine(model: str | None, engine_kind: str, peers: list[str], interfac
         addresses = list(cluster.addresses)
     return stack.enter_context(contextlib.closing(
         engines.DistributedEngine.open(checkpoint, addresses, weights=weights, dtype=dtype, watcher=watcher,
-                                       quantize=quantize, cache_dir=cache_dir)))
+                                       quantize=quantize, cache_dir=cache_dir, layout=layout)))
 
 
 def check_exposure(host: str, api_key: str | None, no_api_key: bool) -> None:
@@ -186,6 +189,7 @@ def register(app: typer.Typer) -> None:
         quantize: str = typer.Option(None, help=QUANTIZE_HELP),
         cache_dir: str = typer.Option(None, help="Where this coordinator keeps written shards."),
         memory_budget: str = typer.Option(None, help=LOCAL_BUDGET_HELP),
+        layout: str = typer.Option(None, help=LAYOUT_HELP),
         max_active: int = typer.Option(16, help="Requests decoded together: rows of one batched step, one KV cache each."),
         prefill_chunk: int = typer.Option(DEFAULT_PREFILL_CHUNK, help="Prompt tokens read per step across new "
                                           "requests (the rest next step), so running streams keep flowing."),
@@ -199,17 +203,19 @@ def register(app: typer.Typer) -> None:
 
         The HTTP port is bound before the model is loaded (a busy port fails at once), and the
         "serving" line is printed only once the server accepts connections."""
-        from edgeweave.coordinator.cli_llm import parse_weights, resolve_quantize
+        from edgeweave.coordinator.cli_llm import parse_weights, resolve_layout, resolve_quantize
         from edgeweave.coordinator.http_api import create_app
         from edgeweave.coordinator.http_server import AnnouncingServer, bind_http, url_host
         from edgeweave.coordinator.scheduler import Scheduler
         from edgeweave.runtime.quantized import QuantizationError
         from edgeweave.splitting.checkpoints import CheckpointError
+        from edgeweave.splitting.layouts import LayoutError
         from edgeweave.splitting.tokenizer import TokenizerError
 
         if engine not in ("cluster", "reference"):
             raise typer.BadParameter("use 'cluster' or 'reference'", param_hint="--engine")
         precision = resolve_quantize(quantize)
+        layout_request = resolve_layout(layout)
         key = api_key or None
         check_exposure(host, key, no_api_key)
         if max_active < 1 or prefill_chunk < 1 or max_queue < 0:
@@ -225,8 +231,9 @@ def register(app: typer.Typer) -> None:
                 text_engine = build_engine(
                     model, engine, peer or [], interface or None, nodes, discovery_timeout, stack,
                     parse_weights(weights, len(peer) if peer else None), dtype, precision, cache_dir, memory_budget,
+                    layout_request,
                 )
-            except (CheckpointError, QuantizationError, TokenizerError) as exc:
+            except (CheckpointError, QuantizationError, TokenizerError, LayoutError) as exc:
                 raise typer.BadParameter(str(exc), param_hint="MODEL") from None
             scheduler = Scheduler(text_engine, max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk)
             stack.callback(scheduler.close)

@@ -127,6 +127,10 @@ class ReferenceEngine:
         self.caches.clear()
 
 
+#: how /v1/status and the web page name a layout kind (splitting.layouts)
+LAYOUT_NAMES = {"single": "one node", "tensor": "tensor parallel", "pipeline": "pipeline", "hybrid": "hybrid"}
+
+
 class DistributedEngine:
     """Adapter over `tp_driver.DistributedLlama`: the model tensor-parallel over nodes.
 
@@ -158,7 +162,7 @@ class DistributedEngine:
     @classmethod
     def open(cls, checkpoint: Checkpoint, addresses: list[str], weights: list[float] | None = None,
              cache_dir: str | Path | None = None, dtype: str = "float32", watcher: Any | None = None,
-             quantize: str | None = None,
+             quantize: str | None = None, layout: Any = "tensor",
              ) -> DistributedEngine:
         """Connect to the nodes, cut and ship the model (cached on both sides), load the jobs.
 
@@ -169,7 +173,7 @@ class DistributedEngine:
         clients = [NodeClient(address) for address in addresses]
         try:
             llm = DistributedLlama(checkpoint, clients, weights, cache_dir=cache_dir, dtype=dtype, quantize=quantize,
-                                   batch_invariant=True)  # a request's answer must not depend on the load
+                                   batch_invariant=True, layout=layout)  # a request's answer must not depend on the load
         except BaseException:
             for client in clients:
                 client.close()
@@ -231,7 +235,8 @@ class DistributedEngine:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "engine": f"tensor parallel over {len(self.llm.nodes)} node(s)",
+            "engine": f"{LAYOUT_NAMES[self.llm.layout.kind]} over {len(self.llm.nodes)} node(s)",
+            "layout": self.llm.layout.describe(),
             "model": self.model_id,
             "checkpoint": str(self.checkpoint.path),
             "layers": self.llm.config.num_layers,
@@ -241,7 +246,7 @@ class DistributedEngine:
             "nodes": [
                 {"name": f"rank {row['rank']}", "address": row["address"], "job_id": job_id,
                  "weight": row["weight"], "kv_heads": row["n_kv_heads"], "q_heads": row["n_q_heads"],
-                 "columns": row["n_columns"], "weight_bytes": row["bytes"]}
+                 "columns": row["n_columns"], "layers": row["layers"], "weight_bytes": row["bytes"]}
                 for row, job_id in zip(self.llm.describe(), self.llm.job_ids, strict=True)
             ],
         }

@@ -32,7 +32,9 @@ from edgeweave.coordinator.local_member import LocalMember
 from edgeweave.runtime.batch import Row, SequenceStep
 from edgeweave.runtime.sampling import Sampler, SamplingParams
 from edgeweave.runtime.tp_hub import TensorParallelHub
+from edgeweave.splitting import layouts
 from edgeweave.splitting.checkpoints import Checkpoint
+from edgeweave.splitting.layouts import Layout, LayoutError
 from edgeweave.splitting.quant_plan import check_quantize
 from edgeweave.splitting.tensor_parallel import (
     Manifest,
@@ -114,8 +116,27 @@ class GenerationStats:
         return {**asdict(self), "comm_s": self.comm_s, "per_token_s": self.per_token_s}
 
 
+#: what `layout=` accepts besides a concrete Layout: a kind, cut for whatever nodes there are
+LAYOUT_KINDS = ("tensor", "pipeline")
+
+
+def partition_for(request: str | Layout, n_layers: int, weights: Sequence[float]) -> Layout | None:
+    """The stages for these node weights: a given Layout as it is (when it has as many nodes), else
+    its kind cut for them (a pipeline's layers in proportion to the weights). None = plain tensor."""
+    if isinstance(request, Layout):
+        if request.n_nodes == len(weights):
+            return request.check(n_layers, len(weights))
+        request = "pipeline" if request.kind in ("pipeline", "hybrid") else "tensor"  # after a node loss
+    if request == "tensor" or len(weights) == 1:
+        return None
+    if request == "pipeline":
+        return layouts.pipeline(layouts.split_layers(n_layers, list(weights)))
+    raise LayoutError(f"layout must be one of {', '.join(LAYOUT_KINDS)} or a Layout, not {request!r}")
+
+
 class DistributedLlama:
-    """A Llama-family model spread over `nodes` by tensor parallelism, driven from this process."""
+    """A Llama-family model spread over `nodes` by a layout (splitting.layouts: tensor parallel by
+    default, or pipeline stages), driven from this process."""
 
     def __init__(
         self,
@@ -134,9 +155,15 @@ class DistributedLlama:
         backend: str = "ort",
         hub_threads: int | None = None,
         batch_invariant: bool = False,
+        layout: str | Layout = "tensor",
     ) -> None:
         if not nodes:
             raise ValueError("tensor-parallel inference needs at least one node")
+        #: what the caller asked for: a kind ("tensor", "pipeline") or a concrete Layout (`partition_for`)
+        self.layout_request = layout
+        if isinstance(layout, Layout) and layout.n_nodes != len(nodes):
+            raise LayoutError(f"the layout {layout.describe()} places {layout.n_nodes} node(s), but there are {len(nodes)}")
+        partition_for(layout, checkpoint.config.num_layers, [1.0] * len(nodes))  # refuse a bad request early
         self.checkpoint, self.nodes, self.config = checkpoint, nodes, checkpoint.config
         self._root = Path(cache_dir) if cache_dir else shard_cache_root()
         self.show_progress = show_progress
@@ -211,7 +238,10 @@ class DistributedLlama:
                 log.warning("node %s chose window %s where the memory plan says %s", self.nodes[r].address,
                             details.get("window"), planned)
         self.streams = self._open_streams()
-        self._fused = self.fuse_single_node and "layers" in self.load_details[0].get("ops", [])
+        self.layout = self.plan.layout_of_nodes
+        self._fused_ranks = {stage.ranks[0] for stage in self.layout.stages if len(stage.ranks) == 1
+                             and self.fuse_single_node and "layers" in self.load_details[stage.ranks[0]].get("ops", [])}
+        self._fused = self.layout.kind == "single" and bool(self._fused_ranks)
         # a local member's share is computed in recv: receive it first, while remote nodes compute
         local_first = sorted(range(len(self.nodes)), key=lambda r: not isinstance(self.nodes[r], LocalMember))
         self._attn_ranks = [r for r in local_first if self.plan.shards[r].n_kv_heads > 0]
@@ -264,8 +294,10 @@ class DistributedLlama:
         return plan_cache.stable_capacities(self._root, self._node_ids(nodes), profile_weights(nodes))[0]
 
     def make_plan(self, weights: list[float]) -> TensorParallelPlan:
-        """The cut for these node weights in this run's precision (QuantizationError if blocks forbid it)."""
-        return plan_shards(self.config, weights, self.layouts, self.quantize or "file")
+        """The cut for these node weights in this run's layout and precision (QuantizationError if
+        blocks forbid it)."""
+        partition = partition_for(self.layout_request, self.config.num_layers, weights)
+        return plan_shards(self.config, weights, self.layouts, self.quantize or "file", partition)
 
     def redeploy(self, nodes: list[NodeClient], weights: list[float]) -> int:
         """Move the model onto `nodes` (after a loss or a rejoin): close the streams, unload the old
@@ -304,7 +336,7 @@ class DistributedLlama:
         for rank in range(len(self.plan.shards)):
             files = self.manifest.shard_files(rank)
             sizes.append([self.manifest.data["files"][files[f"layer.{i:03d}"]]["size"]
-                          for i in range(self.config.num_layers)])
+                          for i in self.plan.shards[rank].layer_range])
         return sizes
 
     def _write(self, folder: Path, dtype: str) -> Manifest:
@@ -346,11 +378,13 @@ class DistributedLlama:
         return sent
 
     def _load(self, rank: int, dtype: str, window: int | None) -> dict[str, Any]:
+        held = self.plan.shards[rank].layer_range
         config = {
             "model": self.manifest.data["config"],
             "rank": rank,
-            "n_layers": self.config.num_layers,
-            "layer_files": [f"layer.{i:03d}" for i in range(self.config.num_layers)],
+            "n_layers": len(held),
+            "first_layer": held.start,
+            "layer_files": [f"layer.{i:03d}" for i in held],
             "window": window,
             "dtype": "float32",  # compute in float32 whatever the file dtype (16-bit files halve transfer and disk)
             "backend": self.backend,  # the kernels for quantized projections (runtime.layer_compute)
@@ -365,14 +399,16 @@ class DistributedLlama:
         return details
 
     # -- the hub -----------------------------------------------------------------------------
-    def _reduce_for(self, stats: GenerationStats):
-        """The allreduce callback of one forward pass. Hot loop (2 x layers calls per step): the
-        (stream, job) pairs are bound once, all sends go out before the first receive, and the
-        partials are summed in place into the first (decoded replies are fresh, writable tensors).
-        One row is sent as the message's session/position, several as its batch rows."""
+    def _reduce_for(self, stats: GenerationStats, stage: layouts.Stage):
+        """The allreduce callback of one stage's layers in one forward pass. Hot loop (2 x layers
+        calls per step): the (stream, job) pairs are bound once, all sends go out before the first
+        receive, and the partials are summed in place into the first (decoded replies are fresh,
+        writable tensors). One row is sent as the message's session/position, several as its batch
+        rows. Nodes number their layers from their stage's first."""
         perf = time.perf_counter
+        first = stage.layers[0]
         targets = {
-            op: [(self.streams[r], self.job_ids[r], self._timing(r)) for r in ranks]
+            op: [(self.streams[r], self.job_ids[r], self._timing(r)) for r in ranks if r in stage.ranks]
             for op, ranks in (("attn", self._attn_ranks), ("mlp", self._mlp_ranks))
         }
 
@@ -381,7 +417,7 @@ class DistributedLlama:
             session, position, batch = _addressing(rows)
             start = perf()
             for stream, job, _ in pairs:
-                stream.send(job, op, [x], layer, position, session, batch)
+                stream.send(job, op, [x], layer - first, position, session, batch)
             total, slowest = None, 0.0
             for stream, _, timing in pairs:
                 tensors, reply = stream.recv()
@@ -401,9 +437,29 @@ class DistributedLlama:
 
         return reduce
 
-    def _stack_for(self, stats: GenerationStats):
-        """The one-message step of a 1-node plan: the node runs every layer (op "layers")."""
-        stream, job, timing = self.streams[0], self.job_ids[0], self._timing(0)
+    def _stages_for(self, stats: GenerationStats):
+        """The layers of one forward pass, stage after stage: a node alone in its stage runs all of
+        its layers in one message, a stage of several nodes is reduced here layer by layer."""
+        runs = [self._stack_for(stats, stage.ranks[0]) if stage.ranks[0] in self._fused_ranks
+                else self._reduce_stage(stats, stage) for stage in self.layout.stages]
+        if len(runs) == 1:
+            return runs[0]
+
+        def stages(x: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+            for run in runs:
+                x = run(x, rows)
+            return x
+
+        return stages
+
+    def _reduce_stage(self, stats: GenerationStats, stage: layouts.Stage):
+        reduce, layers = self._reduce_for(stats, stage), range(*stage.layers)
+        return lambda x, rows: self.hub.reduce_layers(x, rows, reduce, layers)
+
+    def _stack_for(self, stats: GenerationStats, rank: int = 0):
+        """The one-message step of a node that holds all heads and columns of its layers (a 1-node
+        plan, or a pipeline stage): it runs them all (op "layers")."""
+        stream, job, timing = self.streams[rank], self.job_ids[rank], self._timing(rank)
 
         def stack(x: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
             session, position, batch = _addressing(rows)
@@ -437,9 +493,7 @@ class DistributedLlama:
                                  f"{self.config.max_position_embeddings}")
             self._sessions.add(row.session)
         stats = stats or GenerationStats()
-        if self._fused:
-            return self.hub.forward_rows(token_ids, rows, stack=self._stack_for(stats), last_only=last_only)
-        return self.hub.forward_rows(token_ids, rows, self._reduce_for(stats), last_only=last_only)
+        return self.hub.forward_rows(token_ids, rows, stack=self._stages_for(stats), last_only=last_only)
 
     def generate(
         self,
@@ -557,6 +611,11 @@ class DistributedLlama:
     def fused(self) -> bool:
         """True when one node runs every layer per step (1 message per step instead of 2 x layers)."""
         return self._fused
+
+    @property
+    def messages_per_token(self) -> int:
+        """Round trips of one decode step: one per fused stage, 2 x its layers for a reduced stage."""
+        return sum(1 if s.ranks[0] in self._fused_ranks else 2 * s.n_layers for s in self.layout.stages)
 
     @property
     def active_sessions(self) -> int:

@@ -86,6 +86,7 @@ class CoordinatorSettings:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     quantize: str = ""  # "" keeps the model file's precision class; q4, q8 or none
+    layout: str = "tensor"  # tensor, pipeline, auto (the planner picks), or stages: pipeline:12,18 / hybrid:12x2,18x1
     api_key: str = ""  # `edgeweave serve` requires "Authorization: Bearer <api_key>" when set
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get HTTP 413 before they are parsed
 

@@ -57,11 +57,18 @@ class TensorParallelExecutor(Executor):
         self.hidden_size = int(model["hidden_size"])
         self.head_dim = int(model["head_dim"])
         self.n_layers = int(config.get("n_layers", model["num_layers"]))
+        #: the model's number of this node's first layer (a pipeline stage holds layers first..first+n_layers-1;
+        #: messages name layers by their place in this node's range, 0..n_layers-1)
+        self.first_layer = config.get("first_layer", 0)
+        if not isinstance(self.first_layer, int) or not 0 <= self.first_layer <= int(model["num_layers"]) - self.n_layers:
+            raise ExecutorInputError(f"tp_llm first_layer must be an integer in 0..{int(model['num_layers']) - self.n_layers}, "
+                                     f"not {self.first_layer!r}")
         dtype_name = config.get("dtype") or "float32"
         if dtype_name not in _COMPUTE_DTYPES:
             raise ExecutorInputError(f"tp_llm dtype must be one of {', '.join(_COMPUTE_DTYPES)}, not {dtype_name!r}")
         self.dtype = _COMPUTE_DTYPES[dtype_name]
-        names = config.get("layer_files") or [f"layer.{i:03d}" for i in range(self.n_layers)]
+        names = config.get("layer_files") or [f"layer.{i:03d}" for i in range(self.first_layer,
+                                                                             self.first_layer + self.n_layers)]
         if len(names) != self.n_layers:
             raise ExecutorInputError(f"tp_llm got {len(names)} layer_files for n_layers={self.n_layers}")
         missing = [n for n in names if n not in shards]
@@ -93,7 +100,7 @@ class TensorParallelExecutor(Executor):
         self.n_columns = first.n_columns
         if first.in_features != self.hidden_size:
             raise ExecutorInputError(
-                f"shard layer.000 has hidden size {first.in_features}, config says {self.hidden_size}"
+                f"shard {names[0]} has hidden size {first.in_features}, config says {self.hidden_size}"
             )
         self.rotary = Rotary(self.head_dim, float(model["rope_theta"]), model.get("rope_scaling"),
                              model.get("rope_freq_factors"))
@@ -106,7 +113,8 @@ class TensorParallelExecutor(Executor):
         self._lock = threading.Lock()
 
     def _load_norms(self, path: Path | None, model: dict[str, Any]) -> list[LayerNorms] | None:
-        """The per-layer norms of a node that holds every head and column, else None (no `layers` op)."""
+        """The norms of this node's layers when it holds every head and column of them (a 1-node
+        plan or a pipeline stage), else None (no `layers` op)."""
         if path is None:
             return None
         complete = self.n_kv_heads == int(model.get("num_kv_heads", -1)) and self.n_columns == int(
@@ -117,13 +125,14 @@ class TensorParallelExecutor(Executor):
 
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
-            missing = [f"input_norm.{i}" for i in range(self.n_layers) if f"input_norm.{i}" not in names]
+            mine = range(self.first_layer, self.first_layer + self.n_layers)
+            missing = [f"input_norm.{i}" for i in mine if f"input_norm.{i}" not in names]
             if missing:
                 raise ExecutorInputError(f"the norms shard lacks {missing[:3]}")
             return [
                 LayerNorms(f.get_tensor(f"input_norm.{i}").to(self.dtype), f.get_tensor(f"post_norm.{i}").to(self.dtype),
                            f.get_tensor(f"o_bias.{i}").to(self.dtype) if f"o_bias.{i}" in names else None)
-                for i in range(self.n_layers)
+                for i in mine
             ]
 
     def _window(self, window: Any, paths: list[Path], model: dict[str, Any], memory_budget: int) -> int | None:
@@ -159,6 +168,7 @@ class TensorParallelExecutor(Executor):
         return {
             "rank": self.rank,
             "n_layers": self.n_layers,
+            "first_layer": self.first_layer,
             "q_heads": self.n_q_heads,
             "kv_heads": self.n_kv_heads,
             "columns": self.n_columns,
@@ -212,7 +222,8 @@ class TensorParallelExecutor(Executor):
     def _layers(self, x: torch.Tensor, first: int, rows: list[Row]) -> torch.Tensor:
         """Layers first .. last with norms and residuals (the hub's loop, run where the weights are)."""
         if self.norms is None:
-            raise ExecutorInputError("op 'layers' needs a node that holds the whole model and its 'norms' shard")
+            raise ExecutorInputError("op 'layers' needs a node that holds all heads and columns of its layers "
+                                     "and their 'norms' shard")
         for i in range(first, self.n_layers):
 
             def attend(h: torch.Tensor, w: LayerMatmuls, i: int = i) -> torch.Tensor:

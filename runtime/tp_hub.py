@@ -117,11 +117,7 @@ class TensorParallelHub:
         if stack is not None:
             x = stack(x, rows)
         elif reduce is not None:
-            for i in range(self.config.num_layers):
-                x = x + reduce("attn", i, rms_norm(x, self.input_norms[i], eps), rows)
-                if self.o_bias[i] is not None:
-                    x = x + self.o_bias[i]
-                x = x + reduce("mlp", i, rms_norm(x, self.post_norms[i], eps), rows)
+            x = self.reduce_layers(x, rows, reduce, range(self.config.num_layers))
         else:
             raise ValueError("TensorParallelHub.forward needs a reduce or a stack callback")
         if last_only:
@@ -129,6 +125,17 @@ class TensorParallelHub:
         x = rms_norm(x, self.final_norm, eps)
         head = self._head if self._head is not None else (lambda h: h @ self.lm_head_t)
         return at_least_two_rows(head, x) if self.batch_invariant else head(x)
+
+    def reduce_layers(self, x: torch.Tensor, rows: Sequence[Row], reduce: RowsReduce, layers: range) -> torch.Tensor:
+        """`layers` with their norms and residuals here and the projections summed from the shards
+        (`reduce` gets the model's layer numbers): all layers in tensor parallelism, one stage's in a hybrid layout."""
+        eps = self.config.rms_norm_eps
+        for i in layers:
+            x = x + reduce("attn", i, rms_norm(x, self.input_norms[i], eps), rows)
+            if self.o_bias[i] is not None:
+                x = x + self.o_bias[i]
+            x = x + reduce("mlp", i, rms_norm(x, self.post_norms[i], eps), rows)
+        return x
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows [T, H] of `ids` (columns of the transposed LM head when they are tied)."""

@@ -144,3 +144,27 @@ def split_layers(n_layers: int, capacities: Sequence[float], limits: Sequence[in
                                          - counts[i], -i))
         counts[best] += 1
     return counts
+
+
+def parse_layout(text: str) -> str | Layout:
+    """`--layout`: a kind ("tensor", "pipeline", "auto") cut for whatever nodes there are, or stages
+    given exactly: "pipeline:12,18" (layers per node, in node order) or "hybrid:12x2,18x1" (layers
+    per stage x nodes in it). LayoutError says what is wrong."""
+    value = text.strip().lower()
+    if value in ("tensor", "pipeline", "auto"):
+        return value
+    kind, _, spec = value.partition(":")
+    if kind not in ("pipeline", "hybrid") or not spec:
+        raise LayoutError(f"layout {text!r} is not understood; use tensor, pipeline, auto, "
+                          "pipeline:12,18 (layers per node) or hybrid:12x2,18x1 (layers x nodes per stage)")
+    counts, sizes = [], []
+    for part in spec.split(","):
+        layers, _, group = part.strip().partition("x")
+        if not layers.isdigit() or (group and not group.isdigit()) or (kind == "pipeline" and group):
+            raise LayoutError(f"stage {part!r} of layout {text!r} is not "
+                              + ("a number of layers" if kind == "pipeline" else "<layers>x<nodes>"))
+        counts.append(int(layers))
+        sizes.append(int(group) if group else 1)
+    if min(counts) < 1 or min(sizes) < 1:
+        raise LayoutError(f"every stage of layout {text!r} needs at least one layer and one node")
+    return hybrid(counts, sizes)

@@ -1,6 +1,7 @@
-"""Will a tensor-parallel plan fit the cluster's memory? Per node: all resident, a window, or a refusal.
+"""Will a plan fit the cluster's memory? Per node: all resident, a window, or a refusal.
 
-Each node holds its shard of every layer; its budget pays for its KV cache (its KV heads only,
+Each node holds its shard of each of its layers (every layer in tensor parallelism, a range of
+whole layers in a pipeline stage); its budget pays for its KV cache (its KV heads only,
 times the context), a fixed runtime overhead, and on the node that hosts the coordinator the
 hub's tensors (embedding, norms, LM head). What is left holds layers, through the sliding-window
 scheduler when not all of them fit (`runtime.memory_budget.choose_window` has the rule).
@@ -124,7 +125,7 @@ def plan_memory(
     backend: str = "ort",
     layer_file_bytes: Sequence[Sequence[int]] | None = None,
 ) -> MemoryPlan:
-    """Fit a tensor-parallel plan: layer sizes and KV heads per node come from the plan.
+    """Fit a plan: each node's layers, their sizes and its KV heads come from the plan.
 
     `coordinator_bytes` (embedding, norms, LM head) count against `coordinator_rank`'s budget when
     the coordinator runs on that node; pass None when it runs elsewhere. A quantized plan's layers
@@ -138,8 +139,8 @@ def plan_memory(
         raise ValueError(f"got {len(budgets)} memory budgets for {len(plan.shards)} nodes")
     names = list(names) if names is not None else [str(s.rank) for s in plan.shards]
     kernel = backend if plan.layouts is not None else "float"
-    sizes = layer_file_bytes or [[plan.layer_bytes(s.rank, itemsize)] * cfg.num_layers for s in plan.shards]
+    sizes = layer_file_bytes or [[plan.layer_bytes(s.rank, itemsize)] * s.n_layers for s in plan.shards]
     held = [held_layer_bytes(list(node_sizes), kernel) for node_sizes in sizes]
-    kv = [kv_cache_bytes(cfg.num_layers, s.n_kv_heads, cfg.head_dim, context_length, itemsize) for s in plan.shards]
+    kv = [kv_cache_bytes(s.n_layers, s.n_kv_heads, cfg.head_dim, context_length, itemsize) for s in plan.shards]
     fixed = [overhead + (coordinator_bytes if s.rank == coordinator_rank else 0) for s in plan.shards]
     return fit_cluster(names, budgets, [r for r, _ in held], kv, fixed, windowed_bytes=[w for _, w in held])

@@ -26,10 +26,12 @@ from edgeweave.runtime.quantized import QuantizationError, slice_packed, to_shar
 from edgeweave.runtime.safetensors_write import save_safetensors
 from edgeweave.runtime.shard_files import sha256_file
 from edgeweave.splitting.checkpoints import Checkpoint
+from edgeweave.splitting.layouts import Layout
+from edgeweave.splitting.layouts import tensor as tensor_layout
 from edgeweave.splitting.llama_config import LlamaConfig
 from edgeweave.splitting.quant_plan import CUT_ALIGNMENT, TensorLayout, check_quantize, choose_layout, layout_summary
 
-MANIFEST_FORMAT = 4  # 2: 1-node plans carry node0/norms.safetensors; 3: the hub's lm_head_t; 4: data in safetensors_write order
+MANIFEST_FORMAT = 5  # 2: 1-node plans carry node0/norms.safetensors; 3: the hub's lm_head_t; 4: data in safetensors_write order; 5: shards name their layers (pipeline stages)
 SHARD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int, int, str], None]
 
@@ -56,13 +58,23 @@ def _ranges(counts: list[int]) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class NodeShard:
-    """What one node computes in every layer: [start, stop) of KV heads, query heads and MLP columns."""
+    """What one node computes in each of its layers [start, stop): [start, stop) of KV heads, query
+    heads and MLP columns (all of them for a node alone in its pipeline stage)."""
 
     rank: int
     weight: float
     kv_heads: tuple[int, int]
     q_heads: tuple[int, int]
     columns: tuple[int, int]
+    layers: tuple[int, int] = (0, 0)
+
+    @property
+    def n_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+    @property
+    def layer_range(self) -> range:
+        return range(*self.layers)
 
     @property
     def n_kv_heads(self) -> int:
@@ -81,6 +93,13 @@ class TensorParallelPlan:
     layouts: tuple[tuple[str, TensorLayout], ...] | None = None
     #: what `--quantize` asked for (part of the id: the same cut in another precision is another plan)
     precision: str = "float32"
+    #: which ranks hold which layers (splitting.layouts); None = every rank holds every layer
+    partition: Layout | None = None
+
+    @property
+    def layout_of_nodes(self) -> Layout:
+        """The stages of this plan (one stage of every rank for plain tensor parallelism)."""
+        return self.partition or tensor_layout(self.config.num_layers, len(self.shards))
 
     @property
     def plan_id(self) -> str:
@@ -88,6 +107,8 @@ class TensorParallelPlan:
         (weights that give the same cut give the same id)."""
         cuts = [(s.kv_heads, s.q_heads, s.columns) for s in self.shards]
         body: dict[str, Any] = {"config": asdict(self.config), "cuts": cuts}
+        if self.layout_of_nodes.kind not in ("tensor", "single"):  # tensor plans keep the ids they always had
+            body["stages"] = self.layout_of_nodes.to_dict()
         if self.layouts is not None:
             body["precision"] = self.precision
             body["layouts"] = [(kind, asdict(layout)) for kind, layout in self.layouts]
@@ -125,7 +146,8 @@ class TensorParallelPlan:
                 "n_q_heads": s.q_heads[1] - s.q_heads[0],
                 "columns": list(s.columns),
                 "n_columns": s.n_columns,
-                "bytes": self.layer_bytes(s.rank, itemsize) * self.config.num_layers,
+                "layers": list(s.layers),
+                "bytes": self.layer_bytes(s.rank, itemsize) * s.n_layers,
             }
             for s in self.shards
         ]
@@ -152,12 +174,27 @@ def _column_alignment(intermediate: int, n_nodes: int, quantized: bool = False) 
 
 def plan_shards(
     config: LlamaConfig, weights: list[float], layouts: dict[str, TensorLayout] | None = None,
-    precision: str = "float32",
+    precision: str = "float32", partition: Layout | None = None,
 ) -> TensorParallelPlan:
-    """Assign KV-head groups and MLP columns to nodes proportionally to `weights`.
+    """Assign layers to stages (`partition`, default: one stage of all nodes) and, inside each
+    stage, KV-head groups and MLP columns to its nodes proportionally to their `weights`.
 
     With quantized `layouts` (per projection kind, from `layer_layouts`), every cut falls on a
     block boundary, or QuantizationError says why it cannot."""
+    stages = (partition or tensor_layout(config.num_layers, len(weights))).check(config.num_layers, len(weights))
+    shards: list[NodeShard] = []
+    for stage in stages.stages:
+        cut = _cut_layer(config, [weights[r] for r in stage.ranks], layouts)
+        shards += [NodeShard(rank, s.weight, s.kv_heads, s.q_heads, s.columns, stage.layers)
+                   for rank, s in zip(stage.ranks, cut, strict=True)]
+    ordered = tuple(sorted(layouts.items())) if layouts is not None else None
+    return TensorParallelPlan(config, tuple(sorted(shards, key=lambda s: s.rank)), ordered,
+                              precision if layouts is not None else "float32",
+                              None if stages.kind in ("tensor", "single") else stages)
+
+
+def _cut_layer(config: LlamaConfig, weights: list[float], layouts: dict[str, TensorLayout] | None) -> list[NodeShard]:
+    """One layer's heads and columns over nodes of `weights` (ranks 0.. of this group)."""
     quantized = layouts is not None and any(layout.quantized for layout in layouts.values())
     kv_counts = largest_remainder(config.num_kv_heads, weights)
     align = _column_alignment(config.intermediate_size, len(weights), quantized)
@@ -169,12 +206,10 @@ def plan_shards(
         )
     column_counts = [n * align for n in largest_remainder(config.intermediate_size // align, weights)]
     g = config.group_size
-    shards = tuple(
+    return [
         NodeShard(rank, float(w), kv, (kv[0] * g, kv[1] * g), cols)
         for rank, (w, kv, cols) in enumerate(zip(weights, _ranges(kv_counts), _ranges(column_counts), strict=True))
-    )
-    ordered = tuple(sorted(layouts.items())) if layouts is not None else None
-    return TensorParallelPlan(config, shards, ordered, precision if layouts is not None else "float32")
+    ]
 
 
 #: layer projection kind -> (shard key, HF name after "model.layers.N.")
@@ -291,10 +326,11 @@ def norms_file(rank: int) -> str:
     return f"node{rank}/norms.safetensors"
 
 
-def layer_norm_tensors(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-    """Every layer's two norms (+ o_proj bias) under the names `runtime.tp_executor` reads."""
+def layer_norm_tensors(checkpoint: Checkpoint, layers: range | None = None) -> dict[str, torch.Tensor]:
+    """The two norms (+ o_proj bias) of `layers` (default all), under the names `runtime.tp_executor`
+    reads (global layer numbers)."""
     out = {}
-    for i in range(checkpoint.config.num_layers):
+    for i in layers if layers is not None else range(checkpoint.config.num_layers):
         p = f"model.layers.{i}."
         out[f"input_norm.{i}"] = checkpoint.tensor(p + "input_layernorm.weight").contiguous()
         out[f"post_norm.{i}"] = checkpoint.tensor(p + "post_attention_layernorm.weight").contiguous()
@@ -327,16 +363,19 @@ class Manifest:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
+    def layers(self, rank: int) -> range:
+        """The layers node `rank` holds (every layer in a tensor-parallel plan)."""
+        held = self.data["plan"]["shards"][rank].get("layers")
+        return range(*held) if held and held[1] > held[0] else range(self.data["config"]["num_layers"])
+
     def node_files(self, rank: int) -> dict[str, Path]:
         """Logical shard names ("layer.000", ...) -> local files of node `rank`'s layers."""
-        return {
-            f"layer.{i:03d}": self.root / layer_file(rank, i) for i in range(self.data["config"]["num_layers"])
-        }
+        return {f"layer.{i:03d}": self.root / layer_file(rank, i) for i in self.layers(rank)}
 
     def shard_files(self, rank: int) -> dict[str, str]:
         """Every shard node `rank` needs, logical name -> path relative to the root: its layers,
-        plus "norms" when it holds the whole model."""
-        files = {f"layer.{i:03d}": layer_file(rank, i) for i in range(self.data["config"]["num_layers"])}
+        plus "norms" when it holds all heads and columns of its layers (runs them in one message)."""
+        files = {f"layer.{i:03d}": layer_file(rank, i) for i in self.layers(rank)}
         if norms_file(rank) in self.data["files"]:
             files["norms"] = norms_file(rank)
         return files
@@ -473,26 +512,29 @@ def write_shards(
     for i in range(cfg.num_layers):
         layer = _read_layer(checkpoint, i, layouts)
         for shard in plan.shards:
-            sliced = _to_dtype(slice_layer(layer, shard, cfg.head_dim), torch_dtype)
-            _save(sliced, root / layer_file(shard.rank, i), files, root)
+            if i in shard.layer_range:
+                sliced = _to_dtype(slice_layer(layer, shard, cfg.head_dim), torch_dtype)
+                _save(sliced, root / layer_file(shard.rank, i), files, root)
         del layer
         if progress:
             progress(i + 1, total, f"layer {i + 1}/{cfg.num_layers}")
-    if len(plan.shards) == 1:
-        norms = {k: v.to(torch_dtype) for k, v in layer_norm_tensors(checkpoint).items()}
-        _save(norms, root / norms_file(0), files, root)
+    for stage in plan.layout_of_nodes.stages:
+        if len(stage.ranks) == 1:  # a node alone in its stage runs its layers in one message: it needs their norms
+            norms = {k: v.to(torch_dtype) for k, v in layer_norm_tensors(checkpoint, range(*stage.layers)).items()}
+            _save(norms, root / norms_file(stage.ranks[0]), files, root)
     _save(_hub_tensors(checkpoint, plan, dtype), root / "coordinator.safetensors", files, root)
     if progress:
         progress(total, total, "coordinator tensors")
     describe = plan.describe(torch.empty((), dtype=torch_dtype).element_size())
     for row in describe:  # what the files really hold, headers included
-        row["bytes"] = sum(files[layer_file(row["rank"], i)]["size"] for i in range(cfg.num_layers))
+        row["bytes"] = sum(files[layer_file(row["rank"], i)]["size"] for i in range(*row["layers"]))
     data = {
         "format": MANIFEST_FORMAT,
         "checkpoint": checkpoint.fingerprint,
         "source": str(checkpoint.path),
         "config": asdict(cfg),
         "plan": plan.to_dict(),
+        "layout": plan.layout_of_nodes.to_dict(),
         "describe": describe,
         "dtype": dtype,
         "precision": plan.precision,

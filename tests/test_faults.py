@@ -122,6 +122,30 @@ def test_kill_minus_nine_mid_generation_continues_identically(cluster, cache_dir
         client.close()
 
 
+@LLM
+def test_pipeline_loses_a_middle_stage_and_continues_identically(cluster, cache_dir, prompt_ids, uninterrupted):
+    """kill -9 of the node holding the middle layers of a 3-stage pipeline: the survivors split the
+    layers again as a 2-stage pipeline and the run gives exactly the uninterrupted tokens."""
+    for r in range(3):  # the tensor-parallel test above killed one
+        if cluster.procs[r].poll() is not None:
+            cluster.restart(r)
+    clients = _clients(cluster, range(3))
+    with DistributedLlama(smollm_in_memory(), clients, [1.0, 1.0, 1.0], cache_dir=cache_dir, layout="pipeline") as llm:
+        assert [tuple(row["layers"]) for row in llm.describe()] == [(0, 10), (10, 20), (20, 30)]
+        tokens = []
+        for token in llm.generate(prompt_ids, 24):
+            tokens.append(token)
+            if len(tokens) == 6:
+                cluster.kill(1)
+        assert tokens == uninterrupted[0][:24]
+        [record] = llm.last_stats.recoveries
+        assert record["lost_node"] == cluster.addresses[1] and record["nodes_left"] == 2
+        assert llm.layout.describe() == "pipeline 0-14|15-29" and llm.messages_per_token == 2
+    cluster.restart(1)
+    for client in clients:
+        client.close()
+
+
 def _serve_batch(engine, prompts: list[list[int]], n_tokens: int, on_token=None) -> list[list[int]]:
     """Greedy answers of `prompts` submitted together to a Scheduler over `engine` (rows of one batch)."""
     scheduler = Scheduler(engine, max_active=len(prompts), prefill_chunk=64)

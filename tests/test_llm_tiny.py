@@ -183,8 +183,42 @@ def test_whole_model_node_runs_all_layers_with_its_norms(tiny, tmp_path):
     with pytest.raises(ExecutorInputError, match="all heads and MLP columns"):
         TensorParallelExecutor({"model": two.data["config"]}, partial)
     without = TensorParallelExecutor({"model": two.data["config"]}, two.node_files(0))
-    with pytest.raises(ExecutorInputError, match="whole model"):
+    with pytest.raises(ExecutorInputError, match="all heads and columns of its layers"):
         without.forward("layers", 0, 0, "s", [torch.randn(2, 64)])
+
+
+def test_pipeline_stages_run_their_layers_and_chain_to_transformers(tiny, tmp_path):
+    """A 2-stage pipeline plan: each stage's files are only its layers (plus their norms), its
+    executor numbers them from 0, and stage after stage equals transformers, prefill then decode."""
+    from edgeweave.splitting import layouts
+
+    model, folder = tiny
+    ckpt = open_checkpoint(folder)
+    n = ckpt.config.num_layers
+    plan = plan_shards(ckpt.config, [1.0, 1.0], partition=layouts.pipeline([1, n - 1]))
+    assert plan.plan_id != plan_shards(ckpt.config, [1.0, 1.0]).plan_id
+    manifest = write_shards(ckpt, plan, tmp_path)
+    assert list(manifest.layers(1)) == list(range(1, n)) and "layer.000" not in manifest.shard_files(1)
+    stages = []
+    for rank in range(2):
+        files = {name: manifest.path(rel) for name, rel in manifest.shard_files(rank).items()}
+        held = manifest.layers(rank)
+        stages.append(TensorParallelExecutor({"model": manifest.data["config"], "n_layers": len(held),
+                                              "first_layer": held.start}, files))
+    hub = TensorParallelHub.from_file(ckpt.config, manifest.coordinator_file)
+
+    def stack(x, position):
+        for stage in stages:
+            x = stage.forward("layers", 0, position, "s", [x])[0]
+        return x
+
+    got = torch.cat([hub.forward(IDS[:9], 0, stack=stack), hub.forward(IDS[9:10], 9, stack=stack)])
+    with torch.inference_mode():
+        theirs = model(torch.tensor([IDS[:10]])).logits[0]
+    torch.testing.assert_close(got, theirs, rtol=0, atol=1e-4)
+    with pytest.raises(ExecutorInputError, match="first_layer"):
+        TensorParallelExecutor({"model": manifest.data["config"], "n_layers": n - 1, "first_layer": 2},
+                               manifest.node_files(1))
 
 
 def test_coordinator_share_drives_like_a_node_and_reports_errors_as_nodes_do(tiny, tmp_path):

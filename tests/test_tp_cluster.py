@@ -132,3 +132,37 @@ def test_quantized_three_nodes_windowed_equal_the_same_plan_in_process(cluster, 
         client.close()
     assert tokens == want_tokens
     torch.testing.assert_close(torch.stack([row.reshape(-1) for row in logits]), want_logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("n_nodes", "weights", "layout"), [
+    (3, [2.0, 1.0, 1.0], "pipeline"),
+    (3, [1.0, 1.0, 1.0], "hybrid"),
+])
+def test_pipeline_and_hybrid_layouts_match_transformers(cluster, cache_dir, n_nodes, weights, layout):
+    """Pipeline stages (each node all heads and columns of a contiguous range of layers, one message
+    per stage and token) and a hybrid (a 2-node tensor-parallel stage, then a 1-node stage) give
+    transformers' greedy tokens and logits, with the round trips their layout promises."""
+    from edgeweave.splitting import layouts
+
+    request = layouts.hybrid([12, 18], [2, 1]) if layout == "hybrid" else layout
+    clients = _clients(cluster, n_nodes)
+    with DistributedLlama(smollm_in_memory(), clients, weights, cache_dir=cache_dir / "shards", layout=request) as llm:
+        rows = llm.describe()
+        if layout == "pipeline":
+            ranges = [tuple(row["layers"]) for row in rows]
+            assert ranges == [(0, 15), (15, 23), (23, 30)]  # in proportion to the weights
+            assert all(row["n_kv_heads"] == 3 and row["n_columns"] == 1536 for row in rows)
+            assert llm.messages_per_token == n_nodes
+        else:
+            assert [tuple(row["layers"]) for row in rows] == [(0, 12), (0, 12), (12, 30)]
+            assert llm.messages_per_token == 2 * 12 + 1
+        ref = hf_reference()
+        logits: list[torch.Tensor] = []
+        assert list(llm.generate(ref.prompt_ids, len(ref.tokens), logits_out=logits)) == ref.tokens
+        p = len(ref.prompt_ids)
+        torch.testing.assert_close(torch.stack(logits), ref.logits[p - 1: -1], rtol=0, atol=1e-3)
+        assert llm.last_stats.round_trips == llm.messages_per_token * len(ref.tokens)
+        details = llm.load_details
+        assert [d["n_layers"] for d in details] == [row["layers"][1] - row["layers"][0] for row in rows]
+    for client in clients:
+        client.close()
