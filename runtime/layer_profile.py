@@ -1,0 +1,292 @@
+"""Time one decoder layer of a given shape on this machine, through the node's own executor.
+
+Why: the layout planner (`splitting.layout_planner`) decides between tensor, pipeline and
+1-node layouts from seconds per layer per node, and a matmul GFLOP/s figure does not say what a
+layer costs (attention over a KV cache, quantized kernels, the glue between them, per-call
+overhead). So a node builds ONE layer of the model's shape with random weights in the layout the
+plan would ship (float or block-quantized, `runtime.quantized`), writes it as a shard file, loads
+it with `runtime.tp_executor.TensorParallelExecutor` (the kernels, thread settings and ORT
+external-data path of a real job: no second implementation) and times op "layers" on it:
+
+    decode   one token at position `kv_tokens` (a KV cache of that length), then truncated back
+    prefill  `prompt_tokens` tokens of a fresh session, then reset
+
+Timing is sustained throughput, not a best case: each figure is the median over a few batches of
+(batch wall time / runs), every batch running back to back for a slice of the budget long enough
+to span CPU-quota periods (a cgroup cpu.max node runs full speed for part of every 100 ms period).
+Everything it made (file, executor, KV caches) is released before it returns.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from edgeweave.runtime.executor import ExecutorInputError
+from edgeweave.runtime.layer_compute import BACKENDS, PROJECTIONS
+from edgeweave.runtime.layer_store import return_freed_memory
+from edgeweave.runtime.memory_budget import format_bytes, held_layer_bytes
+from edgeweave.runtime.quantized import BlockQuantized, QuantizationError, to_shard_tensors
+from edgeweave.runtime.safetensors_write import save_safetensors
+
+#: projection kinds as the plan names them (`splitting.tensor_parallel.PROJECTION_KINDS`) -> shard keys
+PROJECTION_KEYS = dict(zip(("q", "k", "v", "o", "gate", "up", "down"), PROJECTIONS, strict=True))
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_PROMPT_TOKENS = 128
+MAX_PROMPT_TOKENS = 8192
+MAX_KV_TOKENS = 32768
+#: the largest dimensions a request may ask for (well above any Llama-family model's)
+MAX_HIDDEN, MAX_INTERMEDIATE, MAX_HEADS, MAX_HEAD_DIM = 32768, 131072, 1024, 512
+#: a profile may allocate at most this share of the memory available now
+MAX_MEMORY_SHARE = 0.5
+#: batches per figure: the median of 3 ignores one disturbed batch
+BATCHES = 3
+#: the timing proper gets at least this share of the budget, however long building took
+MIN_TIMING_SHARE = 0.25
+
+
+class LayerShapeError(ExecutorInputError):
+    """A layer shape or timing request that cannot be built or run; the node answers INVALID_ARGUMENT."""
+
+
+@dataclass(frozen=True)
+class ProjectionLayout:
+    """How one projection is stored: float (bits None) or `bits`-bit blocks of `block` (+ offsets)."""
+
+    bits: int | None = None
+    block: int = 32
+    offset: bool = False
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One decoder layer's dimensions and the storage of its projections (by plan kind q .. down)."""
+
+    hidden: int
+    intermediate: int
+    n_q_heads: int
+    n_kv_heads: int
+    head_dim: int
+    projections: tuple[tuple[str, ProjectionLayout], ...] = ()  # missing kinds are float
+    attention_bias: bool = False
+    qk_norm: bool = False
+    float_dtype: str = "float32"  # of float tensors in the shard file
+
+    def layout(self, kind: str) -> ProjectionLayout:
+        return dict(self.projections).get(kind, ProjectionLayout())
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """[out, in] of every projection, by plan kind."""
+        q, kv, h, m = self.n_q_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.hidden, self.intermediate
+        return {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (m, h), "up": (m, h), "down": (h, m)}
+
+    @property
+    def quantized(self) -> bool:
+        return any(layout.bits is not None for _, layout in self.projections)
+
+    def float32_bytes(self) -> int:
+        """The layer's bytes were it all float32: a bound on what building it allocates."""
+        return 4 * sum(r * c for r, c in self.projection_shapes().values())
+
+    def check(self) -> LayerShape:
+        """This shape, or LayerShapeError with one sentence saying what is wrong."""
+        dims = {"hidden": (self.hidden, MAX_HIDDEN), "intermediate": (self.intermediate, MAX_INTERMEDIATE),
+                "n_q_heads": (self.n_q_heads, MAX_HEADS), "n_kv_heads": (self.n_kv_heads, MAX_HEADS),
+                "head_dim": (self.head_dim, MAX_HEAD_DIM)}
+        for name, (value, most) in dims.items():
+            if not 1 <= value <= most:
+                raise LayerShapeError(f"layer shape {name} must be between 1 and {most}, not {value}")
+        if self.n_q_heads % self.n_kv_heads:
+            raise LayerShapeError(f"n_q_heads ({self.n_q_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise LayerShapeError(f"head_dim must be even (RoPE rotates pairs), not {self.head_dim}")
+        if self.float_dtype not in FLOAT_DTYPES:
+            raise LayerShapeError(f"float_dtype must be one of {', '.join(FLOAT_DTYPES)}, not {self.float_dtype!r}")
+        shapes = self.projection_shapes()
+        for kind, layout in self.projections:
+            if kind not in shapes:
+                raise LayerShapeError(f"unknown projection {kind!r}; the kinds are {', '.join(shapes)}")
+            if layout.bits is None:
+                continue
+            if layout.bits not in (4, 8):
+                raise LayerShapeError(f"projection {kind}: bits must be 4 or 8 (0 = float), not {layout.bits}")
+            columns = shapes[kind][1]
+            if layout.block < 16 or layout.block & (layout.block - 1) or columns % layout.block:
+                raise LayerShapeError(f"projection {kind}: block {layout.block} must be a power of two >= 16 "
+                                      f"that divides its {columns} input columns")
+        return self
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """What `profile_layer` measured: seconds per whole layer, and what the layer costs in memory."""
+
+    decode_s: float  # one token against a KV cache of `kv_tokens`
+    prefill_s: float  # `prompt_tokens` tokens at once (the whole prompt, not per token)
+    prompt_tokens: int
+    kv_tokens: int
+    file_bytes: int  # the shard file of the whole layer
+    held_bytes: int  # what the node holds for it resident (`memory_budget.held_layer_bytes`)
+    kernel: str  # "float", or the quantized backend ("ort", "torch")
+    decode_runs: int
+    prefill_runs: int
+    elapsed_s: float  # the whole profile, building included
+    threads: int = field(default_factory=torch.get_num_threads)
+
+
+def sustained_seconds(run: Callable[[], None], seconds: float, batches: int = BATCHES) -> tuple[float, int]:
+    """(median over `batches` of batch wall time / calls, calls made): each batch calls `run` back to
+    back until it has lasted seconds / batches (at least one call), so quota stalls land in the figure."""
+    per_batch = max(seconds, 0.0) / batches
+    figures, calls = [], 0
+    for _ in range(batches):
+        start = time.perf_counter()
+        n = 0
+        while True:
+            run()
+            n += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= per_batch:
+                break
+        figures.append(elapsed / n)
+        calls += n
+    return statistics.median(figures), calls
+
+
+def _random_quantized(rows: int, columns: int, layout: ProjectionLayout, rng: np.random.Generator) -> BlockQuantized:
+    levels = 1 << int(layout.bits or 8)
+    blocks = (rows, columns // layout.block)
+    q = rng.integers(0, levels, size=(rows, columns), dtype=np.uint8)
+    scale = np.full(blocks, 0.04 / levels, dtype=np.float32)
+    zero = np.full(blocks, levels // 2, dtype=np.uint8)
+    offset = rng.standard_normal(blocks, dtype=np.float32) * 0.001 if layout.offset else None
+    return BlockQuantized(q, scale, zero, offset, int(layout.bits or 8), layout.block)
+
+
+def synthetic_layer(shape: LayerShape, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A layer shard holding every head and column of `shape`, random weights, in its layouts."""
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    dtype = FLOAT_DTYPES[shape.float_dtype]
+    out: dict[str, torch.Tensor] = {}
+    for kind, (rows, columns) in shape.projection_shapes().items():
+        key, layout = PROJECTION_KEYS[kind], shape.layout(kind)
+        if layout.bits is None:
+            out[key] = (torch.randn(rows, columns, generator=generator) * 0.02).to(dtype)
+        else:
+            try:
+                out.update(to_shard_tensors(key, _random_quantized(rows, columns, layout, rng)))
+            except QuantizationError as exc:
+                raise LayerShapeError(f"projection {kind}: {exc}") from None
+    q_rows, kv_rows = shape.n_q_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    if shape.attention_bias:
+        out.update(bq=torch.zeros(q_rows, dtype=dtype), bk=torch.zeros(kv_rows, dtype=dtype),
+                   bv=torch.zeros(kv_rows, dtype=dtype))
+    if shape.qk_norm:
+        out.update(q_norm=torch.ones(shape.head_dim, dtype=dtype), k_norm=torch.ones(shape.head_dim, dtype=dtype))
+    return out
+
+
+def _executor_config(shape: LayerShape, backend: str, kv_tokens: int, prompt_tokens: int) -> dict:
+    context = max(kv_tokens + 1, prompt_tokens)
+    model = {"hidden_size": shape.hidden, "num_layers": 1, "head_dim": shape.head_dim, "rope_theta": 10000.0,
+             "num_kv_heads": shape.n_kv_heads, "intermediate_size": shape.intermediate,
+             "max_position_embeddings": context}
+    return {"model": model, "n_layers": 1, "layer_files": ["layer.000"], "window": None, "dtype": "float32",
+            "backend": backend}
+
+
+def check_request(shape: LayerShape, backend: str, prompt_tokens: int, kv_tokens: int) -> None:
+    """LayerShapeError when the shape, backend or token counts cannot be profiled here."""
+    shape.check()
+    if backend not in BACKENDS:
+        raise LayerShapeError(f"matmul backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if not 1 <= prompt_tokens <= MAX_PROMPT_TOKENS:
+        raise LayerShapeError(f"prompt_tokens must be between 1 and {MAX_PROMPT_TOKENS}, not {prompt_tokens}")
+    if not 0 <= kv_tokens <= MAX_KV_TOKENS:
+        raise LayerShapeError(f"kv_tokens must be between 0 and {MAX_KV_TOKENS}, not {kv_tokens}")
+    need = shape.float32_bytes() * 2 + 8 * shape.n_kv_heads * shape.head_dim * (kv_tokens + prompt_tokens)
+    allowed = int(psutil.virtual_memory().available * MAX_MEMORY_SHARE)
+    if need > allowed:
+        raise LayerShapeError(f"profiling a layer of this shape may take {format_bytes(need)}, more than the "
+                              f"{format_bytes(allowed)} this node lets a profile use (half its available memory)")
+
+
+def profile_layer(shape: LayerShape, backend: str = "ort", prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+                  kv_tokens: int | None = None, budget_s: float = 1.0, work_dir: Path | None = None) -> LayerTiming:
+    """Decode and prefill seconds of one whole layer of `shape` on this machine (module docstring),
+    within about `budget_s` (building the layer counts against it; each figure gets at least one run).
+
+    `kv_tokens` defaults to `prompt_tokens`: the first decode step after such a prompt."""
+    from edgeweave.runtime.tp_executor import TensorParallelExecutor
+
+    kv = prompt_tokens if kv_tokens is None else kv_tokens
+    check_request(shape, backend, prompt_tokens, kv)
+    start = time.perf_counter()
+    folder = Path(tempfile.mkdtemp(prefix=".layer-profile-", dir=work_dir))
+    executor = None
+    try:
+        layer, norms = folder / "layer.safetensors", folder / "norms.safetensors"
+        tensors = synthetic_layer(shape)
+        save_safetensors(tensors, layer)
+        del tensors
+        save_safetensors({"input_norm.0": torch.ones(shape.hidden), "post_norm.0": torch.ones(shape.hidden)}, norms)
+        file_bytes = layer.stat().st_size
+        executor = TensorParallelExecutor(_executor_config(shape, backend, kv, prompt_tokens),
+                                          {"layer.000": layer, "norms": norms})
+        generator = torch.Generator().manual_seed(1)
+        one = torch.randn(1, shape.hidden, generator=generator)
+        prompt = torch.randn(prompt_tokens, shape.hidden, generator=generator)
+        forward = executor.forward
+
+        def decode() -> None:
+            forward("layers", 0, kv, "decode", [one])
+            forward("truncate", 0, kv, "decode", [])
+
+        def prefill() -> None:
+            forward("layers", 0, 0, "prefill", [prompt])
+            forward("reset", 0, 0, "prefill", [])
+
+        if kv:  # the decode session's cache, and a warm-up of the prefill path
+            forward("layers", 0, 0, "decode", [torch.randn(kv, shape.hidden, generator=generator)])
+        else:
+            prefill()
+        decode()
+        # what building left of the budget, but never less than a quarter of it for the timing itself
+        left = max(budget_s - (time.perf_counter() - start), budget_s * MIN_TIMING_SHARE)
+        prefill_s, prefill_runs = sustained_seconds(prefill, left * 0.4)
+        decode_s, decode_runs = sustained_seconds(decode, left * 0.6)
+        kernel = backend if executor.quantized else "float"
+        held = held_layer_bytes([file_bytes], kernel)[0][0]
+        return LayerTiming(decode_s, prefill_s, prompt_tokens, kv, file_bytes, held, kernel, decode_runs,
+                           prefill_runs, time.perf_counter() - start, executor.threads)
+    finally:
+        if executor is not None:
+            executor.close()
+        del executor
+        shutil.rmtree(folder, ignore_errors=True)
+        return_freed_memory(collect=True)
+
+
+def projection_parameters(shape: LayerShape) -> tuple[int, int]:
+    """(attention, MLP) weight counts of the layer: how the planner splits a layer's time and bytes."""
+    shapes = shape.projection_shapes()
+    attention = sum(math.prod(shapes[k]) for k in ("q", "k", "v", "o"))
+    return attention, sum(math.prod(shapes[k]) for k in ("gate", "up", "down"))
+
+
+def layer_shape_from(mapping: Mapping[str, object]) -> LayerShape:
+    """A LayerShape from plain values (tests, JSON); see `LayerShape` for the keys."""
+    projections = tuple((k, ProjectionLayout(**v)) for k, v in dict(mapping.get("projections") or {}).items())
+    fields = {k: v for k, v in mapping.items() if k != "projections"}
+    return LayerShape(projections=projections, **fields)  # type: ignore[arg-type]
