@@ -182,6 +182,9 @@ class NodeServicer(pb_grpc.NodeServicer):
             **vars(p), layer_decode_s=t.decode_s, layer_prefill_s=t.prefill_s, prompt_tokens=t.prompt_tokens,
             kv_tokens=t.kv_tokens, layer_file_bytes=t.file_bytes, layer_held_bytes=t.held_bytes,
             layer_kernel=t.kernel, layer_runs=t.decode_runs + t.prefill_runs, layer_profile_s=t.elapsed_s,
+            layer_attn_decode_s=t.attn_decode_s, layer_mlp_decode_s=t.mlp_decode_s,
+            shard_attn_decode_s=t.shard_attn_decode_s, shard_mlp_decode_s=t.shard_mlp_decode_s,
+            shard_mlp_columns=t.shard_mlp_columns,
         )
 
     # -- shards ------------------------------------------------------------------------------

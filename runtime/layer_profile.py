@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,8 @@ MAX_MEMORY_SHARE = 0.5
 BATCHES = 3
 #: the timing proper gets at least this share of the budget, however long building took
 MIN_TIMING_SHARE = 0.25
+#: MLP columns of the smallest shard timed (a quantization block, `splitting.quant_plan.CUT_ALIGNMENT`)
+FLOOR_COLUMNS = 32
 
 
 class LayerShapeError(ExecutorInputError):
@@ -141,6 +143,11 @@ class LayerTiming:
     decode_runs: int
     prefill_runs: int
     elapsed_s: float  # the whole profile, building included
+    attn_decode_s: float  # op "attn", one token, every head
+    mlp_decode_s: float  # op "mlp", one token, every column
+    shard_attn_decode_s: float  # op "attn" of one KV-head group (`floor_shape`)
+    shard_mlp_decode_s: float  # op "mlp" of `shard_mlp_columns` columns
+    shard_mlp_columns: int
     threads: int = field(default_factory=torch.get_num_threads)
 
 
@@ -163,7 +170,8 @@ def sustained_seconds(run: Callable[[], None], seconds: float, batches: int = BA
     return statistics.median(figures), calls
 
 
-def _random_quantized(rows: int, columns: int, layout: ProjectionLayout, rng: np.random.Generator) -> BlockQuantized:
+def random_block_quantized(rows: int, columns: int, layout: ProjectionLayout, rng: np.random.Generator) -> BlockQuantized:
+    """Random [rows, columns] weights in `layout`'s blocks (values do not matter to a timing, shapes do)."""
     levels = 1 << int(layout.bits or 8)
     blocks = (rows, columns // layout.block)
     q = rng.integers(0, levels, size=(rows, columns), dtype=np.uint8)
@@ -185,7 +193,7 @@ def synthetic_layer(shape: LayerShape, seed: int = 0) -> dict[str, torch.Tensor]
             out[key] = (torch.randn(rows, columns, generator=generator) * 0.02).to(dtype)
         else:
             try:
-                out.update(to_shard_tensors(key, _random_quantized(rows, columns, layout, rng)))
+                out.update(to_shard_tensors(key, random_block_quantized(rows, columns, layout, rng)))
             except QuantizationError as exc:
                 raise LayerShapeError(f"projection {kind}: {exc}") from None
     q_rows, kv_rows = shape.n_q_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
@@ -195,15 +203,6 @@ def synthetic_layer(shape: LayerShape, seed: int = 0) -> dict[str, torch.Tensor]
     if shape.qk_norm:
         out.update(q_norm=torch.ones(shape.head_dim, dtype=dtype), k_norm=torch.ones(shape.head_dim, dtype=dtype))
     return out
-
-
-def _executor_config(shape: LayerShape, backend: str, kv_tokens: int, prompt_tokens: int) -> dict:
-    context = max(kv_tokens + 1, prompt_tokens)
-    model = {"hidden_size": shape.hidden, "num_layers": 1, "head_dim": shape.head_dim, "rope_theta": 10000.0,
-             "num_kv_heads": shape.n_kv_heads, "intermediate_size": shape.intermediate,
-             "max_position_embeddings": context}
-    return {"model": model, "n_layers": 1, "layer_files": ["layer.000"], "window": None, "dtype": "float32",
-            "backend": backend}
 
 
 def check_request(shape: LayerShape, backend: str, prompt_tokens: int, kv_tokens: int) -> None:
@@ -222,58 +221,97 @@ def check_request(shape: LayerShape, backend: str, prompt_tokens: int, kv_tokens
                               f"{format_bytes(allowed)} this node lets a profile use (half its available memory)")
 
 
+def floor_shape(shape: LayerShape) -> LayerShape:
+    """The smallest shard of `shape` a node can get: one KV-head group and one column block of the
+    MLP. Its op times are the fixed part of a shard's (what does not shrink with the share)."""
+    blocks = [shape.layout(k).block for k in ("gate", "up", "down") if shape.layout(k).bits is not None]
+    columns = min(shape.intermediate, max([FLOOR_COLUMNS, *blocks]))
+    return replace(shape, n_kv_heads=1, n_q_heads=shape.n_q_heads // shape.n_kv_heads, intermediate=columns)
+
+
+class _Bench:
+    """One synthetic layer of `shape` loaded by the node's executor, and the calls that are timed."""
+
+    def __init__(self, shape: LayerShape, backend: str, kv: int, prompt_tokens: int, folder: Path) -> None:
+        from edgeweave.runtime.tp_executor import TensorParallelExecutor
+
+        folder.mkdir()
+        layer, norms = folder / "layer.safetensors", folder / "norms.safetensors"
+        save_safetensors(synthetic_layer(shape), layer)
+        save_safetensors({"input_norm.0": torch.ones(shape.hidden), "post_norm.0": torch.ones(shape.hidden)}, norms)
+        self.file_bytes = layer.stat().st_size
+        model = {"hidden_size": shape.hidden, "num_layers": 1, "head_dim": shape.head_dim, "rope_theta": 10000.0,
+                 "num_kv_heads": shape.n_kv_heads, "intermediate_size": shape.intermediate,
+                 "max_position_embeddings": max(kv + 1, prompt_tokens)}
+        config = {"model": model, "n_layers": 1, "layer_files": ["layer.000"], "window": None, "dtype": "float32",
+                  "backend": backend}
+        self.executor = TensorParallelExecutor(config, {"layer.000": layer, "norms": norms})
+        self.kv = kv
+        generator = torch.Generator().manual_seed(1)
+        self.one = torch.randn(1, shape.hidden, generator=generator)
+        self.prompt = torch.randn(prompt_tokens, shape.hidden, generator=generator)
+        self.forward = self.executor.forward
+        if kv:  # the decode sessions' caches, and a warm-up of the prefill path
+            cache = torch.randn(kv, shape.hidden, generator=generator)
+            self.forward("layers", 0, 0, "decode", [cache])
+            self.forward("attn", 0, 0, "attn", [cache])
+        else:
+            self.prefill()
+        self.decode()
+        self.attn()
+        self.mlp()
+
+    def decode(self) -> None:
+        """op "layers" for one token against the KV cache (norms, attention, MLP, residuals)."""
+        self.forward("layers", 0, self.kv, "decode", [self.one])
+        self.forward("truncate", 0, self.kv, "decode", [])
+
+    def prefill(self) -> None:
+        self.forward("layers", 0, 0, "prefill", [self.prompt])
+        self.forward("reset", 0, 0, "prefill", [])
+
+    def attn(self) -> None:
+        """op "attn" for one token: what a tensor-parallel rank computes for its heads."""
+        self.forward("attn", 0, self.kv, "attn", [self.one])
+        self.forward("truncate", 0, self.kv, "attn", [])
+
+    def mlp(self) -> None:
+        self.forward("mlp", 0, 0, "", [self.one])
+
+    def close(self) -> None:
+        self.executor.close()
+
+
 def profile_layer(shape: LayerShape, backend: str = "ort", prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
                   kv_tokens: int | None = None, budget_s: float = 1.0, work_dir: Path | None = None) -> LayerTiming:
-    """Decode and prefill seconds of one whole layer of `shape` on this machine (module docstring),
-    within about `budget_s` (building the layer counts against it; each figure gets at least one run).
-
-    `kv_tokens` defaults to `prompt_tokens`: the first decode step after such a prompt."""
-    from edgeweave.runtime.tp_executor import TensorParallelExecutor
-
+    """Seconds of one whole layer of `shape` on this machine (module docstring), decode and
+    prefill, and of the tensor-parallel ops "attn" and "mlp" for one token on the whole layer and
+    on its smallest shard (`floor_shape`), within about `budget_s` (building counts against it;
+    each figure gets at least one run). `kv_tokens` defaults to `prompt_tokens`: the first decode
+    step after such a prompt."""
     kv = prompt_tokens if kv_tokens is None else kv_tokens
     check_request(shape, backend, prompt_tokens, kv)
     start = time.perf_counter()
     folder = Path(tempfile.mkdtemp(prefix=".layer-profile-", dir=work_dir))
-    executor = None
+    benches: list[_Bench] = []
     try:
-        layer, norms = folder / "layer.safetensors", folder / "norms.safetensors"
-        tensors = synthetic_layer(shape)
-        save_safetensors(tensors, layer)
-        del tensors
-        save_safetensors({"input_norm.0": torch.ones(shape.hidden), "post_norm.0": torch.ones(shape.hidden)}, norms)
-        file_bytes = layer.stat().st_size
-        executor = TensorParallelExecutor(_executor_config(shape, backend, kv, prompt_tokens),
-                                          {"layer.000": layer, "norms": norms})
-        generator = torch.Generator().manual_seed(1)
-        one = torch.randn(1, shape.hidden, generator=generator)
-        prompt = torch.randn(prompt_tokens, shape.hidden, generator=generator)
-        forward = executor.forward
-
-        def decode() -> None:
-            forward("layers", 0, kv, "decode", [one])
-            forward("truncate", 0, kv, "decode", [])
-
-        def prefill() -> None:
-            forward("layers", 0, 0, "prefill", [prompt])
-            forward("reset", 0, 0, "prefill", [])
-
-        if kv:  # the decode session's cache, and a warm-up of the prefill path
-            forward("layers", 0, 0, "decode", [torch.randn(kv, shape.hidden, generator=generator)])
-        else:
-            prefill()
-        decode()
+        benches.append(_Bench(shape, backend, kv, prompt_tokens, folder / "whole"))
+        benches.append(_Bench(floor_shape(shape), backend, kv, prompt_tokens, folder / "floor"))
+        whole, floor = benches
         # what building left of the budget, but never less than a quarter of it for the timing itself
         left = max(budget_s - (time.perf_counter() - start), budget_s * MIN_TIMING_SHARE)
-        prefill_s, prefill_runs = sustained_seconds(prefill, left * 0.4)
-        decode_s, decode_runs = sustained_seconds(decode, left * 0.6)
-        kernel = backend if executor.quantized else "float"
-        held = held_layer_bytes([file_bytes], kernel)[0][0]
-        return LayerTiming(decode_s, prefill_s, prompt_tokens, kv, file_bytes, held, kernel, decode_runs,
-                           prefill_runs, time.perf_counter() - start, executor.threads)
+        prefill_s, prefill_runs = sustained_seconds(whole.prefill, left * 0.3)
+        decode_s, decode_runs = sustained_seconds(whole.decode, left * 0.3)
+        ops = [sustained_seconds(run, left * 0.1)[0] for run in (whole.attn, whole.mlp, floor.attn, floor.mlp)]
+        kernel = backend if whole.executor.quantized else "float"
+        held = held_layer_bytes([whole.file_bytes], kernel)[0][0]
+        return LayerTiming(decode_s, prefill_s, prompt_tokens, kv, whole.file_bytes, held, kernel, decode_runs,
+                           prefill_runs, time.perf_counter() - start, *ops, floor_shape(shape).intermediate,
+                           whole.executor.threads)
     finally:
-        if executor is not None:
-            executor.close()
-        del executor
+        for bench in benches:
+            bench.close()
+        benches.clear()
         shutil.rmtree(folder, ignore_errors=True)
         return_freed_memory(collect=True)
 

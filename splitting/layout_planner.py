@@ -26,12 +26,18 @@ decode step, T = P for the prompt.
   multi-node stage (ranks R, n_s layers): per layer two reductions, "attn" then "mlp"; the
   normed state goes to every rank holding a share (all sends first, then all receives, so the
   ranks compute in parallel) and the hub sums the partials:
-    red_op(T) = max over r in R_op of [rho_r + wire_r(T) + f_op s_r,op t_r(T)] + (|R_op| - 1) c(T) + h(T)
+    red_op(T) = max over r in R_op of [rho_r + wire_r(T) + t_r,op(T)] + (|R_op| - 1) c(T) + h(T)
     stage(T) = n_s * max(red_attn(T) + red_mlp(T), max over windowed r of share file bytes_r / delta_r)
-    f_attn = attention weights / layer weights (q, k, v, o vs gate, up, down; f_mlp = 1 - f_attn);
     s_r,op = r's share of the KV heads (attn) or MLP columns (mlp), exactly as
     `tensor_parallel.plan_shards` cuts them for the stage's rank weights (whole KV heads, columns on
     32-column blocks: 3 KV heads over 2 equal nodes are 2 + 1, so attention costs 2/3, not 1/2).
+    t_r,op(T) = f_op s_r,op t_r(T): the op's share of the layer by weight count, f_attn = attention
+    weights / layer weights (q, k, v, o vs gate, up, down; f_mlp = 1 - f_attn). For a decode step,
+    when the node timed its ops (A_op on the whole layer, F_op on its smallest shard of share s0:
+    one KV-head group, or a 32-column block), the line through those two points instead:
+    t_r,op(1) = F_op + (s - s0) / (1 - s0) (A_op - F_op). On small models most of an op is fixed
+    cost (kernel calls, RoPE and attention glue): SmolLM2's one-KV-head attention costs about what
+    all three heads do, so halving a layer's weights does not halve its time.
     The first message of a reduction is inside rho_r; every further one costs the coordinator
     c(T) in series. A windowed rank reads its next layer while the whole layer period runs
     (network waits included), so its reads bound the period, not each compute.
@@ -69,6 +75,8 @@ saves, and pipeline's serial compute more than hybrid's round trips. For 4 nodes
 is rho < ~3 c, which no real LAN gives (rho is a few hundred us, c tens of us); the band widens
 with more nodes (8 nodes in pairs: rho < ~7 c). Hybrid never fits where tensor does not (tensor
 holds less per node). Unequal nodes and lumpy shares (3 KV heads) move the band, not its cause.
+This analysis takes shares as proportional (no fixed per-op cost F); F adds the same to every
+reduction of tensor and hybrid, which narrows the band further against pipeline.
 tests/test_layout_planner.py checks the band against the full model.
 """
 
@@ -111,6 +119,15 @@ class NodeCosts:
     bandwidth_Bps: float = math.inf  # beta_r
     disk_read_Bps: float = 100e6  # delta_r
     kernel: str = "float"  # what holds its quantized layers ("ort", "torch") or "float"
+    #: the tensor-parallel ops for one token (0 = not measured: then f_op s d_r): on the whole layer
+    #: (A_op), and on the smallest shard (F_op: one KV-head group, `shard_mlp_columns` MLP columns)
+    attn_decode_s: float = 0.0
+    mlp_decode_s: float = 0.0
+    shard_attn_decode_s: float = 0.0
+    shard_mlp_decode_s: float = 0.0
+    shard_mlp_columns: int = 32
+    layer_file_bytes: int = 0  # measured, shown (the model takes layer bytes from the plan's cut)
+    transport: str = ""  # of the measured link: "tcp" (raw data plane) or "grpc"
 
     @property
     def speed(self) -> float:
@@ -266,6 +283,18 @@ class _Model:
     def compute(self, node: NodeCosts, tokens: int) -> float:
         return node.layer_decode_s if tokens == 1 else node.layer_prefill_s
 
+    def share_compute(self, node: NodeCosts, op: str, share: float, fraction: float, tokens: int) -> float:
+        """t_r,op(T) of the module docstring: a rank's compute for its `share` of one op."""
+        whole, floor = ((node.attn_decode_s, node.shard_attn_decode_s) if op == "attn"
+                        else (node.mlp_decode_s, node.shard_mlp_decode_s))
+        if tokens != 1 or whole <= 0 or floor <= 0:
+            return fraction * share * self.compute(node, tokens)
+        floor_share = (1 / self.cfg.num_kv_heads if op == "attn"
+                       else min(1.0, node.shard_mlp_columns / self.cfg.intermediate_size))
+        if floor_share >= 1:
+            return whole
+        return floor + max(share - floor_share, 0.0) / (1 - floor_share) * max(whole - floor, 0.0)
+
     def read(self, node: NodeCosts, plan: TensorParallelPlan, rank: int) -> float:
         return plan.layer_bytes(rank, self.costs.itemsize) / node.disk_read_Bps
 
@@ -290,7 +319,8 @@ class _Model:
                 shard, node = plan.shards[r], members[r]
                 share = (shard.n_kv_heads / self.cfg.num_kv_heads if op == "attn"
                          else shard.n_columns / self.cfg.intermediate_size)
-                slowest = max(slowest, node.rtt_s + self.wire(node, tokens) + fraction * share * self.compute(node, tokens))
+                slowest = max(slowest, node.rtt_s + self.wire(node, tokens)
+                              + self.share_compute(node, op, share, fraction, tokens))
             total += slowest + (len(ranks) - 1) * message + reduction
         reads = [self.read(members[r], plan, r) for r in range(len(members)) if windows[r] is not None]
         return n_layers * max(total, max(reads, default=0.0))

@@ -173,6 +173,21 @@ def test_uneven_kv_heads_cost_what_the_larger_share_computes():
     assert tensor.decode_s == pytest.approx(30 * 1e-3 * (f * 2 / 3 + (1 - f) / 2))
 
 
+def test_measured_op_floors_replace_proportional_shares_in_decode():
+    # attention all fixed cost (its one-KV-head shard costs what every head does), MLP half fixed
+    ops = {"attn_decode_s": 0.4e-3, "shard_attn_decode_s": 0.4e-3, "mlp_decode_s": 0.6e-3,
+           "shard_mlp_decode_s": 0.3e-3, "shard_mlp_columns": 32}
+    nodes = [node("a", rtt=0.0, **ops), node("b", rtt=0.0, **ops)]
+    plan = plan_layouts(costs(nodes, SMOL, Q4_1))
+    tensor = next(c for c in plan.candidates if c.kind == "tensor")
+    mlp_half = 0.3e-3 + (768 / 1536 - 32 / 1536) / (1 - 32 / 1536) * 0.3e-3
+    assert tensor.decode_s == pytest.approx(30 * (0.4e-3 + mlp_half))
+    assert tensor.first_token_s == pytest.approx(30 * 30e-3 * (attention_fraction(SMOL) * 2 / 3
+                                                                + (1 - attention_fraction(SMOL)) / 2))
+    single = next(c for c in plan.candidates if c.kind == "single")
+    assert 0.8 < tensor.decode_s / single.decode_s < 0.9  # two nodes save 15%, not the ~45% shares would say
+
+
 def test_hybrid_wins_only_inside_its_band():
     hub = HubCosts(message_s=100e-6)
     band = hybrid_band(4, 2, EVEN.num_layers, rtt=100e-6, message=100e-6)
