@@ -19,12 +19,11 @@ Everything it made (file, executor, KV caches) is released before it returns.
 
 from __future__ import annotations
 
-import math
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -91,10 +90,6 @@ class LayerShape:
         """[out, in] of every projection, by plan kind."""
         q, kv, h, m = self.n_q_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.hidden, self.intermediate
         return {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (m, h), "up": (m, h), "down": (h, m)}
-
-    @property
-    def quantized(self) -> bool:
-        return any(layout.bits is not None for _, layout in self.projections)
 
     def float32_bytes(self) -> int:
         """The layer's bytes were it all float32: a bound on what building it allocates."""
@@ -314,17 +309,3 @@ def profile_layer(shape: LayerShape, backend: str = "ort", prompt_tokens: int = 
         benches.clear()
         shutil.rmtree(folder, ignore_errors=True)
         return_freed_memory(collect=True)
-
-
-def projection_parameters(shape: LayerShape) -> tuple[int, int]:
-    """(attention, MLP) weight counts of the layer: how the planner splits a layer's time and bytes."""
-    shapes = shape.projection_shapes()
-    attention = sum(math.prod(shapes[k]) for k in ("q", "k", "v", "o"))
-    return attention, sum(math.prod(shapes[k]) for k in ("gate", "up", "down"))
-
-
-def layer_shape_from(mapping: Mapping[str, object]) -> LayerShape:
-    """A LayerShape from plain values (tests, JSON); see `LayerShape` for the keys."""
-    projections = tuple((k, ProjectionLayout(**v)) for k, v in dict(mapping.get("projections") or {}).items())
-    fields = {k: v for k, v in mapping.items() if k != "projections"}
-    return LayerShape(projections=projections, **fields)  # type: ignore[arg-type]

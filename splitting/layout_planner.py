@@ -202,7 +202,7 @@ class Candidate:
         return {
             "layout": self.describe(), "kind": self.kind, "stages": self.layout.to_dict(),
             "nodes": [names[i] for i in self.nodes] if names else list(self.nodes), "node_indexes": list(self.nodes),
-            "weights": list(self.weights), "decode_ms": self.decode_s * 1e3, "first_token_ms": self.first_token_s * 1e3,
+            "weights": list(self.weights), "decode_ms": _ms(self.decode_s), "first_token_ms": _ms(self.first_token_s),
             "fits": self.fits, "reason": self.reason, "windows": list(self.windows),
             "messages_per_token": self.messages_per_token,
         }
@@ -216,6 +216,11 @@ class LayoutPlan:
     def to_dict(self, names: Sequence[str] | None = None) -> dict[str, Any]:
         return {"candidates": [c.to_dict(names) for c in self.candidates],
                 "choice": self.candidates.index(self.choice) if self.choice is not None else None}
+
+
+def _ms(seconds: float) -> float | None:
+    """Milliseconds for JSON: None where there is no prediction (a candidate that does not fit)."""
+    return None if math.isnan(seconds) else seconds * 1e3
 
 
 class _Unfit(Exception):

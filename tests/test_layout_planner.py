@@ -228,4 +228,5 @@ def test_bad_costs_are_refused_with_a_sentence():
 def test_nothing_fits_means_no_choice():
     plan = plan_layouts(costs([node("a", budget=NODE_OVERHEAD_BYTES)], SMOL, Q4_1))
     assert plan.choice is None and not plan.candidates[0].fits
-    assert plan.to_dict()["choice"] is None
+    report = plan.to_dict()
+    assert report["choice"] is None and report["candidates"][0]["decode_ms"] is None  # JSON has no NaN
