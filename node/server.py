@@ -184,7 +184,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             layer_kernel=t.kernel, layer_runs=t.decode_runs + t.prefill_runs, layer_profile_s=t.elapsed_s,
             layer_attn_decode_s=t.attn_decode_s, layer_mlp_decode_s=t.mlp_decode_s,
             shard_attn_decode_s=t.shard_attn_decode_s, shard_mlp_decode_s=t.shard_mlp_decode_s,
-            shard_mlp_columns=t.shard_mlp_columns,
+            shard_mlp_columns=t.shard_mlp_columns, layer_ring=t.ring,
         )
 
     # -- shards ------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ class ProjectionLayout(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., bits: _Optional[int] = ..., block: _Optional[int] = ..., offset: _Optional[bool] = ...) -> None: ...
 
 class ProfileReply(_message.Message):
-    __slots__ = ("matmul_gflops", "memory_bandwidth_gbps", "disk_read_mbps", "threads", "layer_decode_s", "layer_prefill_s", "prompt_tokens", "kv_tokens", "layer_file_bytes", "layer_held_bytes", "layer_kernel", "layer_runs", "layer_profile_s", "layer_attn_decode_s", "layer_mlp_decode_s", "shard_attn_decode_s", "shard_mlp_decode_s", "shard_mlp_columns")
+    __slots__ = ("matmul_gflops", "memory_bandwidth_gbps", "disk_read_mbps", "threads", "layer_decode_s", "layer_prefill_s", "prompt_tokens", "kv_tokens", "layer_file_bytes", "layer_held_bytes", "layer_kernel", "layer_runs", "layer_profile_s", "layer_attn_decode_s", "layer_mlp_decode_s", "shard_attn_decode_s", "shard_mlp_decode_s", "shard_mlp_columns", "layer_ring")
     MATMUL_GFLOPS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BANDWIDTH_GBPS_FIELD_NUMBER: _ClassVar[int]
     DISK_READ_MBPS_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class ProfileReply(_message.Message):
     SHARD_ATTN_DECODE_S_FIELD_NUMBER: _ClassVar[int]
     SHARD_MLP_DECODE_S_FIELD_NUMBER: _ClassVar[int]
     SHARD_MLP_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_RING_FIELD_NUMBER: _ClassVar[int]
     matmul_gflops: float
     memory_bandwidth_gbps: float
     disk_read_mbps: float
@@ -162,7 +163,8 @@ class ProfileReply(_message.Message):
     shard_attn_decode_s: float
     shard_mlp_decode_s: float
     shard_mlp_columns: int
-    def __init__(self, matmul_gflops: _Optional[float] = ..., memory_bandwidth_gbps: _Optional[float] = ..., disk_read_mbps: _Optional[float] = ..., threads: _Optional[int] = ..., layer_decode_s: _Optional[float] = ..., layer_prefill_s: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., layer_file_bytes: _Optional[int] = ..., layer_held_bytes: _Optional[int] = ..., layer_kernel: _Optional[str] = ..., layer_runs: _Optional[int] = ..., layer_profile_s: _Optional[float] = ..., layer_attn_decode_s: _Optional[float] = ..., layer_mlp_decode_s: _Optional[float] = ..., shard_attn_decode_s: _Optional[float] = ..., shard_mlp_decode_s: _Optional[float] = ..., shard_mlp_columns: _Optional[int] = ...) -> None: ...
+    layer_ring: int
+    def __init__(self, matmul_gflops: _Optional[float] = ..., memory_bandwidth_gbps: _Optional[float] = ..., disk_read_mbps: _Optional[float] = ..., threads: _Optional[int] = ..., layer_decode_s: _Optional[float] = ..., layer_prefill_s: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., layer_file_bytes: _Optional[int] = ..., layer_held_bytes: _Optional[int] = ..., layer_kernel: _Optional[str] = ..., layer_runs: _Optional[int] = ..., layer_profile_s: _Optional[float] = ..., layer_attn_decode_s: _Optional[float] = ..., layer_mlp_decode_s: _Optional[float] = ..., shard_attn_decode_s: _Optional[float] = ..., shard_mlp_decode_s: _Optional[float] = ..., shard_mlp_columns: _Optional[int] = ..., layer_ring: _Optional[int] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
     __slots__ = ("name", "sha256", "size", "offset", "data")

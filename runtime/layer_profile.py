@@ -6,10 +6,15 @@ layer costs (attention over a KV cache, quantized kernels, the glue between them
 overhead). So a node builds ONE layer of the model's shape with random weights in the layout the
 plan would ship (float or block-quantized, `runtime.quantized`), writes it as a shard file, loads
 it with `runtime.tp_executor.TensorParallelExecutor` (the kernels, thread settings and ORT
-external-data path of a real job: no second implementation) and times op "layers" on it:
+external-data path of a real job: no second implementation) as the layers of a small model: a
+ring of copies whose weights overflow the CPU caches (`ring_size`), since a model's decode step
+streams every layer's weights from memory and one layer timed over and over would not. It times:
 
-    decode   one token at position `kv_tokens` (a KV cache of that length), then truncated back
-    prefill  `prompt_tokens` tokens of a fresh session, then reset
+    decode   op "layers", one token at position `kv_tokens` (a KV cache of that length) through
+             the ring, then truncated back; divided by the ring's length
+    prefill  op "layers", `prompt_tokens` tokens of a fresh session through one layer, then reset
+    attn/mlp the tensor-parallel ops for one token, each call on the ring's next layer, on the
+             whole layer and on its smallest shard (`floor_shape`)
 
 Timing is sustained throughput, not a best case: each figure is the median over a few batches of
 (batch wall time / runs), every batch running back to back for a slice of the budget long enough
@@ -19,6 +24,7 @@ Everything it made (file, executor, KV caches) is released before it returns.
 
 from __future__ import annotations
 
+import math
 import shutil
 import statistics
 import tempfile
@@ -54,6 +60,13 @@ BATCHES = 3
 MIN_TIMING_SHARE = 0.25
 #: MLP columns of the smallest shard timed (a quantization block, `splitting.quant_plan.CUT_ALIGNMENT`)
 FLOOR_COLUMNS = 32
+#: a ring of layer copies holds more than the last-level cache (RING_OVER_CACHE times it, or
+#: RING_BYTES when it cannot be read), in at most MAX_RING copies: cycling through more than the
+#: cache misses it every time, and each copy costs its build (about 40 ms for SmolLM2's on ORT)
+RING_OVER_CACHE = 1.25
+RING_BYTES = 40 << 20
+MAX_RING = 8
+_CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 
 
 class LayerShapeError(ExecutorInputError):
@@ -135,7 +148,7 @@ class LayerTiming:
     file_bytes: int  # the shard file of the whole layer
     held_bytes: int  # what the node holds for it resident (`memory_budget.held_layer_bytes`)
     kernel: str  # "float", or the quantized backend ("ort", "torch")
-    decode_runs: int
+    decode_runs: int  # layers run for the decode figure
     prefill_runs: int
     elapsed_s: float  # the whole profile, building included
     attn_decode_s: float  # op "attn", one token, every head
@@ -143,6 +156,7 @@ class LayerTiming:
     shard_attn_decode_s: float  # op "attn" of one KV-head group (`floor_shape`)
     shard_mlp_decode_s: float  # op "mlp" of `shard_mlp_columns` columns
     shard_mlp_columns: int
+    ring: int  # copies of the layer timed in turn (`ring_size`)
     threads: int = field(default_factory=torch.get_num_threads)
 
 
@@ -209,7 +223,8 @@ def check_request(shape: LayerShape, backend: str, prompt_tokens: int, kv_tokens
         raise LayerShapeError(f"prompt_tokens must be between 1 and {MAX_PROMPT_TOKENS}, not {prompt_tokens}")
     if not 0 <= kv_tokens <= MAX_KV_TOKENS:
         raise LayerShapeError(f"kv_tokens must be between 0 and {MAX_KV_TOKENS}, not {kv_tokens}")
-    need = shape.float32_bytes() * 2 + 8 * shape.n_kv_heads * shape.head_dim * (kv_tokens + prompt_tokens)
+    kv_bytes = 8 * shape.n_kv_heads * shape.head_dim * (kv_tokens + prompt_tokens) * MAX_RING
+    need = shape.float32_bytes() * 2 + RING_BYTES + kv_bytes
     allowed = int(psutil.virtual_memory().available * MAX_MEMORY_SHARE)
     if need > allowed:
         raise LayerShapeError(f"profiling a layer of this shape may take {format_bytes(need)}, more than the "
@@ -224,24 +239,55 @@ def floor_shape(shape: LayerShape) -> LayerShape:
     return replace(shape, n_kv_heads=1, n_q_heads=shape.n_q_heads // shape.n_kv_heads, intermediate=columns)
 
 
-class _Bench:
-    """One synthetic layer of `shape` loaded by the node's executor, and the calls that are timed."""
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache of this machine (Linux sysfs), or None where it cannot be read."""
+    sizes = []
+    for index in _CPU_CACHES.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20}
+        if text[-1:] in units and text[:-1].isdigit():
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes, default=None)
 
-    def __init__(self, shape: LayerShape, backend: str, kv: int, prompt_tokens: int, folder: Path) -> None:
+
+def ring_size(held_bytes: int) -> int:
+    """Copies of the layer timed in turn: enough that their weights overflow the CPU caches, as a
+    model's layers do (one layer timed over and over would run from cache: SmolLM2's 5 MB fit an L3)."""
+    cache = last_level_cache_bytes()
+    ring_bytes = RING_OVER_CACHE * cache if cache else RING_BYTES
+    return max(1, min(MAX_RING, math.ceil(ring_bytes / max(held_bytes, 1))))
+
+
+class _Bench:
+    """A ring of copies of one synthetic layer of `shape`, loaded by the node's executor (as the
+    layers of one model), and the calls that are timed."""
+
+    def __init__(self, shape: LayerShape, backend: str, kv: int, prompt_tokens: int, folder: Path,
+                 ring: bool = True) -> None:
         from edgeweave.runtime.tp_executor import TensorParallelExecutor
 
         folder.mkdir()
         layer, norms = folder / "layer.safetensors", folder / "norms.safetensors"
         save_safetensors(synthetic_layer(shape), layer)
-        save_safetensors({"input_norm.0": torch.ones(shape.hidden), "post_norm.0": torch.ones(shape.hidden)}, norms)
         self.file_bytes = layer.stat().st_size
-        model = {"hidden_size": shape.hidden, "num_layers": 1, "head_dim": shape.head_dim, "rope_theta": 10000.0,
-                 "num_kv_heads": shape.n_kv_heads, "intermediate_size": shape.intermediate,
+        self.kernel = backend if any(lay.bits is not None for _, lay in shape.projections) else "float"
+        self.held_bytes = held_layer_bytes([self.file_bytes], self.kernel)[0][0]
+        self.ring = ring_size(self.held_bytes) if ring else 1
+        ones = torch.ones(shape.hidden)
+        save_safetensors({f"{kind}.{i}": ones for i in range(self.ring) for kind in ("input_norm", "post_norm")}, norms)
+        names = [f"layer.{i:03d}" for i in range(self.ring)]
+        model = {"hidden_size": shape.hidden, "num_layers": self.ring, "head_dim": shape.head_dim,
+                 "rope_theta": 10000.0, "num_kv_heads": shape.n_kv_heads, "intermediate_size": shape.intermediate,
                  "max_position_embeddings": max(kv + 1, prompt_tokens)}
-        config = {"model": model, "n_layers": 1, "layer_files": ["layer.000"], "window": None, "dtype": "float32",
+        config = {"model": model, "n_layers": self.ring, "layer_files": names, "window": None, "dtype": "float32",
                   "backend": backend}
-        self.executor = TensorParallelExecutor(config, {"layer.000": layer, "norms": norms})
-        self.kv = kv
+        self.executor = TensorParallelExecutor(config, {**dict.fromkeys(names, layer), "norms": norms})
+        self.kv, self.turn = kv, 0
         generator = torch.Generator().manual_seed(1)
         self.one = torch.randn(1, shape.hidden, generator=generator)
         self.prompt = torch.randn(prompt_tokens, shape.hidden, generator=generator)
@@ -249,7 +295,8 @@ class _Bench:
         if kv:  # the decode sessions' caches, and a warm-up of the prefill path
             cache = torch.randn(kv, shape.hidden, generator=generator)
             self.forward("layers", 0, 0, "decode", [cache])
-            self.forward("attn", 0, 0, "attn", [cache])
+            for i in range(self.ring):
+                self.forward("attn", i, 0, "attn", [cache])
         else:
             self.prefill()
         self.decode()
@@ -257,21 +304,27 @@ class _Bench:
         self.mlp()
 
     def decode(self) -> None:
-        """op "layers" for one token against the KV cache (norms, attention, MLP, residuals)."""
+        """op "layers" for one token against the KV cache (norms, attention, MLP, residuals), every
+        layer of the ring: a call is `ring` layers."""
         self.forward("layers", 0, self.kv, "decode", [self.one])
         self.forward("truncate", 0, self.kv, "decode", [])
 
     def prefill(self) -> None:
-        self.forward("layers", 0, 0, "prefill", [self.prompt])
+        """The prompt through the ring's last layer only (compute-bound: the caches do not matter)."""
+        self.forward("layers", self.ring - 1, 0, "prefill", [self.prompt])
         self.forward("reset", 0, 0, "prefill", [])
 
+    def _next(self) -> int:
+        self.turn = (self.turn + 1) % self.ring
+        return self.turn
+
     def attn(self) -> None:
-        """op "attn" for one token: what a tensor-parallel rank computes for its heads."""
-        self.forward("attn", 0, self.kv, "attn", [self.one])
+        """op "attn" for one token on the next layer of the ring: what a tensor-parallel rank computes for its heads."""
+        self.forward("attn", self._next(), self.kv, "attn", [self.one])
         self.forward("truncate", 0, self.kv, "attn", [])
 
     def mlp(self) -> None:
-        self.forward("mlp", 0, 0, "", [self.one])
+        self.forward("mlp", self._next(), 0, "", [self.one])
 
     def close(self) -> None:
         self.executor.close()
@@ -291,18 +344,17 @@ def profile_layer(shape: LayerShape, backend: str = "ort", prompt_tokens: int = 
     benches: list[_Bench] = []
     try:
         benches.append(_Bench(shape, backend, kv, prompt_tokens, folder / "whole"))
-        benches.append(_Bench(floor_shape(shape), backend, kv, prompt_tokens, folder / "floor"))
+        # the smallest shard is mostly fixed cost (kernel calls, glue): one copy, not a ring
+        benches.append(_Bench(floor_shape(shape), backend, kv, prompt_tokens, folder / "floor", ring=False))
         whole, floor = benches
         # what building left of the budget, but never less than a quarter of it for the timing itself
         left = max(budget_s - (time.perf_counter() - start), budget_s * MIN_TIMING_SHARE)
         prefill_s, prefill_runs = sustained_seconds(whole.prefill, left * 0.3)
-        decode_s, decode_runs = sustained_seconds(whole.decode, left * 0.3)
+        ring_s, decode_runs = sustained_seconds(whole.decode, left * 0.3)
         ops = [sustained_seconds(run, left * 0.1)[0] for run in (whole.attn, whole.mlp, floor.attn, floor.mlp)]
-        kernel = backend if whole.executor.quantized else "float"
-        held = held_layer_bytes([whole.file_bytes], kernel)[0][0]
-        return LayerTiming(decode_s, prefill_s, prompt_tokens, kv, whole.file_bytes, held, kernel, decode_runs,
-                           prefill_runs, time.perf_counter() - start, *ops, floor_shape(shape).intermediate,
-                           whole.executor.threads)
+        return LayerTiming(ring_s / whole.ring, prefill_s, prompt_tokens, kv, whole.file_bytes, whole.held_bytes,
+                           whole.kernel, decode_runs * whole.ring, prefill_runs, time.perf_counter() - start, *ops,
+                           floor_shape(shape).intermediate, whole.ring, whole.executor.threads)
     finally:
         for bench in benches:
             bench.close()

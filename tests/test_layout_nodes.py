@@ -7,17 +7,24 @@ import json
 import math
 
 import pytest
-from llm_reference import local_cluster_fixture, smollm
+from llm_reference import local_cluster_fixture
 
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.layout_choice import layer_shape_message
 from edgeweave.coordinator.link_probe import probe_link
 from edgeweave.proto import pb
 from edgeweave.runtime.memory_budget import held_layer_bytes
-from edgeweave.splitting.tensor_parallel import plan_shards, quantized_layouts
+from edgeweave.splitting.llama_config import LlamaConfig
+from edgeweave.splitting.quant_plan import TensorLayout
+from edgeweave.splitting.random_llama import write_random_llama
+from edgeweave.splitting.tensor_parallel import plan_shards
 
 pytestmark = pytest.mark.slow
 cluster = local_cluster_fixture(2)
+#: SmolLM2-135M's layer shape and its GGUF's Q4_1 projections (no 100 MB file parsed for a shape)
+SMOL = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                   num_kv_heads=3, head_dim=64, tie_word_embeddings=True, max_position_embeddings=8192)
+Q4_1 = {kind: TensorLayout("Q4_1", 4, 32, True) for kind in ("q", "k", "v", "o", "gate", "up", "down")}
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +37,7 @@ def clients(cluster):
 
 @pytest.fixture(scope="module")
 def smol_shape():
-    checkpoint = smollm()
-    layouts = quantized_layouts(checkpoint, None)
-    return checkpoint.config, layouts, layer_shape_message(checkpoint.config, layouts)
+    return SMOL, Q4_1, layer_shape_message(SMOL, Q4_1)
 
 
 def test_a_layer_profile_answers_sane_numbers_and_leaves_nothing_behind(clients, smol_shape, cluster):
@@ -40,13 +45,13 @@ def test_a_layer_profile_answers_sane_numbers_and_leaves_nothing_behind(clients,
     client = clients[0]
     first = client.profile(budget_s=0.3, layer=shape, prompt_tokens=32)
     rss = client.health().rss
-    for _ in range(2):
-        reply = client.profile(budget_s=0.3, layer=shape, prompt_tokens=32)
+    reply = client.profile(budget_s=0.3, layer=shape, prompt_tokens=32)
     assert client.health().rss - rss < 16 << 20  # the synthetic layer, its KV caches and ORT sessions are freed
     assert client.info().jobs == [] and not list((cluster.base_dir / cluster.names[0]).rglob(".layer-profile-*"))
     for r in (first, reply):
         assert 1e-5 < r.layer_decode_s < 0.5 and r.layer_decode_s < r.layer_prefill_s < 5.0
         assert (r.prompt_tokens, r.kv_tokens, r.layer_kernel) == (32, 32, "ort") and r.layer_runs >= 6
+        assert 1 <= r.layer_ring <= 8  # copies of the layer cycled through, past the CPU caches
         assert r.matmul_gflops > 0 and r.disk_read_mbps > 0  # the micro-benchmarks still run alongside
         ops = (r.layer_attn_decode_s, r.layer_mlp_decode_s, r.shard_attn_decode_s, r.shard_mlp_decode_s)
         assert all(0 < t < r.layer_prefill_s for t in ops) and r.shard_mlp_columns == 32
@@ -97,9 +102,10 @@ def test_plan_json_lists_every_candidate_with_predictions_and_the_choice(cluster
 
     from edgeweave.cli import app
 
+    model = write_random_llama(tmp_path / "tiny", "tiny")  # a float HF checkpoint, read in no time
     peers = [arg for address in cluster.addresses for arg in ("--peer", address)]
-    result = CliRunner().invoke(app, ["plan", *peers, "--json", "--profile-seconds", "0.2", "--prompt-tokens", "16",
-                                      "--cache-dir", str(tmp_path)])
+    result = CliRunner().invoke(app, ["plan", str(model), *peers, "--json", "--profile-seconds", "0.2",
+                                      "--prompt-tokens", "16", "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output[-3000:]
     report = json.loads(result.stdout)
     measured = report["measured"]["nodes"]

@@ -230,3 +230,23 @@ def test_nothing_fits_means_no_choice():
     assert plan.choice is None and not plan.candidates[0].fits
     report = plan.to_dict()
     assert report["choice"] is None and report["candidates"][0]["decode_ms"] is None  # JSON has no NaN
+
+
+def test_plan_tables_mark_the_choice_and_say_why_a_layout_does_not_fit():
+    from rich.console import Console
+
+    from edgeweave.coordinator.cli_layouts import candidates_table, hub_line, measured_table
+
+    small = NODE_OVERHEAD_BYTES + 28 * MIB
+    c = costs([node("a", budget=small, kernel="ort"), node("b", kernel="ort")], SMOL, Q4_1,
+              hub=HubCosts(message_s=5e-6, token_s=1e-3), context=512)
+    plan = plan_layouts(c)
+    console = Console(record=True, width=400)
+    for table in (measured_table(c), candidates_table(plan, ["a", "b"])):
+        console.print(table)
+    console.print(hub_line(c))
+    text = console.export_text()
+    assert "unlimited" in text and "0.005 ms per extra message" in text
+    chosen = next(line for line in text.splitlines() if "│ * │" in line)
+    assert plan.choice.describe() in chosen
+    assert "no: node a: a memory budget of 428.00 MiB" in text and "yes (a: window" in text
