@@ -161,11 +161,14 @@ class LayerTiming:
 
 
 def sustained_seconds(run: Callable[[], None], seconds: float, batches: int = BATCHES) -> tuple[float, int]:
-    """(median over `batches` of batch wall time / calls, calls made): each batch calls `run` back to
-    back until it has lasted seconds / batches (at least one call), so quota stalls land in the figure."""
+    """(median over batches of batch wall time / calls, calls made): each batch calls `run` back to
+    back until it has lasted seconds / batches (at least one call), so quota stalls land in the figure.
+    A run too slow for that many batches in `seconds` gets fewer (at least one), so that a big
+    layer's prefill keeps to the budget instead of taking `batches` runs whatever they cost."""
     per_batch = max(seconds, 0.0) / batches
-    figures, calls = [], 0
-    for _ in range(batches):
+    figures: list[float] = []
+    calls, spent = 0, 0.0
+    while len(figures) < batches and (not figures or spent + per_batch <= seconds or spent + figures[-1] <= seconds):
         start = time.perf_counter()
         n = 0
         while True:
@@ -176,6 +179,7 @@ def sustained_seconds(run: Callable[[], None], seconds: float, batches: int = BA
                 break
         figures.append(elapsed / n)
         calls += n
+        spent += elapsed
     return statistics.median(figures), calls
 
 

@@ -298,7 +298,8 @@ class _Model:
                        else min(1.0, node.shard_mlp_columns / self.cfg.intermediate_size))
         if floor_share >= 1:
             return whole
-        return floor + max(share - floor_share, 0.0) / (1 - floor_share) * max(whole - floor, 0.0)
+        floor = min(floor, whole)  # a noisy floor above the whole op is no floor
+        return floor + max(share - floor_share, 0.0) / (1 - floor_share) * (whole - floor)
 
     def read(self, node: NodeCosts, plan: TensorParallelPlan, rank: int) -> float:
         return plan.layer_bytes(rank, self.costs.itemsize) / node.disk_read_Bps
