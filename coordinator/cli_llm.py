@@ -182,11 +182,18 @@ def register(app: typer.Typer) -> None:
         discovery_timeout: float = typer.Option(None, help=DISCOVERY_HELP),
         cache_dir: Path = typer.Option(None, help="The coordinator's shard cache, whose remembered plans "
                                                   "`run` reuses (default ~/.cache/edgeweave/shards)."),
+        prompt_tokens: int = typer.Option(128, help="Prompt length the first-token prediction (and the "
+                                                     "decode step's KV cache) is measured for."),
+        profile_seconds: float = typer.Option(1.0, help="Seconds each node may spend timing a layer of the "
+                                                        "model (its link is timed in about half of that)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
         """Show how the model's heads and MLP columns would be cut across the nodes on the network
         (or --nodes equal ones when none answers), and which nodes must stream their layers through
-        a sliding window to stay within their memory budgets."""
+        a sliding window to stay within their memory budgets. With nodes, also what each of them
+        measures for one layer and its link, and the predicted ms per token of every candidate
+        layout (single node, tensor, pipeline, hybrid), marking the one run would choose."""
+        from edgeweave.coordinator import cli_layouts
         from edgeweave.coordinator.recovery import UNLIMITED
         from edgeweave.runtime.memory_budget import fit_context, parse_budget
         from edgeweave.runtime.quantized import QuantizationError
@@ -200,6 +207,10 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(str(exc), param_hint="MODEL") from None
         if nodes < 1:
             raise typer.BadParameter("at least one node", param_hint="--nodes")
+        if not 1 <= prompt_tokens <= 8192:
+            raise typer.BadParameter("must be between 1 and 8192", param_hint="--prompt-tokens")
+        if not 0.05 <= profile_seconds <= 30:
+            raise typer.BadParameter("must be between 0.05 and 30 seconds", param_hint="--profile-seconds")
         records = find_nodes_or_fail(peer, [interface] if interface else None, discovery_timeout)
         given = parse_weights(weights, len(records) or None)
         announced: list[int] = []
@@ -237,25 +248,58 @@ def register(app: typer.Typer) -> None:
                 raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
         elif any(announced):
             budgets = [b or UNLIMITED for b in announced]
+        tensor_note = ""
         if budgets:
             try:
                 fitted = plan_memory(plan_, budgets, coordinator_rank=None,
                                      context_length=fit_context(checkpoint.config.max_position_embeddings, context))
             except MemoryPlanError as exc:
-                typer.echo(f"error: the model does not fit: {exc}", err=True)
+                if not records:  # nothing else to show: the cut is the whole answer
+                    typer.echo(f"error: the model does not fit: {exc}", err=True)
+                    raise typer.Exit(2) from None
+                tensor_note = f"this tensor-parallel cut does not fit: {exc}"
+            else:
+                for row, node in zip(rows, fitted.nodes, strict=True):
+                    row["memory_budget"] = node.budget
+                    row["window"] = node.window  # None = every layer resident
+        report: dict[str, Any] = {"plan_id": plan_.plan_id, "model": str(checkpoint.path), "precision": plan_.precision,
+                                  "source": source, "nodes": rows, "layouts": layout_rows}
+        costs = layout_plan = None
+        names = [r.address for r in records]
+        if records:
+            from edgeweave.coordinator.client import NodeError
+            from edgeweave.coordinator.layout_choice import MeasureError, costs_to_dict
+
+            try:
+                costs, layout_plan = cli_layouts.measure_layouts(
+                    names, checkpoint, precision, budgets or announced or None, context, prompt_tokens,
+                    profile_seconds, given)
+            except (NodeError, MeasureError) as exc:
+                typer.echo(f"error: measuring the nodes for layout predictions failed: {exc}", err=True)
                 raise typer.Exit(2) from None
-            for row, node in zip(rows, fitted.nodes, strict=True):
-                row["memory_budget"] = node.budget
-                row["window"] = node.window  # None = every layer resident
+            report.update(measured=costs_to_dict(costs), **layout_plan.to_dict(names))
+            if tensor_note:
+                report["tensor_note"] = tensor_note
+        else:
+            report["layout_note"] = cli_layouts.NEEDS_NODES
         if as_json:
-            typer.echo(json.dumps({"plan_id": plan_.plan_id, "model": str(checkpoint.path), "precision": plan_.precision,
-                                   "source": source, "nodes": rows, "layouts": layout_rows}, indent=1))
+            typer.echo(json.dumps(report, indent=1))
         else:
             console = Console()
             console.print(source, markup=False)
+            if tensor_note:
+                console.print(tensor_note, markup=False)
             console.print(plan_table(rows, f"{checkpoint.path.name}: {checkpoint.config.num_layers} layers"))
             console.print(layouts_table(layout_rows, f"shard layouts ({plan_.precision}; MLP cuts on "
                                                      f"{32 if layouts else 1}-column boundaries)"))
+            if costs is None or layout_plan is None:
+                console.print(cli_layouts.NEEDS_NODES, markup=False)
+            else:
+                console.print(cli_layouts.measured_table(costs))
+                console.print(cli_layouts.hub_line(costs), markup=False)
+                console.print(cli_layouts.candidates_table(layout_plan, names))
+                if layout_plan.choice is None:
+                    console.print("no layout fits these nodes' memory budgets", markup=False)
 
     @app.command("run")
     def run(

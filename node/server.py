@@ -20,10 +20,11 @@ from edgeweave.node.leases import JOB_IDLE_S, SESSION_GRACE_S, LeaseTable, Strea
 from edgeweave.node.limits import Limits
 from edgeweave.node.shard_store import ShardCorrupt, ShardNoSpace, ShardRejected, ShardStore
 from edgeweave.proto import pb, pb_grpc
-from edgeweave.runtime import resources
+from edgeweave.runtime import layer_profile, resources
 from edgeweave.runtime.batch import Row
 from edgeweave.runtime.codec import TensorDecodeError, decode, decode_quantized, encode
 from edgeweave.runtime.executor import ExecutorInputError, ExecutorStateError
+from edgeweave.runtime.layer_compute import BACKENDS
 from edgeweave.runtime.shard_files import ShardChangedOnDisk
 from edgeweave.runtime.tp_executor import SessionLimitError
 
@@ -87,6 +88,15 @@ def error_status(rpc: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def _abort(context: grpc.ServicerContext, rpc: str, exc: BaseException) -> None:
     context.abort(*error_status(rpc, exc))
+
+
+def layer_shape(message: pb.LayerShape) -> layer_profile.LayerShape:
+    """The runtime's LayerShape of a Profile request's (bits 0 = float); not yet checked."""
+    projections = tuple((p.kind, layer_profile.ProjectionLayout(p.bits or None, p.block or 32, p.offset))
+                        for p in message.projections)
+    return layer_profile.LayerShape(
+        message.hidden, message.intermediate, message.n_q_heads, message.n_kv_heads, message.head_dim, projections,
+        message.attention_bias, message.qk_norm, message.float_dtype or "float32")
 
 
 def _node_id(data_dir: Path) -> str:
@@ -154,8 +164,28 @@ class NodeServicer(pb_grpc.NodeServicer):
     def Profile(self, request, context):
         budget = min(request.budget_s, 30.0) if request.budget_s > 0 else 0.0
         size = min(request.matmul_size, 8192)
-        p = resources.profile(self.data_dir, size, budget)
-        return pb.ProfileReply(**vars(p))
+        if not request.HasField("layer"):
+            return pb.ProfileReply(**vars(resources.profile(self.data_dir, size, budget)))
+        # a layer timing shares the budget: 40% for the micro-benchmarks, 60% for the layer
+        whole = budget or 1.0
+        backend = request.backend or BACKENDS[0]
+        prompt = request.prompt_tokens or layer_profile.DEFAULT_PROMPT_TOKENS
+        kv = request.kv_tokens or prompt
+        try:
+            shape = layer_shape(request.layer)
+            layer_profile.check_request(shape, backend, prompt, kv)  # before spending any time
+            p = resources.profile(self.data_dir, size, whole * 0.4)
+            t = layer_profile.profile_layer(shape, backend, prompt, kv, whole * 0.6, self.data_dir)
+        except ExecutorInputError as exc:
+            _abort(context, "Profile", exc)
+        return pb.ProfileReply(
+            **vars(p), layer_decode_s=t.decode_s, layer_prefill_s=t.prefill_s, prompt_tokens=t.prompt_tokens,
+            kv_tokens=t.kv_tokens, layer_file_bytes=t.file_bytes, layer_held_bytes=t.held_bytes,
+            layer_kernel=t.kernel, layer_runs=t.decode_runs + t.prefill_runs, layer_profile_s=t.elapsed_s,
+            layer_attn_decode_s=t.attn_decode_s, layer_mlp_decode_s=t.mlp_decode_s,
+            shard_attn_decode_s=t.shard_attn_decode_s, shard_mlp_decode_s=t.shard_mlp_decode_s,
+            shard_mlp_columns=t.shard_mlp_columns, layer_ring=t.ring,
+        )
 
     # -- shards ------------------------------------------------------------------------------
     def HasShards(self, request, context):

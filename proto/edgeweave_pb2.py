@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65\x64geweave/proto/edgeweave.proto\x12\x0c\x65\x64geweave.v1\"~\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tquantized\x18\x04 \x01(\x08\x12\r\n\x05scale\x18\x05 \x01(\x02\x12\x12\n\nzero_point\x18\x06 \x01(\x05\x12\x12\n\norig_dtype\x18\x07 \x01(\t\"\xd0\x01\n\tResources\x12\x14\n\x0ctotal_memory\x18\x01 \x01(\x04\x12\x18\n\x10\x61vailable_memory\x18\x02 \x01(\x04\x12\x11\n\tcpu_count\x18\x03 \x01(\r\x12\x0c\n\x04\x61rch\x18\x04 \x01(\t\x12\x0e\n\x06system\x18\x05 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65lerators\x18\x06 \x03(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x07 \x03(\t\x12\x15\n\rmemory_budget\x18\x08 \x01(\x04\x12\x11\n\tdisk_free\x18\t \x01(\x04\x12\x10\n\x08\x63pu_load\x18\n \x01(\x02\"\r\n\x0bInfoRequest\"\xbb\x01\n\tInfoReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12*\n\tresources\x18\x04 \x01(\x0b\x32\x17.edgeweave.v1.Resources\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x12\x0c\n\x04jobs\x18\x06 \x03(\t\x12\x0e\n\x06secure\x18\x07 \x01(\x08\x12\x11\n\tdata_port\x18\x08 \x01(\r\x12\x0f\n\x07\x63luster\x18\t \x01(\t\"7\n\x0eProfileRequest\x12\x13\n\x0bmatmul_size\x18\x01 \x01(\r\x12\x10\n\x08\x62udget_s\x18\x02 \x01(\x01\"m\n\x0cProfileReply\x12\x15\n\rmatmul_gflops\x18\x01 \x01(\x01\x12\x1d\n\x15memory_bandwidth_gbps\x18\x02 \x01(\x01\x12\x16\n\x0e\x64isk_read_mbps\x18\x03 \x01(\x01\x12\x0f\n\x07threads\x18\x04 \x01(\r\"V\n\nShardChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"F\n\rPutShardReply\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"\"\n\x10HasShardsRequest\x12\x0e\n\x06sha256\x18\x01 \x03(\t\"!\n\x0eHasShardsReply\x12\x0f\n\x07present\x18\x01 \x03(\t\"(\n\x08ShardRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\x7f\n\x0bLoadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12&\n\x06shards\x18\x04 \x03(\x0b\x32\x16.edgeweave.v1.ShardRef\x12\x15\n\rmemory_budget\x18\x05 \x01(\x04\"1\n\tLoadReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x02 \x01(\t\"\x1f\n\rUnloadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x0bUnloadReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nstats_json\x18\x02 \x01(\t\"!\n\x0fJobStatsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\rJobStatsReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nstats_json\x18\x02 \x01(\t\"\xc7\x01\n\x0e\x46orwardRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\n\n\x02op\x18\x03 \x01(\t\x12\r\n\x05layer\x18\x04 \x01(\x05\x12\x10\n\x08position\x18\x05 \x01(\x03\x12\x0f\n\x07session\x18\x06 \x01(\t\x12%\n\x07tensors\x18\x07 \x03(\x0b\x32\x14.edgeweave.v1.Tensor\x12$\n\x04rows\x18\x08 \x03(\x0b\x32\x16.edgeweave.v1.BatchRow\x12\r\n\x05lease\x18\t \x01(\t\"=\n\x08\x42\x61tchRow\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\r\"\x91\x01\n\x0c\x46orwardReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x07tensors\x18\x02 \x03(\x0b\x32\x14.edgeweave.v1.Tensor\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x0f\n\x07stall_s\x18\x04 \x01(\x01\x12\x12\n\nerror_code\x18\x05 \x01(\r\x12\x15\n\rerror_message\x18\x06 \x01(\t\"\x0f\n\rHealthRequest\"\xaa\x01\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x10\n\x08\x63pu_load\x18\x02 \x01(\x02\x12\x18\n\x10\x61vailable_memory\x18\x03 \x01(\x04\x12\x0b\n\x03rss\x18\x04 \x01(\x04\x12\x0c\n\x04jobs\x18\x05 \x03(\t\x12\x19\n\x11shard_store_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fshard_store_max\x18\x07 \x01(\x04\x12\x10\n\x08sessions\x18\x08 \x01(\r\"\x1b\n\x0b\x45\x63hoMessage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xee\x05\n\x04Node\x12:\n\x04Info\x12\x19.edgeweave.v1.InfoRequest\x1a\x17.edgeweave.v1.InfoReply\x12\x43\n\x07Profile\x12\x1c.edgeweave.v1.ProfileRequest\x1a\x1a.edgeweave.v1.ProfileReply\x12I\n\tHasShards\x12\x1e.edgeweave.v1.HasShardsRequest\x1a\x1c.edgeweave.v1.HasShardsReply\x12\x43\n\x08PutShard\x12\x18.edgeweave.v1.ShardChunk\x1a\x1b.edgeweave.v1.PutShardReply(\x01\x12:\n\x04Load\x12\x19.edgeweave.v1.LoadRequest\x1a\x17.edgeweave.v1.LoadReply\x12@\n\x06Unload\x12\x1b.edgeweave.v1.UnloadRequest\x1a\x19.edgeweave.v1.UnloadReply\x12\x46\n\x08JobStats\x12\x1d.edgeweave.v1.JobStatsRequest\x1a\x1b.edgeweave.v1.JobStatsReply\x12G\n\x07\x46orward\x12\x1c.edgeweave.v1.ForwardRequest\x1a\x1a.edgeweave.v1.ForwardReply(\x01\x30\x01\x12@\n\x06Health\x12\x1b.edgeweave.v1.HealthRequest\x1a\x19.edgeweave.v1.HealthReply\x12<\n\x04\x45\x63ho\x12\x19.edgeweave.v1.EchoMessage\x1a\x19.edgeweave.v1.EchoMessage\x12\x46\n\nEchoStream\x12\x19.edgeweave.v1.EchoMessage\x1a\x19.edgeweave.v1.EchoMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65\x64geweave/proto/edgeweave.proto\x12\x0c\x65\x64geweave.v1\"~\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tquantized\x18\x04 \x01(\x08\x12\r\n\x05scale\x18\x05 \x01(\x02\x12\x12\n\nzero_point\x18\x06 \x01(\x05\x12\x12\n\norig_dtype\x18\x07 \x01(\t\"\xd0\x01\n\tResources\x12\x14\n\x0ctotal_memory\x18\x01 \x01(\x04\x12\x18\n\x10\x61vailable_memory\x18\x02 \x01(\x04\x12\x11\n\tcpu_count\x18\x03 \x01(\r\x12\x0c\n\x04\x61rch\x18\x04 \x01(\t\x12\x0e\n\x06system\x18\x05 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65lerators\x18\x06 \x03(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x07 \x03(\t\x12\x15\n\rmemory_budget\x18\x08 \x01(\x04\x12\x11\n\tdisk_free\x18\t \x01(\x04\x12\x10\n\x08\x63pu_load\x18\n \x01(\x02\"\r\n\x0bInfoRequest\"\xbb\x01\n\tInfoReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12*\n\tresources\x18\x04 \x01(\x0b\x32\x17.edgeweave.v1.Resources\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x12\x0c\n\x04jobs\x18\x06 \x03(\t\x12\x0e\n\x06secure\x18\x07 \x01(\x08\x12\x11\n\tdata_port\x18\x08 \x01(\r\x12\x0f\n\x07\x63luster\x18\t \x01(\t\"\x9b\x01\n\x0eProfileRequest\x12\x13\n\x0bmatmul_size\x18\x01 \x01(\r\x12\x10\n\x08\x62udget_s\x18\x02 \x01(\x01\x12\'\n\x05layer\x18\n \x01(\x0b\x32\x18.edgeweave.v1.LayerShape\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\x12\x15\n\rprompt_tokens\x18\x0c \x01(\r\x12\x11\n\tkv_tokens\x18\r \x01(\r\"\xde\x01\n\nLayerShape\x12\x0e\n\x06hidden\x18\x01 \x01(\r\x12\x14\n\x0cintermediate\x18\x02 \x01(\r\x12\x11\n\tn_q_heads\x18\x03 \x01(\r\x12\x12\n\nn_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x33\n\x0bprojections\x18\x06 \x03(\x0b\x32\x1e.edgeweave.v1.ProjectionLayout\x12\x16\n\x0e\x61ttention_bias\x18\x07 \x01(\x08\x12\x0f\n\x07qk_norm\x18\x08 \x01(\x08\x12\x13\n\x0b\x66loat_dtype\x18\t \x01(\t\"M\n\x10ProjectionLayout\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\r\n\x05\x62lock\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x08\"\xe0\x03\n\x0cProfileReply\x12\x15\n\rmatmul_gflops\x18\x01 \x01(\x01\x12\x1d\n\x15memory_bandwidth_gbps\x18\x02 \x01(\x01\x12\x16\n\x0e\x64isk_read_mbps\x18\x03 \x01(\x01\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x16\n\x0elayer_decode_s\x18\n \x01(\x01\x12\x17\n\x0flayer_prefill_s\x18\x0b \x01(\x01\x12\x15\n\rprompt_tokens\x18\x0c \x01(\r\x12\x11\n\tkv_tokens\x18\r \x01(\r\x12\x18\n\x10layer_file_bytes\x18\x0e \x01(\x04\x12\x18\n\x10layer_held_bytes\x18\x0f \x01(\x04\x12\x14\n\x0clayer_kernel\x18\x10 \x01(\t\x12\x12\n\nlayer_runs\x18\x11 \x01(\r\x12\x17\n\x0flayer_profile_s\x18\x12 \x01(\x01\x12\x1b\n\x13layer_attn_decode_s\x18\x13 \x01(\x01\x12\x1a\n\x12layer_mlp_decode_s\x18\x14 \x01(\x01\x12\x1b\n\x13shard_attn_decode_s\x18\x15 \x01(\x01\x12\x1a\n\x12shard_mlp_decode_s\x18\x16 \x01(\x01\x12\x19\n\x11shard_mlp_columns\x18\x17 \x01(\r\x12\x12\n\nlayer_ring\x18\x18 \x01(\r\"V\n\nShardChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"F\n\rPutShardReply\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"\"\n\x10HasShardsRequest\x12\x0e\n\x06sha256\x18\x01 \x03(\t\"!\n\x0eHasShardsReply\x12\x0f\n\x07present\x18\x01 \x03(\t\"(\n\x08ShardRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\x7f\n\x0bLoadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12&\n\x06shards\x18\x04 \x03(\x0b\x32\x16.edgeweave.v1.ShardRef\x12\x15\n\rmemory_budget\x18\x05 \x01(\x04\"1\n\tLoadReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x02 \x01(\t\"\x1f\n\rUnloadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x0bUnloadReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nstats_json\x18\x02 \x01(\t\"!\n\x0fJobStatsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\rJobStatsReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nstats_json\x18\x02 \x01(\t\"\xc7\x01\n\x0e\x46orwardRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\n\n\x02op\x18\x03 \x01(\t\x12\r\n\x05layer\x18\x04 \x01(\x05\x12\x10\n\x08position\x18\x05 \x01(\x03\x12\x0f\n\x07session\x18\x06 \x01(\t\x12%\n\x07tensors\x18\x07 \x03(\x0b\x32\x14.edgeweave.v1.Tensor\x12$\n\x04rows\x18\x08 \x03(\x0b\x32\x16.edgeweave.v1.BatchRow\x12\r\n\x05lease\x18\t \x01(\t\"=\n\x08\x42\x61tchRow\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\r\"\x91\x01\n\x0c\x46orwardReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x07tensors\x18\x02 \x03(\x0b\x32\x14.edgeweave.v1.Tensor\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x0f\n\x07stall_s\x18\x04 \x01(\x01\x12\x12\n\nerror_code\x18\x05 \x01(\r\x12\x15\n\rerror_message\x18\x06 \x01(\t\"\x0f\n\rHealthRequest\"\xaa\x01\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x10\n\x08\x63pu_load\x18\x02 \x01(\x02\x12\x18\n\x10\x61vailable_memory\x18\x03 \x01(\x04\x12\x0b\n\x03rss\x18\x04 \x01(\x04\x12\x0c\n\x04jobs\x18\x05 \x03(\t\x12\x19\n\x11shard_store_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fshard_store_max\x18\x07 \x01(\x04\x12\x10\n\x08sessions\x18\x08 \x01(\r\"\x1b\n\x0b\x45\x63hoMessage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xee\x05\n\x04Node\x12:\n\x04Info\x12\x19.edgeweave.v1.InfoRequest\x1a\x17.edgeweave.v1.InfoReply\x12\x43\n\x07Profile\x12\x1c.edgeweave.v1.ProfileRequest\x1a\x1a.edgeweave.v1.ProfileReply\x12I\n\tHasShards\x12\x1e.edgeweave.v1.HasShardsRequest\x1a\x1c.edgeweave.v1.HasShardsReply\x12\x43\n\x08PutShard\x12\x18.edgeweave.v1.ShardChunk\x1a\x1b.edgeweave.v1.PutShardReply(\x01\x12:\n\x04Load\x12\x19.edgeweave.v1.LoadRequest\x1a\x17.edgeweave.v1.LoadReply\x12@\n\x06Unload\x12\x1b.edgeweave.v1.UnloadRequest\x1a\x19.edgeweave.v1.UnloadReply\x12\x46\n\x08JobStats\x12\x1d.edgeweave.v1.JobStatsRequest\x1a\x1b.edgeweave.v1.JobStatsReply\x12G\n\x07\x46orward\x12\x1c.edgeweave.v1.ForwardRequest\x1a\x1a.edgeweave.v1.ForwardReply(\x01\x30\x01\x12@\n\x06Health\x12\x1b.edgeweave.v1.HealthRequest\x1a\x19.edgeweave.v1.HealthReply\x12<\n\x04\x45\x63ho\x12\x19.edgeweave.v1.EchoMessage\x1a\x19.edgeweave.v1.EchoMessage\x12\x46\n\nEchoStream\x12\x19.edgeweave.v1.EchoMessage\x1a\x19.edgeweave.v1.EchoMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,44 +39,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_end=401
   _globals['_INFOREPLY']._serialized_start=404
   _globals['_INFOREPLY']._serialized_end=591
-  _globals['_PROFILEREQUEST']._serialized_start=593
-  _globals['_PROFILEREQUEST']._serialized_end=648
-  _globals['_PROFILEREPLY']._serialized_start=650
-  _globals['_PROFILEREPLY']._serialized_end=759
-  _globals['_SHARDCHUNK']._serialized_start=761
-  _globals['_SHARDCHUNK']._serialized_end=847
-  _globals['_PUTSHARDREPLY']._serialized_start=849
-  _globals['_PUTSHARDREPLY']._serialized_end=919
-  _globals['_HASSHARDSREQUEST']._serialized_start=921
-  _globals['_HASSHARDSREQUEST']._serialized_end=955
-  _globals['_HASSHARDSREPLY']._serialized_start=957
-  _globals['_HASSHARDSREPLY']._serialized_end=990
-  _globals['_SHARDREF']._serialized_start=992
-  _globals['_SHARDREF']._serialized_end=1032
-  _globals['_LOADREQUEST']._serialized_start=1034
-  _globals['_LOADREQUEST']._serialized_end=1161
-  _globals['_LOADREPLY']._serialized_start=1163
-  _globals['_LOADREPLY']._serialized_end=1212
-  _globals['_UNLOADREQUEST']._serialized_start=1214
-  _globals['_UNLOADREQUEST']._serialized_end=1245
-  _globals['_UNLOADREPLY']._serialized_start=1247
-  _globals['_UNLOADREPLY']._serialized_end=1296
-  _globals['_JOBSTATSREQUEST']._serialized_start=1298
-  _globals['_JOBSTATSREQUEST']._serialized_end=1331
-  _globals['_JOBSTATSREPLY']._serialized_start=1333
-  _globals['_JOBSTATSREPLY']._serialized_end=1384
-  _globals['_FORWARDREQUEST']._serialized_start=1387
-  _globals['_FORWARDREQUEST']._serialized_end=1586
-  _globals['_BATCHROW']._serialized_start=1588
-  _globals['_BATCHROW']._serialized_end=1649
-  _globals['_FORWARDREPLY']._serialized_start=1652
-  _globals['_FORWARDREPLY']._serialized_end=1797
-  _globals['_HEALTHREQUEST']._serialized_start=1799
-  _globals['_HEALTHREQUEST']._serialized_end=1814
-  _globals['_HEALTHREPLY']._serialized_start=1817
-  _globals['_HEALTHREPLY']._serialized_end=1987
-  _globals['_ECHOMESSAGE']._serialized_start=1989
-  _globals['_ECHOMESSAGE']._serialized_end=2016
-  _globals['_NODE']._serialized_start=2019
-  _globals['_NODE']._serialized_end=2769
+  _globals['_PROFILEREQUEST']._serialized_start=594
+  _globals['_PROFILEREQUEST']._serialized_end=749
+  _globals['_LAYERSHAPE']._serialized_start=752
+  _globals['_LAYERSHAPE']._serialized_end=974
+  _globals['_PROJECTIONLAYOUT']._serialized_start=976
+  _globals['_PROJECTIONLAYOUT']._serialized_end=1053
+  _globals['_PROFILEREPLY']._serialized_start=1056
+  _globals['_PROFILEREPLY']._serialized_end=1536
+  _globals['_SHARDCHUNK']._serialized_start=1538
+  _globals['_SHARDCHUNK']._serialized_end=1624
+  _globals['_PUTSHARDREPLY']._serialized_start=1626
+  _globals['_PUTSHARDREPLY']._serialized_end=1696
+  _globals['_HASSHARDSREQUEST']._serialized_start=1698
+  _globals['_HASSHARDSREQUEST']._serialized_end=1732
+  _globals['_HASSHARDSREPLY']._serialized_start=1734
+  _globals['_HASSHARDSREPLY']._serialized_end=1767
+  _globals['_SHARDREF']._serialized_start=1769
+  _globals['_SHARDREF']._serialized_end=1809
+  _globals['_LOADREQUEST']._serialized_start=1811
+  _globals['_LOADREQUEST']._serialized_end=1938
+  _globals['_LOADREPLY']._serialized_start=1940
+  _globals['_LOADREPLY']._serialized_end=1989
+  _globals['_UNLOADREQUEST']._serialized_start=1991
+  _globals['_UNLOADREQUEST']._serialized_end=2022
+  _globals['_UNLOADREPLY']._serialized_start=2024
+  _globals['_UNLOADREPLY']._serialized_end=2073
+  _globals['_JOBSTATSREQUEST']._serialized_start=2075
+  _globals['_JOBSTATSREQUEST']._serialized_end=2108
+  _globals['_JOBSTATSREPLY']._serialized_start=2110
+  _globals['_JOBSTATSREPLY']._serialized_end=2161
+  _globals['_FORWARDREQUEST']._serialized_start=2164
+  _globals['_FORWARDREQUEST']._serialized_end=2363
+  _globals['_BATCHROW']._serialized_start=2365
+  _globals['_BATCHROW']._serialized_end=2426
+  _globals['_FORWARDREPLY']._serialized_start=2429
+  _globals['_FORWARDREPLY']._serialized_end=2574
+  _globals['_HEALTHREQUEST']._serialized_start=2576
+  _globals['_HEALTHREQUEST']._serialized_end=2591
+  _globals['_HEALTHREPLY']._serialized_start=2594
+  _globals['_HEALTHREPLY']._serialized_end=2764
+  _globals['_ECHOMESSAGE']._serialized_start=2766
+  _globals['_ECHOMESSAGE']._serialized_end=2793
+  _globals['_NODE']._serialized_start=2796
+  _globals['_NODE']._serialized_end=3546
 # @@protoc_insertion_point(module_scope)

@@ -75,24 +75,96 @@ class InfoReply(_message.Message):
     def __init__(self, name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., uptime_s: _Optional[float] = ..., jobs: _Optional[_Iterable[str]] = ..., secure: _Optional[bool] = ..., data_port: _Optional[int] = ..., cluster: _Optional[str] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
-    __slots__ = ("matmul_size", "budget_s")
+    __slots__ = ("matmul_size", "budget_s", "layer", "backend", "prompt_tokens", "kv_tokens")
     MATMUL_SIZE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     matmul_size: int
     budget_s: float
-    def __init__(self, matmul_size: _Optional[int] = ..., budget_s: _Optional[float] = ...) -> None: ...
+    layer: LayerShape
+    backend: str
+    prompt_tokens: int
+    kv_tokens: int
+    def __init__(self, matmul_size: _Optional[int] = ..., budget_s: _Optional[float] = ..., layer: _Optional[_Union[LayerShape, _Mapping]] = ..., backend: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
+
+class LayerShape(_message.Message):
+    __slots__ = ("hidden", "intermediate", "n_q_heads", "n_kv_heads", "head_dim", "projections", "attention_bias", "qk_norm", "float_dtype")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    INTERMEDIATE_FIELD_NUMBER: _ClassVar[int]
+    N_Q_HEADS_FIELD_NUMBER: _ClassVar[int]
+    N_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    PROJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BIAS_FIELD_NUMBER: _ClassVar[int]
+    QK_NORM_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    hidden: int
+    intermediate: int
+    n_q_heads: int
+    n_kv_heads: int
+    head_dim: int
+    projections: _containers.RepeatedCompositeFieldContainer[ProjectionLayout]
+    attention_bias: bool
+    qk_norm: bool
+    float_dtype: str
+    def __init__(self, hidden: _Optional[int] = ..., intermediate: _Optional[int] = ..., n_q_heads: _Optional[int] = ..., n_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., projections: _Optional[_Iterable[_Union[ProjectionLayout, _Mapping]]] = ..., attention_bias: _Optional[bool] = ..., qk_norm: _Optional[bool] = ..., float_dtype: _Optional[str] = ...) -> None: ...
+
+class ProjectionLayout(_message.Message):
+    __slots__ = ("kind", "bits", "block", "offset")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    bits: int
+    block: int
+    offset: bool
+    def __init__(self, kind: _Optional[str] = ..., bits: _Optional[int] = ..., block: _Optional[int] = ..., offset: _Optional[bool] = ...) -> None: ...
 
 class ProfileReply(_message.Message):
-    __slots__ = ("matmul_gflops", "memory_bandwidth_gbps", "disk_read_mbps", "threads")
+    __slots__ = ("matmul_gflops", "memory_bandwidth_gbps", "disk_read_mbps", "threads", "layer_decode_s", "layer_prefill_s", "prompt_tokens", "kv_tokens", "layer_file_bytes", "layer_held_bytes", "layer_kernel", "layer_runs", "layer_profile_s", "layer_attn_decode_s", "layer_mlp_decode_s", "shard_attn_decode_s", "shard_mlp_decode_s", "shard_mlp_columns", "layer_ring")
     MATMUL_GFLOPS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BANDWIDTH_GBPS_FIELD_NUMBER: _ClassVar[int]
     DISK_READ_MBPS_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    LAYER_PREFILL_S_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_KERNEL_FIELD_NUMBER: _ClassVar[int]
+    LAYER_RUNS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_PROFILE_S_FIELD_NUMBER: _ClassVar[int]
+    LAYER_ATTN_DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    LAYER_MLP_DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ATTN_DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    SHARD_MLP_DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    SHARD_MLP_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_RING_FIELD_NUMBER: _ClassVar[int]
     matmul_gflops: float
     memory_bandwidth_gbps: float
     disk_read_mbps: float
     threads: int
-    def __init__(self, matmul_gflops: _Optional[float] = ..., memory_bandwidth_gbps: _Optional[float] = ..., disk_read_mbps: _Optional[float] = ..., threads: _Optional[int] = ...) -> None: ...
+    layer_decode_s: float
+    layer_prefill_s: float
+    prompt_tokens: int
+    kv_tokens: int
+    layer_file_bytes: int
+    layer_held_bytes: int
+    layer_kernel: str
+    layer_runs: int
+    layer_profile_s: float
+    layer_attn_decode_s: float
+    layer_mlp_decode_s: float
+    shard_attn_decode_s: float
+    shard_mlp_decode_s: float
+    shard_mlp_columns: int
+    layer_ring: int
+    def __init__(self, matmul_gflops: _Optional[float] = ..., memory_bandwidth_gbps: _Optional[float] = ..., disk_read_mbps: _Optional[float] = ..., threads: _Optional[int] = ..., layer_decode_s: _Optional[float] = ..., layer_prefill_s: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., layer_file_bytes: _Optional[int] = ..., layer_held_bytes: _Optional[int] = ..., layer_kernel: _Optional[str] = ..., layer_runs: _Optional[int] = ..., layer_profile_s: _Optional[float] = ..., layer_attn_decode_s: _Optional[float] = ..., layer_mlp_decode_s: _Optional[float] = ..., shard_attn_decode_s: _Optional[float] = ..., shard_mlp_decode_s: _Optional[float] = ..., shard_mlp_columns: _Optional[int] = ..., layer_ring: _Optional[int] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
     __slots__ = ("name", "sha256", "size", "offset", "data")
