@@ -128,7 +128,7 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def host_core_gflops(n: int = 512, span_s: float = 1.0) -> tuple[float, float]:
+def host_core_gflops(n: int = 512, span_s: float = 0.7) -> tuple[float, float]:
     """Uncapped float32 matmul speed of one host core: (per CPU second, per wall second). The CPU-time
     figure is the reference: on this shared VM other processes take wall time from us, not speed."""
     previous = torch.get_num_threads()
@@ -239,9 +239,9 @@ def test_allocating_past_the_memory_limit_is_killed(edge, measured):
     assert hog.returncode == -signal.SIGKILL or b"MemoryError" in err, (hog.returncode, err[-500:])
     oom = (bed.cgroups[i].dirs["memory"] / ("memory.oom_control" if bed.cgroups[i].version == 1 else "memory.events"))
     assert "oom_kill 1" in oom.read_text() or hog.returncode != -signal.SIGKILL
-    # only the hog: the node in the same cgroup still answers
-    check = bed.run_coordinator(["nodes", "--json", "--peer", bed.address(i), "--timeout", "0"], timeout=60)
-    assert check.returncode == 0 and json.loads(check.stdout)[0]["note"] == "", check.stderr[-1000:]
+    # only the hog: the node in the same cgroup (the larger process before the hog grew) lives on
+    node = json.loads((edge["folder"] / f"{bed.devices[i].name}-{i}.ready.json").read_text())["pid"]
+    assert _alive(node) and bed.cgroups[i].pids() == {node}
 
 
 def test_round_trips_carry_the_links_rtt(edge, measured):
