@@ -207,7 +207,8 @@ def test_profiled_speed_is_the_capped_speed(edge, measured):
     """Sustained GFLOP/s of a capped node ~ fraction x one uncapped host core, within -50% / +15%.
     Above: the quota is a hard cap (the 0.6 s matmul span covers 60 CFS periods, so a span that ends
     mid-period is off by under 2%), leaving the reference's own noise (~10%); the old best-single-call
-    profile reported 1.4x (0.25 node) and 2.5x (0.4 node) of this. Below: being time-sliced costs this
+    profile measured 74 and 92 GFLOP/s under 0.25 and 0.4 quotas here: the uncapped speed, 4-6x this.
+    Below: being time-sliced costs this
     VM 15-40% per CPU-second (measured: 40-60 GFLOP/s per CPU-second under a 10 ms-period quota vs
     60-80 uncapped; the vCPU idles through each throttled slice and resumes cold), and other test runs
     on the 2 shared cores can take part of a node's quota."""
