@@ -55,12 +55,22 @@ def _source(record: NodeRecord) -> str:
     return record.source
 
 
+def _cores(props: dict[str, str]) -> str:
+    """The cores column: the affinity count, and the CPU quota where one caps it ("1 (0.25)")."""
+    cores, quota = props.get("cores", "?"), props.get("cpu_cores", "")
+    try:
+        capped = float(quota) < float(cores)
+    except ValueError:
+        capped = False
+    return f"{cores} ({quota})" if capped else cores
+
+
 def nodes_table(records: list[NodeRecord], rtts: list[float | None], others: int = 0) -> Table:
     """One row per node. The address never wraps or shortens (its port is what --peer needs):
     the other columns fold instead on a narrow terminal."""
     title = f"{len(records) - others} edgeweave node(s)" + (f" + {others} not of this cluster or silent" if others else "")
     table = Table(title=title)
-    for column in ("name", "address", "arch", "cores", "memory (avail/total)", "version", "source", "RTT ms"):
+    for column in ("name", "address", "arch", "cores (quota)", "memory (avail/total)", "version", "source", "RTT ms"):
         if column in ("address", "RTT ms"):  # "unreachable" stays one word too
             table.add_column(column, no_wrap=True)
         else:
@@ -68,7 +78,7 @@ def nodes_table(records: list[NodeRecord], rtts: list[float | None], others: int
     for r, rtt in zip(records, rtts, strict=True):
         p = r.properties
         table.add_row(
-            r.name, r.address, p.get("arch", "?"), p.get("cores", "?"),
+            r.name, r.address, p.get("arch", "?"), _cores(p),
             f"{_gib(p.get('mem_avail', ''))} / {_gib(p.get('mem_total', ''))}", r.version, _source(r),
             f"{rtt:.2f}" if rtt is not None else "unreachable",
         )

@@ -37,13 +37,19 @@ def node_rows(records: list[NodeRecord]) -> list[dict[str, Any]]:
             continue
         r = info.resources
         row.update(
-            arch=r.arch, cores=r.cpu_count, total_memory=r.total_memory, available_memory=health.available_memory,
+            arch=r.arch, cores=r.cpu_count, cpu_cores=r.cpu_cores, total_memory=r.total_memory,
+            available_memory=health.available_memory,
             memory_budget=r.memory_budget, cpu_load=health.cpu_load, rss=health.rss, jobs=list(health.jobs),
             accelerators=list(r.accelerators), version=info.version, secure=info.secure, uptime_s=info.uptime_s,
             shard_store_bytes=health.shard_store_bytes, shard_store_max=health.shard_store_max,
         )
         rows.append(row)
     return rows
+
+
+def _cores(cores: int, quota: float) -> str:
+    """The affinity count, and the cgroup CPU quota where it caps it: "1 (0.25)"."""
+    return f"{cores} ({quota:.3g})" if 0 < quota < cores else str(cores)
 
 
 def _gib(n: int | None) -> str:
@@ -66,7 +72,7 @@ def nodes_status_table(rows: list[dict[str, Any]]) -> Table:
                           "", "")
             continue
         table.add_row(
-            row["name"], row["address"], row["arch"], str(row["cores"]), f"{row['cpu_load']:.2f}",
+            row["name"], row["address"], row["arch"], _cores(row["cores"], row["cpu_cores"]), f"{row['cpu_load']:.2f}",
             f"{_gib(row['available_memory'])} / {_gib(row['total_memory'])}",
             _gib(row["memory_budget"]) if row["memory_budget"] else "unlimited", _gib(row["rss"]),
             f"{_human(row['shard_store_bytes'])} / "

@@ -77,7 +77,8 @@ def static_record(peer: str, timeout: float = 3.0) -> NodeRecord:
     r = info.resources
     props = {
         "name": info.name, "node_id": info.node_id, "version": info.version, "mem_total": str(r.total_memory),
-        "mem_avail": str(r.available_memory), "cores": str(r.cpu_count), "arch": r.arch,
+        "mem_avail": str(r.available_memory), "cores": str(r.cpu_count),
+        "cpu_cores": f"{r.cpu_cores:.3g}" if r.cpu_cores else "", "arch": r.arch,
         "accel": ",".join(r.accelerators), "backends": ",".join(r.backends), "budget": str(r.memory_budget),
         "secure": "1" if info.secure else "0", "cluster": info.cluster,
     }

@@ -98,7 +98,8 @@ def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
         advertiser = Advertiser(opts.name, port, interfaces, {
             "name": opts.name, "node_id": servicer.node_id, "version": edgeweave.__version__,
             "mem_total": str(r.total_memory), "mem_avail": str(r.available_memory), "cores": str(r.cpu_count),
-            "arch": r.arch, "accel": ",".join(r.accelerators), "backends": ",".join(r.backends),
+            "cpu_cores": f"{r.cpu_cores:.3g}", "arch": r.arch, "accel": ",".join(r.accelerators),
+            "backends": ",".join(r.backends),
             "budget": str(opts.memory_budget), "secure": "1" if servicer.secure else "0", "cluster": cluster,
         })
         advertiser.start()

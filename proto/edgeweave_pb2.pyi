@@ -25,7 +25,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., quantized: _Optional[bool] = ..., scale: _Optional[float] = ..., zero_point: _Optional[int] = ..., orig_dtype: _Optional[str] = ...) -> None: ...
 
 class Resources(_message.Message):
-    __slots__ = ("total_memory", "available_memory", "cpu_count", "arch", "system", "accelerators", "backends", "memory_budget", "disk_free", "cpu_load")
+    __slots__ = ("total_memory", "available_memory", "cpu_count", "arch", "system", "accelerators", "backends", "memory_budget", "disk_free", "cpu_load", "cpu_cores")
     TOTAL_MEMORY_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_MEMORY_FIELD_NUMBER: _ClassVar[int]
     CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class Resources(_message.Message):
     MEMORY_BUDGET_FIELD_NUMBER: _ClassVar[int]
     DISK_FREE_FIELD_NUMBER: _ClassVar[int]
     CPU_LOAD_FIELD_NUMBER: _ClassVar[int]
+    CPU_CORES_FIELD_NUMBER: _ClassVar[int]
     total_memory: int
     available_memory: int
     cpu_count: int
@@ -46,7 +47,8 @@ class Resources(_message.Message):
     memory_budget: int
     disk_free: int
     cpu_load: float
-    def __init__(self, total_memory: _Optional[int] = ..., available_memory: _Optional[int] = ..., cpu_count: _Optional[int] = ..., arch: _Optional[str] = ..., system: _Optional[str] = ..., accelerators: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[str]] = ..., memory_budget: _Optional[int] = ..., disk_free: _Optional[int] = ..., cpu_load: _Optional[float] = ...) -> None: ...
+    cpu_cores: float
+    def __init__(self, total_memory: _Optional[int] = ..., available_memory: _Optional[int] = ..., cpu_count: _Optional[int] = ..., arch: _Optional[str] = ..., system: _Optional[str] = ..., accelerators: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[str]] = ..., memory_budget: _Optional[int] = ..., disk_free: _Optional[int] = ..., cpu_load: _Optional[float] = ..., cpu_cores: _Optional[float] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

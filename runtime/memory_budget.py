@@ -14,9 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import psutil
-
-from edgeweave.runtime.resources import parse_memory_budget
+from edgeweave.runtime.resources import memory_totals, parse_memory_budget
 
 GIB = 1024**3
 
@@ -50,7 +48,8 @@ def format_bytes(n: float) -> str:
 def parse_budget(text: str | int | float, available: int | None = None) -> int:
     """Bytes from '2GiB', '512M', '1e9', a plain byte count, or a fraction like '0.5' of available RAM.
 
-    `available` defaults to psutil's available memory (only read for fractions).
+    `available` defaults to this process's available memory (psutil's, capped by its cgroup's
+    memory limit; only read for fractions).
     """
     if isinstance(text, bool):
         raise ValueError(f"memory budget {text!r} is not understood; use e.g. 2GiB, 512M, 0.5 (of free RAM) or bytes")
@@ -61,7 +60,7 @@ def parse_budget(text: str | int | float, available: int | None = None) -> int:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"memory budget {text!r} must be a finite number of bytes >= 0 or a fraction in (0, 1)")
     if 0 < value < 1:
-        return int(value * (available if available is not None else psutil.virtual_memory().available))
+        return int(value * (available if available is not None else memory_totals()[1]))
     return int(value)
 
 

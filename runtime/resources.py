@@ -1,7 +1,8 @@
 """What this machine offers: a psutil snapshot and quick micro-benchmarks for the planner.
 
 Pure: no networking. The node reports these numbers through Info/Health/Profile; the planner
-divides work in proportion to them.
+divides work in proportion to them. Both see the process's cgroup (runtime/cgroups.py): a CPU
+quota lowers the cores and the measured throughput, a memory limit the total and available RAM.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from edgeweave.runtime.cgroups import CgroupLimits, cgroup_limits
+
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
 
@@ -32,7 +35,7 @@ def parse_memory_budget(text: str | int | float, available: int | None = None) -
         raise ValueError(f"memory budget {text!r} is not understood; use e.g. 2GiB, 512MB, 0.5 (of free RAM) or bytes")
     value, unit = float(match.group(1)), match.group(2).lower()
     if not unit and 0 < value < 1:
-        return int(value * (available if available is not None else psutil.virtual_memory().available))
+        return int(value * (available if available is not None else memory_totals()[1]))
     return int(value * _UNITS[unit])
 
 
@@ -50,6 +53,25 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+def cpu_cores(limits: CgroupLimits | None = None) -> float:
+    """The compute this process may use, in cores: its affinity, capped by a CFS quota (a container's
+    --cpus, systemd's CPUQuota=, the test bed's device profile). 0.25 = a quarter of one core."""
+    limits = limits or cgroup_limits()
+    cores = float(usable_cores())
+    return min(cores, limits.cpu_quota_cores) if limits.cpu_quota_cores else cores
+
+
+def memory_totals(limits: CgroupLimits | None = None) -> tuple[int, int]:
+    """(total, available) bytes for this process: the machine's, capped by its cgroup's memory limit."""
+    limits = limits or cgroup_limits()
+    vm = psutil.virtual_memory()
+    total, available = vm.total, vm.available
+    if limits.memory_limit is not None:
+        total = min(total, limits.memory_limit)
+        available = min(available, limits.memory_available if limits.memory_available is not None else total)
+    return total, available
 
 
 def accelerators() -> list[str]:
@@ -79,9 +101,9 @@ def backends() -> list[str]:
 
 @dataclass
 class ResourceSnapshot:
-    total_memory: int
-    available_memory: int
-    cpu_count: int
+    total_memory: int  # the machine's RAM, or the cgroup's memory limit if lower
+    available_memory: int  # psutil's available, or the limit less the cgroup's working set if lower
+    cpu_count: int  # cores of the affinity mask (threads worth running)
     arch: str
     system: str
     accelerators: list[str] = field(default_factory=list)
@@ -89,18 +111,21 @@ class ResourceSnapshot:
     memory_budget: int = 0
     disk_free: int = 0
     cpu_load: float = 0.0
+    cpu_cores: float = 0.0  # cpu_count capped by a CFS quota: 0.25 = a quarter of one core
 
 
 def snapshot(data_dir: Path | None = None, memory_budget: int = 0, *, static: ResourceSnapshot | None = None) -> ResourceSnapshot:
     """Current resources. Pass `static` (an earlier snapshot) to skip the slow accelerator/backend probe."""
-    vm = psutil.virtual_memory()
+    limits = cgroup_limits()
+    total, available = memory_totals(limits)
     cores = usable_cores()
     load = os.getloadavg()[0] / cores if hasattr(os, "getloadavg") else 0.0
     disk_free = shutil.disk_usage(data_dir).free if data_dir and Path(data_dir).exists() else 0
     return ResourceSnapshot(
-        total_memory=vm.total,
-        available_memory=vm.available,
+        total_memory=total,
+        available_memory=available,
         cpu_count=cores,
+        cpu_cores=cpu_cores(limits),
         arch=platform.machine(),
         system=platform.system(),
         accelerators=list(static.accelerators) if static else accelerators(),
@@ -119,29 +144,34 @@ class ProfileResult:
     threads: int
 
 
-def _repeat_for(budget_s: float, fn) -> float:
-    """Best seconds per call of fn within roughly budget_s (at least two calls; the first warms up)."""
+def _sustained(span_s: float, fn) -> float:
+    """Seconds per call of fn, as total wall time / calls over at least span_s (after one warm-up
+    call; at least two calls). Not the best single call: under a CFS quota a call that runs while
+    the cgroup still has quota takes the unthrottled time, and only the average over several
+    periods includes the time spent throttled, i.e. what the process can sustain."""
     fn()
-    best = float("inf")
-    deadline = time.perf_counter() + budget_s
+    calls = 0
+    start = time.perf_counter()
     while True:
-        start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-        if time.perf_counter() >= deadline:
-            return best
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= span_s and calls >= 2:
+            return elapsed / calls
 
 
 def matmul_gflops(n: int = 512, budget_s: float = 0.3) -> float:
+    """Sustained float32 n x n matmul throughput over about budget_s seconds."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    seconds = _repeat_for(budget_s, lambda: torch.mm(a, b))
+    seconds = _sustained(budget_s, lambda: torch.mm(a, b))
     return 2 * n**3 / seconds / 1e9
 
 
 def memory_bandwidth_gbps(megabytes: int = 64, budget_s: float = 0.3) -> float:
+    """Sustained copy bandwidth over about budget_s seconds."""
     src = torch.ones(megabytes * (1 << 20) // 4)
     dst = torch.empty_like(src)
-    seconds = _repeat_for(budget_s, lambda: dst.copy_(src))
+    seconds = _sustained(budget_s, lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / seconds / 1e9  # a copy reads and writes every byte
 
 
@@ -167,12 +197,23 @@ def disk_read_mbps(directory: Path, megabytes: int = 32) -> float:
         os.unlink(name)
 
 
+#: CFS periods the matmul span covers at least under a quota: a span that ends mid-period is off by at
+#: most one period's share, so 5 periods bound that error to about 20% even at the 100 ms default
+QUOTA_PERIODS = 5
+
+
 def profile(data_dir: Path, matmul_size: int = 0, budget_s: float = 0.0) -> ProfileResult:
-    """All three micro-benchmarks within about `budget_s` seconds (default 1 s)."""
+    """All three micro-benchmarks within about `budget_s` seconds (default 1 s). Under a CPU quota
+    the matmul span is stretched to QUOTA_PERIODS periods (within 0.7 of the budget), at the
+    memory benchmark's expense, so a capped node reports its capped speed."""
     budget = budget_s if budget_s > 0 else 1.0
+    matmul_s = budget * 0.4
+    period = cgroup_limits().cpu_period_s
+    if period:
+        matmul_s = max(matmul_s, min(QUOTA_PERIODS * period, budget * 0.7))
     return ProfileResult(
-        matmul_gflops=matmul_gflops(matmul_size or 512, budget * 0.4),
-        memory_bandwidth_gbps=memory_bandwidth_gbps(64, budget * 0.3),
+        matmul_gflops=matmul_gflops(matmul_size or 512, matmul_s),
+        memory_bandwidth_gbps=memory_bandwidth_gbps(64, max(budget * 0.1, budget * 0.7 - matmul_s)),
         disk_read_mbps=disk_read_mbps(Path(data_dir), 32 if budget >= 0.5 else 8),
         threads=torch.get_num_threads(),
     )
