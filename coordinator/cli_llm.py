@@ -21,8 +21,10 @@ MODEL_HELP = "GGUF file or Hugging Face folder (default: the bundled SmolLM2-135
 QUANTIZE_HELP = ("Weight precision of the shards: q4, q8 or none (float32). Default: [coordinator] quantize, else "
                  "the file's own (a Q4 GGUF stays 4-bit, exactly; a HF folder stays float).")
 LAYOUT_HELP = ("Which node holds which layers: tensor (every node a share of every layer), pipeline (each node a "
-               "range of whole layers, in proportion to its capacity), or stages given exactly: pipeline:12,18 "
-               "(layers per node) or hybrid:12x2,18x1 (layers x nodes per stage).")
+               "range of whole layers, in proportion to its capacity), auto (the planner measures the nodes and "
+               "links, runs the fastest predicted layout, and re-plans when a link moves; `edgeweave plan` shows "
+               "its prediction), or stages given exactly: pipeline:12,18 (layers per node) or hybrid:12x2,18x1 "
+               "(layers x nodes per stage).")
 PEER_HELP = "Static node host:port (repeatable). Given peers are the whole cluster: each must answer."
 INTERFACE_HELP = "IPv4 address to discover nodes on (and to bind a local cluster to)."
 DISCOVERY_HELP = "Seconds to listen for mDNS announcements (0: only --peer, else a local cluster)."
@@ -141,9 +143,6 @@ def resolve_layout(text: str) -> str | Layout:
         request = parse_layout(text)
     except LayoutError as exc:
         raise typer.BadParameter(str(exc), param_hint="--layout") from None
-    if request == "auto":
-        raise typer.BadParameter("auto needs the layout planner, which this build does not have yet",
-                                 param_hint="--layout")
     return request
 
 
@@ -336,6 +335,9 @@ def register(app: typer.Typer) -> None:
 
         precision = resolve_quantize(quantize)
         layout_request = resolve_layout(layout)
+        if layout_request == "auto" and (weights or coordinator_share):
+            raise typer.BadParameter("the planner measures the nodes itself: drop --weights and --coordinator-share, "
+                                     "or name a layout", param_hint="--layout")
         if coordinator_share < 0:
             raise typer.BadParameter("must be >= 0", param_hint="--coordinator-share")
         if max_tokens < 1:
@@ -368,12 +370,22 @@ def register(app: typer.Typer) -> None:
 
                 members = [stack.enter_context(LocalMember()), *clients]
                 member_weights = [coordinator_share, *(member_weights or [1.0] * len(clients))]
+            planning_errors: tuple[type[Exception], ...] = ()
+            if layout_request == "auto":
+                from edgeweave.coordinator.auto_layout import MeasureError, NothingFitsError, open_auto
+
+                planning_errors = (MeasureError, NothingFitsError)
             try:
-                llm = stack.enter_context(DistributedLlama(
-                    checkpoint, members, member_weights, dtype=dtype, show_progress=not as_json, quantize=precision,
-                    cache_dir=cache_dir, layout=layout_request,
-                ))
-            except (QuantizationError, LayoutError) as exc:
+                if layout_request == "auto":
+                    llm = stack.enter_context(open_auto(
+                        checkpoint, members, quantize=precision, prompt_tokens=len(prompt_ids), dtype=dtype,
+                        show_progress=not as_json, cache_dir=cache_dir))
+                else:
+                    llm = stack.enter_context(DistributedLlama(
+                        checkpoint, members, member_weights, dtype=dtype, show_progress=not as_json,
+                        quantize=precision, cache_dir=cache_dir, layout=layout_request,
+                    ))
+            except (QuantizationError, LayoutError, *planning_errors) as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(2) from None
             decoder = tokenizer.stream_decoder()
@@ -394,7 +406,8 @@ def register(app: typer.Typer) -> None:
                     "comm_s": stats.comm_s, "nodes": llm.describe(), "shard_bytes_sent": llm.bytes_sent,
                     "shard_bytes_written": llm.bytes_written, "weights_source": llm.weights_source,
                     "layout": llm.layout.describe(), "stages": llm.layout.to_dict(),
-                    "messages_per_token": llm.messages_per_token,
+                    "messages_per_token": llm.messages_per_token, "replans": llm.replans,
+                    "predicted": llm.planned.to_dict() if llm.planned is not None else None,
                 }))
                 return
             sys.stdout.write(decoder.flush() + "\n")

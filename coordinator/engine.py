@@ -172,12 +172,21 @@ class DistributedEngine:
             raise ValueError("a distributed engine needs at least one node address")
         clients = [NodeClient(address) for address in addresses]
         try:
-            llm = DistributedLlama(checkpoint, clients, weights, cache_dir=cache_dir, dtype=dtype, quantize=quantize,
-                                   batch_invariant=True, layout=layout)  # a request's answer must not depend on the load
+            if layout == "auto":  # the planner's layout over the nodes it measures (coordinator/auto_layout.py)
+                from edgeweave.coordinator.auto_layout import open_auto
+
+                llm = open_auto(checkpoint, clients, quantize=quantize, cache_dir=cache_dir, dtype=dtype,
+                                batch_invariant=True)
+            else:
+                llm = DistributedLlama(checkpoint, clients, weights, cache_dir=cache_dir, dtype=dtype,
+                                       quantize=quantize, batch_invariant=True,  # answers never depend on the load
+                                       layout=layout)
         except BaseException:
             for client in clients:
                 client.close()
             raise
+        if layout == "auto":  # the planner may leave a slow node out: membership is what it chose
+            addresses, weights = [c.address for c in llm.nodes], list(llm.weights)
         return cls(llm, clients, addresses=list(addresses), weights=weights, watcher=watcher)
 
     def step(self, sequences: Sequence[SequenceStep]) -> torch.Tensor:

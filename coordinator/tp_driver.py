@@ -209,6 +209,12 @@ class DistributedLlama:
         self.node_timings: dict[str, NodeTiming] = {}
         #: times a node found one of its layer files changed on disk and got it re-sent mid-run
         self.shard_refetches = 0
+        #: --layout auto: the planner's candidate this runs, and what re-plans it when links move
+        self.planned: Any = None
+        self.replanner: Any = None
+        self._replan_clients: list[NodeClient] = []
+        #: layouts this driver moved to after a link moved (coordinator/replanner.py)
+        self.replans: list[dict[str, Any]] = []
 
     def _deploy(self, nodes: list[NodeClient], weights: list[float]) -> int:
         """Plan over `nodes`, write (cached by plan id) and ship what they lack, load the jobs, open
@@ -585,7 +591,41 @@ class DistributedLlama:
             if pending:
                 recovery.finish(*pending)
                 stats.recoveries.append(pending[0].as_dict())
+                self.replanner = None  # its measured nodes are not these any more
+            elif decode and self.replanner is not None:
+                self._maybe_replan(time.perf_counter() - step_start)
             return logits
+
+    def attach_replanner(self, replanner: Any, clients: list[NodeClient]) -> None:
+        """Re-plan as links move (`coordinator.replanner.Replanner` over `clients`, the measured nodes
+        in the order of its costs; the running choice names its nodes by their index there)."""
+        self.replanner, self._replan_clients = replanner, list(clients)
+
+    def _maybe_replan(self, step_s: float) -> None:
+        """After a decode step: when the replanner picks another layout, move to it now (the next
+        step re-prefills the sessions on the new jobs, as after a recovery)."""
+        try:
+            new = self.replanner.observe(step_s)
+        except NodeError as exc:  # a node that fails its probe is the next step's recovery
+            log.warning("re-plan probe failed (%s); keeping %s", exc.message, self.layout.describe())
+            return
+        if new is None:
+            return
+        start = time.perf_counter()
+        before = self.layout.describe()
+        self.layout_request = new.layout
+        chosen = [self._replan_clients[i] for i in new.nodes]
+        kept = {c.address for c in chosen}
+        for client, job in zip(self.nodes, self.job_ids, strict=True):  # redeploy unloads only the nodes it keeps
+            if client.address not in kept:
+                try:
+                    client.unload(job)
+                except NodeError as exc:
+                    log.info("unloading %s from %s: %s", job, client.address, exc.message)
+        sent = self.redeploy(chosen, list(new.weights))
+        self.planned = new
+        self.replans.append({"from": before, "to": new.describe(), "predicted_decode_s": new.decode_s,
+                             "resent_bytes": sent, "seconds": time.perf_counter() - start})
 
     def reset(self, *sessions: str) -> None:
         """Forget `sessions` (their KV caches on every node holding attention heads), in one message per node."""

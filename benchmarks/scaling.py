@@ -1,0 +1,306 @@
+"""Scaling on emulated edge devices: tensor-parallel speed-up, layouts against link RTT next to the
+planner's prediction, and prompt-lookup speculation. One run, medians, ratios.
+
+Every node is a Raspberry Pi 4 class device of the emulated test bed (tests/edge_testbed.py,
+tests/edge_profiles.py): its own network namespace and cgroup, 0.25 of one host core (so four
+of them and the coordinator fit this 2-core VM's memory bus and cores without being its limit),
+a 2 GiB memory limit, and a token-bucket link with the RTT added by a delay proxy. The
+coordinator runs unconstrained in a namespace of its own.
+
+  (1) speed-up: a random Llama at TinyLlama-1.1B's shape (22 layers, hidden 2048, 4-bit q4
+      shards), tensor parallel on 1, 2 and 4 nodes over Ethernet-class links: median time per
+      decode token and first-token time, each over 1 node of the same class.
+  (2) layouts x RTT: the same model on 4 nodes at 0.2, 1, 3 and 10 ms link RTT; per setting the
+      planner measures the cluster (coordinator/layout_choice.py) and predicts every candidate,
+      and we measure 1 node, tensor x4, pipeline x4, hybrid 2x2 and the planner's choice. The
+      planner's worst ratio is its choice's measured time over the best measured layout's.
+  (3) speculation: SmolLM2-135M (the bundled GGUF) on 2 nodes at 3 ms RTT, a rewrite-a-paragraph
+      prompt, greedy: plain decoding against prompt-lookup drafts verified k at a time; the
+      tokens must be identical.
+
+Needs root (namespaces, cgroups, tc). Check `cat /proc/loadavg` first: the figures are only as
+quiet as the machine. Writes benchmarks/results/scaling.json (top level: speedup_2, speedup_4,
+planner_worst_ratio, speculative_gain) and prints the tables.
+
+    sudo .venv/bin/python benchmarks/scaling.py [--tokens 8] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "scaling.json"
+RTTS_MS = (0.2, 1.0, 3.0, 10.0)
+PROMPT_1B = list(range(100, 132))  # 32 prompt tokens of the random model
+#: exo's reported tensor-parallel speed-ups (2 and 4 devices), the peer figure to stand next to ours
+EXO_SPEEDUP = {2: 1.8, 4: 3.2}
+REWRITE_PROMPT = (
+    "Rewrite the following paragraph so that it reads more formally, keeping every fact:\n\n"
+    "The node daemon runs on every device and tells the coordinator what it has: how much memory, "
+    "how many cores, and how fast it can multiply matrices. The coordinator then cuts the model so "
+    "that every device gets a share it can hold, sends each device its share once, and after that "
+    "only sends small hidden states for every token. When a device goes away the coordinator cuts "
+    "the model again over the devices that are left and carries on where it stopped."
+)
+
+
+# -- inside the coordinator's namespace ---------------------------------------------------------
+def _generate(llm: Any, prompt_ids: list[int], tokens: int, speculate: int = 0) -> dict[str, Any]:
+    """One greedy generation (after a 2-token warm-up): its tokens, first-token and median decode time."""
+    list(llm.generate(prompt_ids, 2))
+    if speculate:
+        from edgeweave.coordinator.speculative import speculative_generate
+
+        out = list(speculative_generate(llm, prompt_ids, tokens, draft_tokens=speculate))
+    else:
+        out = list(llm.generate(prompt_ids, tokens))
+    stats = llm.last_stats
+    row = {"tokens": out, "ttft_s": stats.ttft_s, "per_token_s": stats.per_token_s,
+           "messages_per_token": llm.messages_per_token}
+    for key in ("passes", "drafted", "accepted"):
+        if hasattr(stats, key):
+            row[key] = getattr(stats, key)
+    return row
+
+
+def inner(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in the coordinator's namespace: measure the cluster for the planner, then each requested
+    layout on its nodes. `spec`: peers, model, quantize, runs [{layout, nodes}], tokens, prompt_ids."""
+    from edgeweave.coordinator.client import NodeClient
+    from edgeweave.coordinator.layout_choice import costs_to_dict, measure_cluster, plan_cluster
+    from edgeweave.coordinator.tp_driver import DistributedLlama
+    from edgeweave.splitting.checkpoints import open_checkpoint
+    from edgeweave.splitting.layouts import parse_layout
+
+    checkpoint = open_checkpoint(spec["model"])
+    clients = [NodeClient(a, timeout=120) for a in spec["peers"]]
+    prompt_ids = spec["prompt_ids"]
+    out: dict[str, Any] = {"runs": []}
+    planned = None
+    if spec.get("plan"):
+        costs = measure_cluster(clients, checkpoint, spec["quantize"], prompt_tokens=len(prompt_ids))
+        planned = plan_cluster(costs, [1.0] * len(clients))
+        out["costs"] = costs_to_dict(costs)
+        out["candidates"] = [c.to_dict() for c in planned.candidates]
+        out["choice"] = planned.choice.to_dict() if planned.choice else None
+    runs = list(spec["runs"])
+    if planned is not None and planned.choice is not None:
+        choice = planned.choice
+        runs.append({"label": "planner's choice", "layout": choice.layout.to_dict(), "nodes": list(choice.nodes),
+                     "weights": list(choice.weights)})
+    for run in runs:
+        nodes = [clients[i] for i in run["nodes"]]
+        layout = run["layout"]
+        request = parse_layout(layout) if isinstance(layout, str) else _layout(layout)
+        weights = run.get("weights") or [1.0] * len(nodes)
+        with DistributedLlama(checkpoint, nodes, weights, quantize=spec["quantize"], layout=request,
+                              show_progress=False) as llm:
+            row = {"label": run.get("label", llm.layout.describe()), "layout": llm.layout.describe(),
+                   "nodes": run["nodes"], **_generate(llm, prompt_ids, spec["tokens"], run.get("speculate", 0))}
+        if planned is not None:
+            row["predicted"] = _prediction(planned, llm.layout.describe(), run["nodes"])
+        out["runs"].append(row)
+    for client in clients:
+        client.close()
+    return out
+
+
+def _layout(stages: list[dict]) -> Any:
+    from edgeweave.splitting.layouts import Layout
+
+    return Layout.from_dict(stages)
+
+
+def _prediction(planned: Any, described: str, nodes: list[int]) -> dict[str, float] | None:
+    """The planner's prediction for this layout over these nodes (None: not among its candidates)."""
+    for cand in planned.candidates:
+        if cand.describe() == described and list(cand.nodes) == list(nodes):
+            return {"decode_s": cand.decode_s, "first_token_s": cand.first_token_s, "fits": cand.fits}
+    return None
+
+
+# -- outside: the test bed ------------------------------------------------------------------------
+def _bed_run(profiles: list[tuple[Any, Any]], folder: Path, env: dict[str, str], spec: dict[str, Any]) -> dict:
+    from edge_testbed import EdgeTestbed
+
+    with EdgeTestbed(profiles) as bed:
+        spec = {**spec, "peers": bed.start_nodes(folder / "nodes", args=["--no-advertise"], env=env,
+                                                 names={i: f"pi4-{i}" for i in bed.nodes})}
+        start = time.perf_counter()
+        done = bed.run_python(Path(__file__), "--inner", json.dumps(spec), timeout=3600, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"the coordinator failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result["wall_s"] = time.perf_counter() - start
+        result["devices"] = {str(i): {"device": bed.devices[i].name, "cpu_fraction": bed.devices[i].cpu_fraction,
+                                      "memory": bed.devices[i].memory, "link": bed.links[i].name,
+                                      "rate_mbit": bed.links[i].rate_mbit, "rtt_ms": bed.links[i].rtt_ms}
+                             for i in bed.nodes}
+        return result
+
+
+def speedup_section(model: Path, folder: Path, env: dict, tokens: int) -> dict[str, Any]:
+    """(1): 1, 2 and 4 Pi-class nodes, tensor parallel, Ethernet-class links."""
+    from edge_profiles import link
+
+    runs = [{"layout": "tensor", "nodes": list(range(n)), "label": f"tensor x{n}"} for n in (1, 2, 4)]
+    spec = {"model": str(model), "quantize": "q4", "runs": runs, "tokens": tokens, "prompt_ids": PROMPT_1B}
+    result = _bed_run([("pi4", link("ethernet"))] * 4, folder, env, spec)
+    one = result["runs"][0]
+    for row in result["runs"]:
+        row["speedup"] = one["per_token_s"] / row["per_token_s"]
+        row["first_token_speedup"] = one["ttft_s"] / row["ttft_s"]
+        row["same_tokens_as_1_node"] = row["tokens"] == one["tokens"]
+    return result
+
+
+def layouts_section(model: Path, folder: Path, env: dict, tokens: int, rtts: tuple[float, ...]) -> list[dict]:
+    """(2): per RTT, the planner's candidates and the measured layouts on 4 Pi-class nodes."""
+    from edge_profiles import link
+
+    runs = [{"layout": "tensor", "nodes": [0], "label": "1 node"},
+            {"layout": "tensor", "nodes": [0, 1, 2, 3]},
+            {"layout": "pipeline", "nodes": [0, 1, 2, 3]},
+            {"layout": "hybrid:11x2,11x2", "nodes": [0, 1, 2, 3]}]
+    settings = []
+    for rtt in rtts:
+        spec = {"model": str(model), "quantize": "q4", "runs": runs, "tokens": tokens, "prompt_ids": PROMPT_1B,
+                "plan": True}
+        result = _bed_run([("pi4", link("ethernet", rtt_ms=rtt))] * 4, folder, env, spec)
+        measured = [r for r in result["runs"] if r["per_token_s"]]
+        best = min(measured, key=lambda r: r["per_token_s"])
+        chosen = next(r for r in result["runs"] if r["label"] == "planner's choice")
+        for row in result["runs"]:
+            pred = row.get("predicted")
+            if pred:
+                row["prediction_error"] = pred["decode_s"] / row["per_token_s"] - 1
+        result.update(rtt_ms=rtt, best=best["label"], choice=chosen["layout"],
+                      choice_ratio=chosen["per_token_s"] / best["per_token_s"])
+        settings.append(result)
+    return settings
+
+
+def speculative_section(folder: Path, env: dict, tokens: int) -> dict[str, Any]:
+    """(3): SmolLM2 on 2 Pi-class nodes at 3 ms RTT, plain vs prompt-lookup speculation."""
+    from edge_profiles import link
+
+    from edgeweave.splitting.checkpoints import open_checkpoint
+    from edgeweave.splitting.tokenizer import Tokenizer
+
+    checkpoint = open_checkpoint()
+    prompt_ids = Tokenizer.from_checkpoint(checkpoint).encode_chat([{"role": "user", "content": REWRITE_PROMPT}])
+    runs = []
+    for layout in ("tensor", "pipeline"):
+        runs += [{"layout": layout, "nodes": [0, 1], "label": f"{layout} plain"},
+                 {"layout": layout, "nodes": [0, 1], "label": f"{layout} speculative", "speculate": 6}]
+    spec = {"model": str(checkpoint.path), "quantize": None, "runs": runs, "tokens": tokens, "prompt_ids": prompt_ids}
+    result = _bed_run([("pi4", link("ethernet", rtt_ms=3.0))] * 2, folder, env, spec)
+    rows = {r["label"]: r for r in result["runs"]}
+    for layout in ("tensor", "pipeline"):
+        plain, spec_row = rows[f"{layout} plain"], rows[f"{layout} speculative"]
+        spec_row["identical_tokens"] = spec_row["tokens"] == plain["tokens"]
+        spec_row["gain"] = 1 - spec_row["per_token_s"] / plain["per_token_s"]
+    return result
+
+
+def _print(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="tensor parallel on Pi-4-class nodes (random Llama 1.1B shape, q4)")
+    for col in ("nodes", "ms/token", "first token ms", "speed-up", "first-token speed-up", "exo reports"):
+        table.add_column(col, justify="right")
+    for row in report["speedup"]["runs"]:
+        n = len(row["nodes"])
+        table.add_row(str(n), f"{row['per_token_s'] * 1e3:.0f}", f"{row['ttft_s'] * 1e3:.0f}",
+                      f"{row['speedup']:.2f}x", f"{row['first_token_speedup']:.2f}x",
+                      f"{EXO_SPEEDUP[n]:.1f}x" if n in EXO_SPEEDUP else "")
+    console.print(table)
+    table = Table(title="layouts against link RTT (4 Pi-4-class nodes): measured vs predicted ms/token")
+    for col in ("RTT ms", "layout", "measured", "predicted", "error", "first token ms", "msgs/token"):
+        table.add_column(col, justify="right")
+    for setting in report["layouts"]:
+        for row in setting["runs"]:
+            pred = row.get("predicted")
+            mark = " *" if row["label"] == "planner's choice" else ""
+            table.add_row(f"{setting['rtt_ms']:g}", row["layout"] + mark, f"{row['per_token_s'] * 1e3:.0f}",
+                          f"{pred['decode_s'] * 1e3:.0f}" if pred else "-",
+                          f"{row['prediction_error']:+.0%}" if "prediction_error" in row else "-",
+                          f"{row['ttft_s'] * 1e3:.0f}", str(row["messages_per_token"]))
+    console.print(table)
+    if "speculative" in report:
+        table = Table(title="prompt-lookup speculation, SmolLM2 on 2 nodes at 3 ms RTT")
+        for col in ("run", "ms/token", "tokens/pass", "identical", "gain"):
+            table.add_column(col, justify="right")
+        for row in report["speculative"]["runs"]:
+            per_pass = row["accepted"] / row["passes"] if row.get("passes") else None
+            table.add_row(row["label"], f"{row['per_token_s'] * 1e3:.1f}", f"{per_pass:.2f}" if per_pass else "-",
+                          str(row.get("identical_tokens", "")), f"{row['gain']:.0%}" if "gain" in row else "")
+        console.print(table)
+    console.print({k: report[k] for k in ("speedup_2", "speedup_4", "planner_worst_ratio", "speculative_gain")})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8, help="decode tokens per measured run")
+    parser.add_argument("--spec-tokens", type=int, default=64, help="tokens of the speculation runs")
+    parser.add_argument("--quick", action="store_true", help="only 1 and 10 ms RTT")
+    parser.add_argument("--skip", action="append", default=[], choices=["speedup", "layouts", "speculative"])
+    parser.add_argument("--inner", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        print(json.dumps(inner(json.loads(args.inner))), flush=True)
+        return
+    if os.geteuid() != 0:
+        sys.exit("error: the emulated test bed needs root (network namespaces, cgroups, tc)")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from edgeweave.security import create_secret
+    from edgeweave.splitting.random_llama import write_random_llama
+
+    load = os.getloadavg()
+    model = write_random_llama(Path.home() / ".cache" / "edgeweave" / "models" / "random-1b", "1b", dtype="float16")
+    cache = Path.home() / ".cache" / "edgeweave" / "scaling"
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgeweave-scaling-") as tmp:
+        folder = Path(tmp)
+        # nodes keep their shards across beds (same names, same data dirs under the cache)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGEWEAVE_CACHE": str(cache / "coordinator"),
+               "EDGEWEAVE_CLUSTER_SECRET_FILE": str(create_secret(folder / "cluster.secret"))}
+        nodes = cache / "beds"
+        report: dict[str, Any] = {"meta": {"loadavg_at_start": load, "cpu_count": os.cpu_count(),
+                                           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "tokens": args.tokens}}
+        if "speedup" not in args.skip:
+            report["speedup"] = speedup_section(model, nodes, env, args.tokens)
+            by_n = {len(r["nodes"]): r for r in report["speedup"]["runs"]}
+            report["speedup_2"], report["speedup_4"] = by_n[2]["speedup"], by_n[4]["speedup"]
+        if "layouts" not in args.skip:
+            rtts = (1.0, 10.0) if args.quick else RTTS_MS
+            report["layouts"] = layouts_section(model, nodes, env, args.tokens, rtts)
+            report["planner_worst_ratio"] = max(s["choice_ratio"] for s in report["layouts"])
+            errors = [abs(r["prediction_error"]) for s in report["layouts"] for r in s["runs"] if "prediction_error" in r]
+            report["prediction_error_median"] = statistics.median(errors) if errors else None
+            report["prediction_error_max"] = max(errors) if errors else None
+        if "speculative" not in args.skip:
+            report["speculative"] = speculative_section(nodes, env, args.spec_tokens)
+            report["speculative_gain"] = next(r["gain"] for r in report["speculative"]["runs"]
+                                              if r["label"] == "tensor speculative")
+        report["meta"]["loadavg_at_end"] = os.getloadavg()
+    for key in ("speedup_2", "speedup_4", "planner_worst_ratio", "speculative_gain"):
+        report.setdefault(key, None)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=1))
+    _print(report)
+
+
+if __name__ == "__main__":
+    main()
