@@ -133,6 +133,7 @@ def _bed_run(profiles: list[tuple[Any, Any]], folder: Path, env: dict[str, str],
     from edge_testbed import EdgeTestbed
 
     with EdgeTestbed(profiles) as bed:
+        (folder / "nodes").mkdir(parents=True, exist_ok=True)
         spec = {**spec, "peers": bed.start_nodes(folder / "nodes", args=["--no-advertise"], env=env,
                                                  names={i: f"pi4-{i}" for i in bed.nodes})}
         start = time.perf_counter()
