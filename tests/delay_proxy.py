@@ -13,96 +13,170 @@ One process can serve many links (the edge test bed runs one for all its nodes):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import ctypes
+import os
+import queue
+import selectors
+import signal
+import socket
 import sys
 import threading
+import time
 
 #: chunks (of up to 64 KiB) one direction of one connection may hold: 16 MiB at most, far more than
 #: the bandwidth-delay product of any link the test bed emulates (1 Gbit/s x 10 ms = 1.25 MB)
 MAX_CHUNKS = 256
+CHUNK = 1 << 16
+_PR_SET_TIMERSLACK = 29
 
 
-async def _pump(reader: asyncio.StreamReader, source: asyncio.StreamWriter, writer: asyncio.StreamWriter,
-                delay_s: float) -> None:
-    """Copy reader -> writer, each chunk `delay_s` after it was read; EOF is passed on as EOF."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue(maxsize=MAX_CHUNKS)
+#: what relaying a chunk costs by itself, one way (a loopback hop, a read, a queue hand-off, a write;
+#: measured ~0.1 ms at delay 0 on the 2-core test VM): held that much less, so a link adds its delay
+RELAY_COST_S = 1e-4
+REALTIME_PRIORITY = 10  # SCHED_FIFO, low among real-time tasks (the kernel's own threads run at 50+)
 
-    async def deliver() -> None:
-        try:
-            while (item := await queue.get()) is not None:
-                due, data = item
-                wait = due - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                writer.write(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-        except OSError:  # the far side is gone: stop this direction's reader, unblock its puts
-            source.close()
-            while not queue.empty():
-                queue.get_nowait()
 
-    task = asyncio.create_task(deliver())
+def _wire_thread() -> bool:
+    """Make the calling thread behave like a wire, not like one more process on a loaded machine:
+    SCHED_FIFO (a thread whose chunk is due runs now, instead of waiting ms for a busy core: CFS only
+    preempts for a waker after its wakeup granularity) and timer slack 1 ns (sleeps end when due, not
+    up to 50 us later). The kernel still keeps 5% of each core for normal tasks. False if refused."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
     try:
-        while data := await reader.read(1 << 16):
-            if task.done():
-                break
-            await queue.put((loop.time() + delay_s, data))
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _nodelay(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _read(source: socket.socket, chunks: queue.Queue, delay_s: float) -> None:
+    """Blocking reads from `source`, each chunk queued with the time it is due; None = EOF. A full
+    queue blocks this thread, so the sender's TCP window closes: a slow receiver slows the sender."""
+    _wire_thread()
+    hold = max(0.0, delay_s - RELAY_COST_S)
+    try:
+        while data := source.recv(CHUNK):
+            chunks.put((time.monotonic() + hold, data))
     except OSError:
         pass
-    if not task.done():
-        await queue.put(None)
-    await task
+    chunks.put(None)
 
 
-async def _handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter, target: tuple[str, int],
-                  delay_s: float) -> None:
+def _write(chunks: queue.Queue, sink: socket.socket, source: socket.socket) -> None:
+    """Send each chunk to `sink` when due (time.sleep: clock_nanosleep, ~0.05 ms late at most, not an
+    event loop's millisecond timer); EOF becomes a half-close. If `sink` is gone, shut `source` so its
+    reader stops, and drop what is still queued (unblocking the reader's puts)."""
+    _wire_thread()
     try:
-        server_r, server_w = await asyncio.open_connection(*target)
-    except OSError:
-        client_w.close()
+        while (item := chunks.get()) is not None:
+            due, data = item
+            if (wait := due - time.monotonic()) > 0:
+                time.sleep(wait)
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
         return
-    try:
-        await asyncio.gather(_pump(client_r, client_w, server_w, delay_s), _pump(server_r, server_w, client_w, delay_s))
-    finally:
-        for w in (client_w, server_w):
-            w.close()
+    except OSError:
+        with contextlib.suppress(OSError):
+            source.shutdown(socket.SHUT_RDWR)
+    while chunks.get() is not None:
+        pass
 
 
-async def _serve(listen: tuple[str, int], target: tuple[str, int], delay_s: float) -> asyncio.AbstractServer:
-    return await asyncio.start_server(lambda r, w: _handle(r, w, target, delay_s), *listen)
+class _Relay:
+    """Every listening socket of one proxy process, and the connections they accepted."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True, name="delay-proxy-accept")
+
+    def listen(self, listen: tuple[str, int], target: tuple[str, int], delay_s: float) -> tuple[str, int]:
+        """Bind `listen` (before `start`); returns the bound address."""
+        server = socket.create_server(listen, backlog=128)
+        self._selector.register(server, selectors.EVENT_READ, (target, delay_s))
+        return server.getsockname()[:2]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Close the listeners, cut every connection (their threads then end), wait for the acceptor."""
+        self._stopping = True
+        self._wake_w.send(b"x")
+        self._thread.join(10)
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        self._wake_r.close(), self._wake_w.close()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping:
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    continue
+                with contextlib.suppress(OSError):
+                    client, _ = key.fileobj.accept()
+                    threading.Thread(target=self._connection, args=(client, *key.data), daemon=True,
+                                     name="delay-proxy-conn").start()
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()
+        self._selector.close()
+
+    def _connection(self, client: socket.socket, target: tuple[str, int], delay_s: float) -> None:
+        """One accepted connection: dial the target, then a reader and a writer thread per direction."""
+        try:
+            server = socket.create_connection(target, timeout=10)
+        except OSError:
+            client.close()
+            return
+        server.settimeout(None)
+        for sock in (client, server):
+            _nodelay(sock)
+        with self._lock:
+            if self._stopping:
+                client.close(), server.close()
+                return
+            self._conns.update((client, server))
+        threads = []
+        for source, sink in ((client, server), (server, client)):
+            chunks: queue.Queue = queue.Queue(maxsize=MAX_CHUNKS)
+            threads += [threading.Thread(target=_read, args=(source, chunks, delay_s), daemon=True),
+                        threading.Thread(target=_write, args=(chunks, sink, source), daemon=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        with self._lock:
+            self._conns.difference_update((client, server))
+        client.close(), server.close()
 
 
 class DelayProxy:
-    """In-process proxy on its own event-loop thread. `.port` is the bound listening port."""
+    """In-process proxy on its own threads. `.port` is the bound listening port."""
 
     def __init__(self, target: tuple[str, int], delay_s: float, listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         self.target, self.delay_s, self.listen = target, delay_s, listen
         self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="delay-proxy")
-        self._server: asyncio.AbstractServer | None = None
+        self._relay = _Relay()
 
     def __enter__(self) -> DelayProxy:
-        self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(_serve(self.listen, self.target, self.delay_s), self._loop)
-        self._server = future.result(10)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = self._relay.listen(self.listen, self.target, self.delay_s)[1]
+        self._relay.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        async def shutdown() -> None:
-            self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._relay.stop()
 
 
 def _addr(text: str) -> tuple[str, int]:
@@ -125,11 +199,6 @@ def _mapping(text: str) -> tuple[tuple[str, int], tuple[str, int], float]:
     return _addr(listen), _addr(target), delay_ms
 
 
-async def _exit_on_eof() -> None:
-    """Return when stdin reaches EOF: the process that started us (and holds the pipe) is gone."""
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", type=_addr)
@@ -147,21 +216,20 @@ def main() -> None:
     if not maps:
         parser.error("nothing to proxy: give --listen/--target/--delay-ms or --map")
 
-    async def run() -> None:
-        servers = [await _serve(listen, target, ms / 1e3) for listen, target, ms in maps]
-        for server, (_, target, ms) in zip(servers, maps, strict=True):
-            host, port = server.sockets[0].getsockname()[:2]
-            print(f"delay proxy on {host}:{port} -> {target[0]}:{target[1]} (+{ms:g} ms each way)", flush=True)
-        print("ready", flush=True)
-        if args.exit_on_eof:
-            await _exit_on_eof()
-        else:
-            await asyncio.Event().wait()
-        for server in servers:
-            server.close()
-
+    if not _wire_thread():
+        print("no real-time priority for the relay threads (needs root): round trips run late under load", flush=True)
+    relay = _Relay()
+    for listen, target, ms in maps:
+        host, port = relay.listen(listen, target, ms / 1e3)
+        print(f"delay proxy on {host}:{port} -> {target[0]}:{target[1]} (+{ms:g} ms each way)", flush=True)
+    relay.start()
+    print("ready", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
+        if args.exit_on_eof:
+            sys.stdin.buffer.read()  # EOF: the process that started us (and holds the pipe) is gone
+        else:
+            signal.pause()
+    relay.stop()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ or laptop that drives a real cluster. Hosts 1..N are the devices, each with
   port and its data plane port (the same numbers), since a coordinator dials the data plane at the
   gRPC host. `bed.address(i)` is what the coordinator dials (`--peer`); mDNS announces the node's
   own address, which skips the delay (the rate still applies).
-One proxy process serves every node (asyncio). Everything is removed at exit, on an exception in
+One proxy process serves every node (a reader and a writer thread per connection and direction). Everything is removed at exit, on an exception in
 the with-block, on SIGTERM/SIGHUP/SIGINT of the process running the bed, and, for a SIGKILLed run,
 by the next bed's start: processes in its namespaces and cgroups are killed, then the cgroups and
 namespaces go. Nodes get a launcher pipe (--watch-fd) and the proxy watches its stdin, so they also
@@ -43,7 +43,9 @@ from edge_profiles import DeviceProfile, LinkProfile, device, link
 from netns import Testbed
 
 NODE_PORT = 50551  # every node listens here (each has its own namespace); its data plane on NODE_PORT + 1
-PROXY_MIN_RTT_MS = 0.5  # below this the proxy's own cost (two Python hops) is the RTT: link goes direct
+#: below this the proxy's own cost (~0.2 ms: a loopback hop and a thread hand-off each way) is more
+#: than the RTT: such a link goes direct (the namespace path itself is ~0.05 ms)
+PROXY_MIN_RTT_MS = 0.2
 #: TCP payload per byte tbf counts (1448 of a 1514-byte frame, MTU 1500 with timestamps): the line
 #: rate is set this much above a profile's rate_mbit so that TCP's goodput is rate_mbit, as iperf3 reports
 GOODPUT = 1448 / 1514

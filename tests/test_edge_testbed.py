@@ -29,9 +29,10 @@ pytestmark = [pytest.mark.root, pytest.mark.slow,
 SINK_PORT = 5201
 TESTS = Path(__file__).resolve().parent
 
-#: the two devices: a stock Pi 4 on Ethernet (no delay proxy: 0.2 ms is below PROXY_MIN_RTT_MS), and a
-#: Jetson Nano given another CPU fraction and a small memory limit (so the OOM check is quick) on Wi-Fi
-SPECS = [(device("pi4"), link("ethernet")),
+#: the two devices: a stock Pi 4 on Ethernet one switch further (1 ms: the smallest RTT the scaling
+#: benchmark sweeps, at the fastest rate), and a Jetson Nano given another CPU fraction and a small
+#: memory limit (so the OOM check is quick) on Wi-Fi (4 ms)
+SPECS = [(device("pi4"), link("ethernet", rtt_ms=1.0)),
          (device("jetson-nano", cpu_fraction=0.4, memory="768MiB"), link("wifi"))]
 
 #: a TCP sink/source for the bulk transfers, run in a node's namespace (outside its cgroup: it measures
@@ -67,14 +68,16 @@ DRIVER = textwrap.dedent("""
     def ms(t0):
         return (time.perf_counter() - t0) * 1e3
 
-    def echo_rtts(address, n=40):
-        with NodeClient(address, timeout=30) as client:
-            client.echo(b"warm")
-            out = []
+    def echo_rtts(address, direct, n=60):
+        # through the proxy and on the node's own address, interleaved: the VM's load drifts
+        with NodeClient(address, timeout=30) as far, NodeClient(direct, timeout=30) as near:
+            far.echo(b"warm"), near.echo(b"warm")
+            out = ([], [])
             for _ in range(n):
-                t0 = time.perf_counter()
-                client.echo(b"x" * 64)
-                out.append(ms(t0))
+                for client, times in zip((far, near), out):
+                    t0 = time.perf_counter()
+                    client.echo(b"x" * 64)
+                    times.append(ms(t0))
             return out
 
     def bulk(host, port, nbytes):
@@ -120,8 +123,7 @@ DRIVER = textwrap.dedent("""
                     raw.append(ms(t0))
                 row["raw_rtt_ms"] = raw
             client.unload("tb-echo")
-        row["echo_ms"] = echo_rtts(spec["address"])
-        row["direct_echo_ms"] = echo_rtts(spec["direct"])
+        row["echo_ms"], row["direct_echo_ms"] = echo_rtts(spec["address"], spec["direct"])
         row["down_mbit"], row["up_mbit"] = bulk(spec["sink_host"], spec["sink_port"], spec["bulk_bytes"])
         out.append(row)
     print(json.dumps(out))
@@ -247,8 +249,9 @@ def test_allocating_past_the_memory_limit_is_killed(edge, measured):
 
 def test_round_trips_carry_the_links_rtt(edge, measured):
     """Through the proxy every round trip takes at least rtt_ms (the proxy never delivers early), and
-    the median exceeds the same call on the node's own address by rtt_ms, give or take 1.5 ms (the
-    proxy's event-loop wakeups and two extra Python hops; the node's own cost cancels out)."""
+    the median exceeds the same call on the node's own address (interleaved with it, so the node's
+    own cost and the VM's load cancel out) by rtt_ms +- 0.35 ms: the relay's own cost is held back
+    from the delay, its threads sleep to the due time and run real-time (docs/testbed.md)."""
     bed = edge["bed"]
     for i in bed.nodes:
         row, rtt = measured[i], bed.links[i].rtt_ms
@@ -258,7 +261,7 @@ def test_round_trips_carry_the_links_rtt(edge, measured):
               f"data-plane forward median {raw:.2f} ms (min {min(row['raw_rtt_ms']):.2f})")
         if bed.proxied(i):
             assert min(row["echo_ms"]) >= rtt and min(row["raw_rtt_ms"]) >= rtt
-            assert rtt - 0.5 <= echo - direct <= rtt + 1.5
+            assert rtt - 0.35 <= echo - direct <= rtt + 0.35, (echo, direct)
         else:
             assert bed.address(i) == f"{bed.ips[i]}:50551"
 
