@@ -25,9 +25,11 @@ from edgeweave.runtime.cgroups import own_cgroup
 CONTROLLERS = ("cpu", "cpuset", "memory")
 #: the CFS period of every device. Short on purpose: with the 100 ms default a 0.25-core device
 #: runs 25 ms flat out and then sits throttled for 75 ms, so one forward step of a few ms either
-#: costs nothing or waits up to 75 ms (latency in bursts, nothing like a slow CPU). At 10 ms the
-#: worst stall is 7.5 ms and the speed is smooth at the millisecond scale of a decode step.
-PERIOD_US = 10_000
+#: costs nothing or waits up to 75 ms (latency in bursts, nothing like a slow CPU). At 4 ms (the
+#: shortest that still gives a 0.25 device the kernel's 1 ms minimum quota) the worst stall is 3 ms:
+#: a tensor-parallel token of a 22-layer model is 44 exchanges of a few ms each, and at 10 ms
+#: (7.5 ms stalls) the throttling, not the device's speed, dominated them.
+PERIOD_US = 4_000
 MIN_QUOTA_US = 1_000  # the kernel's smallest quota
 _TAG = re.compile(r"^ewtb-(\d+)-")
 
