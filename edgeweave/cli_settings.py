@@ -52,7 +52,7 @@ BINDINGS: dict[str, dict[str, str]] = {
     "plan": {**_FIND_NODES, "nodes": "coordinator.nodes", "quantize": "coordinator.quantize",
              "cache_dir": "coordinator.cache_dir"},
     "run": {**_FIND_NODES, "nodes": "coordinator.nodes", "quantize": "coordinator.quantize",
-            "cache_dir": "coordinator.cache_dir"},
+            "cache_dir": "coordinator.cache_dir", "speculate": "coordinator.speculate"},
     "serve": {**_FIND_NODES, "nodes": "coordinator.nodes", "quantize": "coordinator.quantize",
               "cache_dir": "coordinator.cache_dir", "host": "coordinator.http_host", "port": "coordinator.http_port",
               "api_key": "coordinator.api_key", "max_body_bytes": "coordinator.max_body_bytes"},
