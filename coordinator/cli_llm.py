@@ -32,7 +32,38 @@ DISCOVERY_HELP = "Seconds to listen for mDNS announcements (0: only --peer, else
 LOCAL_BUDGET_HELP = ("Memory budget of each node of the local cluster started here (e.g. 600MiB): they stream "
                      "layers through a sliding window when it is short. Nodes found on the network keep their own.")
 
+SPECULATE_HELP = ("Speculative decoding: verify up to K tokens guessed by prompt lookup per pass over the nodes "
+                  "(exactly the greedy tokens, in fewer round trips where the text repeats itself; fewer "
+                  "guesses while they keep being wrong; 0 = off). "
+                  "Greedy only: sampled runs speculate only when asked here, and that is refused. "
+                  "Default: [coordinator] speculate.")
+
 log = logging.getLogger(__name__)
+
+
+def from_command_line(ctx: typer.Context, name: str) -> bool:
+    """True when option `name` was given on the command line (not a default or a configured value)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def resolve_speculate(flag: int | None, temperature: float, explicit: bool) -> int:
+    """Draft tokens per pass: --speculate or [coordinator] speculate (bound by edgeweave.cli_settings),
+    which applies to greedy runs; BadParameter when out of range, or asked for on the command line of a
+    sampled run (speculation verifies greedy choices only)."""
+    from edgeweave.config import CoordinatorSettings
+    from edgeweave.coordinator.speculative import SpeculationError, check_draft, check_request
+    from edgeweave.runtime.sampling import SamplingParams
+
+    draft = CoordinatorSettings.speculate if flag is None else flag
+    try:
+        check_draft(draft)
+        if temperature > 0 and not explicit:
+            return 0  # the configured speculation is for greedy runs
+        check_request(draft, SamplingParams(temperature=max(temperature, 0.0)))
+    except SpeculationError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--speculate") from None
+    return draft
 
 
 def check_local_budget(budget: str | None, found: list[str]) -> None:
@@ -302,6 +333,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("run")
     def run(
+        ctx: typer.Context,
         model: str = typer.Argument(None, help=MODEL_HELP),
         prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt (a user message with --chat)."),
         nodes: int = typer.Option(None, "--nodes", "-n", help="Nodes of the local cluster started when none is found."),
@@ -324,6 +356,7 @@ def register(app: typer.Typer) -> None:
         coordinator_share: float = typer.Option(
             0.0, help="Let this device compute a share too, with this weight (0 = off; with --weights, "
                       "relative to them). Saves a message per allreduce, as TPI-LLM's master does."),
+        speculate: int = typer.Option(None, metavar="K", help=SPECULATE_HELP),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     ) -> None:
         """Generate text with the model split across nodes (tensor parallel, pipeline or hybrid: --layout)."""
@@ -338,6 +371,7 @@ def register(app: typer.Typer) -> None:
         if layout_request == "auto" and (weights or coordinator_share):
             raise typer.BadParameter("the planner measures the nodes itself: drop --weights and --coordinator-share, "
                                      "or name a layout", param_hint="--layout")
+        draft = resolve_speculate(speculate, temperature, explicit=from_command_line(ctx, "speculate"))
         if coordinator_share < 0:
             raise typer.BadParameter("must be >= 0", param_hint="--coordinator-share")
         if max_tokens < 1:
@@ -379,18 +413,26 @@ def register(app: typer.Typer) -> None:
                 if layout_request == "auto":
                     llm = stack.enter_context(open_auto(
                         checkpoint, members, quantize=precision, prompt_tokens=len(prompt_ids), dtype=dtype,
-                        show_progress=not as_json, cache_dir=cache_dir))
+                        show_progress=not as_json, cache_dir=cache_dir, token_invariant=draft > 0))
                 else:
+                    # speculation needs token-invariant nodes (its tokens are then exactly greedy decoding's on
+                    # them); plain decoding keeps the one-row kernels (float ones are ~2x faster per token)
                     llm = stack.enter_context(DistributedLlama(
                         checkpoint, members, member_weights, dtype=dtype, show_progress=not as_json,
-                        quantize=precision, cache_dir=cache_dir, layout=layout_request,
+                        quantize=precision, cache_dir=cache_dir, layout=layout_request, token_invariant=draft > 0,
                     ))
             except (QuantizationError, LayoutError, *planning_errors) as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(2) from None
             decoder = tokenizer.stream_decoder()
             tokens: list[int] = []
-            for token in llm.generate(prompt_ids, max_tokens, sampling):
+            if draft:
+                from edgeweave.coordinator import speculative
+
+                stream = speculative.generate(llm, prompt_ids, max_tokens, draft, sampling)
+            else:
+                stream = llm.generate(prompt_ids, max_tokens, sampling)
+            for token in stream:
                 if not tokens:
                     log.info("first token after %.0f ms", llm.last_stats.ttft_s * 1e3)
                 tokens.append(token)
@@ -408,9 +450,14 @@ def register(app: typer.Typer) -> None:
                     "layout": llm.layout.describe(), "stages": llm.layout.to_dict(),
                     "messages_per_token": llm.messages_per_token, "replans": llm.replans,
                     "predicted": llm.planned.to_dict() if llm.planned is not None else None,
+                    "speculate": draft, "passes": stats.passes, "drafted": stats.drafted, "accepted": stats.accepted,
+                    "tokens_per_pass": stats.tokens_per_pass,
                 }))
                 return
             sys.stdout.write(decoder.flush() + "\n")
             per_token = f"{stats.per_token_s * 1e3:.1f} ms" if stats.per_token_s else "n/a"
             typer.echo(f"{len(tokens)} tokens on {len(members)} members: first token {stats.ttft_s * 1e3:.0f} ms, "
                        f"then {per_token} per token (median); {stats.comm_s:.2f} s waiting on the network", err=True)
+            if stats.passes:
+                typer.echo(f"speculation: {stats.passes} passes, {stats.tokens_per_pass:.2f} tokens per pass, "
+                           f"{stats.accepted} of {stats.drafted} drafted tokens accepted", err=True)

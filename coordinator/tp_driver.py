@@ -56,6 +56,16 @@ def _addressing(rows: Sequence[Row]) -> tuple[str, int, Sequence[Row] | None]:
     return "", 0, rows
 
 
+def _new_token_indexes(sequences: Sequence[SequenceStep], rows: Sequence[Row]) -> list[int]:
+    """Indexes, in a step's stacked tokens, of each sequence's tokens past `cached` (a row may
+    start earlier than `cached`: a session prefilled again after a redeploy)."""
+    out, end = [], 0
+    for seq, row in zip(sequences, rows, strict=True):
+        end += row.length
+        out += range(end - (len(seq.history) - seq.cached), end)
+    return out
+
+
 #: a node that keeps losing files within one step is a broken disk, not a stray corruption: give up
 MAX_REFETCHES_PER_STEP = 2
 
@@ -102,6 +112,13 @@ class GenerationStats:
     round_trips: int = 0
     #: node failures survived during this call (coordinator/recovery.py RecoveryRecord.as_dict())
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+    #: speculative decoding (coordinator/speculative.py; all 0 without it): passes over the model
+    #: after the prefill, draft tokens sent in them, and of those the ones the model agreed with
+    passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    #: tokens the passes produced (accepted drafts plus the model's own token of each pass)
+    pass_tokens: int = 0
 
     @property
     def comm_s(self) -> float:
@@ -112,8 +129,14 @@ class GenerationStats:
         """Median decode latency (tokens after the first)."""
         return statistics.median(self.token_s) if self.token_s else None
 
+    @property
+    def tokens_per_pass(self) -> float | None:
+        """Tokens per pass over the model after the first token (1.0 is plain decoding)."""
+        return self.pass_tokens / self.passes if self.passes else None
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "comm_s": self.comm_s, "per_token_s": self.per_token_s}
+        return {**asdict(self), "comm_s": self.comm_s, "per_token_s": self.per_token_s,
+                "tokens_per_pass": self.tokens_per_pass}
 
 
 #: what `layout=` accepts besides a concrete Layout: a kind, cut for whatever nodes there are
@@ -156,6 +179,7 @@ class DistributedLlama:
         hub_threads: int | None = None,
         batch_invariant: bool = False,
         layout: str | Layout = "tensor",
+        token_invariant: bool = False,
     ) -> None:
         if not nodes:
             raise ValueError("tensor-parallel inference needs at least one node")
@@ -180,7 +204,11 @@ class DistributedLlama:
         self.recover_on_failure = recover
         #: a row's numbers never depend on the rest of its batch (`layer_compute.at_least_two_rows`):
         #: what serving many users needs; a single stream (`edgeweave run`) keeps the one-row fast path
-        self.batch_invariant = batch_invariant
+        self.batch_invariant = batch_invariant or token_invariant
+        #: and a token's never depend on how many tokens of its sequence share the pass (nodes attend
+        #: token by token in rows at an offset): what makes speculative decoding exactly greedy
+        #: decoding (coordinator/speculative.py); implies batch_invariant
+        self.token_invariant = token_invariant
         #: with one node holding everything, run all layers there per step (no per-layer hub)
         self.fuse_single_node = fuse_single_node
         self.streams: list = []
@@ -196,7 +224,7 @@ class DistributedLlama:
         # A pool of more in this process spins beside the nodes' threads when they share the cores
         # (a local cluster, --coordinator-share): 54 vs 31 ms per 1B Q4_0 token on two cores.
         self.hub = TensorParallelHub.from_file(self.config, self.manifest.coordinator_file, hub_threads or 1,
-                                               batch_invariant)
+                                               self.batch_invariant)
         self.last_stats = GenerationStats()
         self._sessions: set[str] = set()
         self._closed = False
@@ -395,6 +423,7 @@ class DistributedLlama:
             "dtype": "float32",  # compute in float32 whatever the file dtype (16-bit files halve transfer and disk)
             "backend": self.backend,  # the kernels for quantized projections (runtime.layer_compute)
             "batch_invariant": self.batch_invariant,
+            "token_invariant": self.token_invariant,
         }
         shards = {name: self.manifest.sha256(rel) for name, rel in self.manifest.shard_files(rank).items()}
         start = time.perf_counter()
@@ -543,9 +572,12 @@ class DistributedLlama:
         finally:
             self.reset(sequence.session)
 
-    def step(self, sequences: Sequence[SequenceStep], stats: GenerationStats | None = None) -> torch.Tensor:
+    def step(self, sequences: Sequence[SequenceStep], stats: GenerationStats | None = None,
+             last_only: bool = True) -> torch.Tensor:
         """One batched step: each sequence's tokens past `cached` go through the model together;
-        returns each one's next-token logits [len(sequences), vocab]. Survives node losses.
+        returns each one's next-token logits [len(sequences), vocab] (without `last_only`: the
+        logits of every token past `cached`, sequence after sequence, [sum of those, vocab], as
+        speculative decoding verifies a draft). Survives node losses.
 
         A session whose KV cache was lost in a redeploy is rebuilt by prefilling its whole history
         in the same step. On a lost node, `recovery.recover` re-plans over the survivors and we retry."""
@@ -569,7 +601,9 @@ class DistributedLlama:
                 stream.reply_timeout = deadline
             step_start = time.perf_counter()
             try:
-                logits = self._forward_rows(ids, rows, stats)
+                logits = self._forward_rows(ids, rows, stats, last_only)
+                if not last_only:  # a re-prefilled row computed its whole history: keep the asked-for tail
+                    logits = logits[_new_token_indexes(sequences, rows)]
             except NodeError as exc:
                 if (self.recover_on_failure and exc.code is grpc.StatusCode.FAILED_PRECONDITION
                         and refetches < MAX_REFETCHES_PER_STEP and recovery.refetch_changed_shards(self, exc)):
@@ -626,6 +660,39 @@ class DistributedLlama:
         self.planned = new
         self.replans.append({"from": before, "to": new.describe(), "predicted_decode_s": new.decode_s,
                              "resent_bytes": sent, "seconds": time.perf_counter() - start})
+    def truncate(self, session: str, length: int) -> None:
+        """Cut `session`'s KV caches to its first `length` tokens (a rejected speculative draft) on
+        every node holding a KV cache, all messages sent before the first reply is read. Where that
+        fails, the session is prefilled whole from its history on its next step instead: a lost
+        node is found, and recovered from, by that step; after a refusal the streams are reopened
+        and the session's caches dropped, as after any refusal."""
+        if self._session_epoch.get(session) != self.epoch or self._closed:
+            return  # no cache of it on these jobs: its next step prefills it whole anyway
+        failure: NodeError | None = None
+        sent = []
+        for r in self._kv_ranks():
+            try:
+                self.streams[r].send(self.job_ids[r], "truncate", [], 0, length, session)
+                sent.append(r)
+            except NodeError as exc:
+                failure = failure or exc
+        for r in sent:
+            try:
+                self.streams[r].recv()
+            except NodeError as exc:
+                failure = failure or exc
+        if failure is None:
+            return
+        log.warning("truncating session %s on %s failed (%s); it is prefilled again on its next step",
+                    session, failure.address, failure.message)
+        if recovery.is_node_lost(failure):
+            self._session_epoch.pop(session, None)  # the step's recovery redeploys: fresh jobs, no caches
+        else:
+            self._after_refusal([SequenceStep(session, [], 0)])  # reopen the streams, drop its caches
+
+    def _kv_ranks(self) -> list[int]:
+        """The ranks holding KV caches: the ones with attention heads (in a pipeline layout, every stage)."""
+        return self._attn_ranks
 
     def reset(self, *sessions: str) -> None:
         """Forget `sessions` (their KV caches on every node holding attention heads), in one message per node."""

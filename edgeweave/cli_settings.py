@@ -52,7 +52,7 @@ BINDINGS: dict[str, dict[str, str]] = {
     "plan": {**_FIND_NODES, "nodes": "coordinator.nodes", "quantize": "coordinator.quantize",
              "cache_dir": "coordinator.cache_dir"},
     "run": {**_FIND_NODES, "nodes": "coordinator.nodes", "quantize": "coordinator.quantize",
-            "cache_dir": "coordinator.cache_dir", "layout": "coordinator.layout"},
+            "cache_dir": "coordinator.cache_dir", "layout": "coordinator.layout", "speculate": "coordinator.speculate"},
     "serve": {**_FIND_NODES, "nodes": "coordinator.nodes", "quantize": "coordinator.quantize",
               "layout": "coordinator.layout",
               "cache_dir": "coordinator.cache_dir", "host": "coordinator.http_host", "port": "coordinator.http_port",

@@ -20,6 +20,7 @@ The file is `$EDGEWEAVE_CONFIG`, else `~/.config/edgeweave/config.toml`:
     peers = ["10.0.0.7:50551"]
     http_port = 8000
     quantize = "q4"        # q4 | q8 | none; unset keeps the model file's own precision
+    speculate = 8          # run: verify up to 8 prompt-lookup draft tokens per pass (greedy runs; 0 = off)
     api_key = "..."        # serve: clients must send "Authorization: Bearer ..." (or EDGEWEAVE_COORDINATOR_API_KEY)
 
 An environment variable `EDGEWEAVE_<SECTION>_<KEY>` (e.g. `EDGEWEAVE_NODE_PORT=6000`) overrides
@@ -89,6 +90,9 @@ class CoordinatorSettings:
     layout: str = "tensor"  # tensor, pipeline, auto (the planner picks), or stages: pipeline:12,18 / hybrid:12x2,18x1
     api_key: str = ""  # `edgeweave serve` requires "Authorization: Bearer <api_key>" when set
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get HTTP 413 before they are parsed
+    #: `edgeweave run`'s speculative draft per pass (0 = off; coordinator/speculative.py): the same
+    #: greedy tokens in fewer passes where drafts are accepted; sampled runs do not speculate
+    speculate: int = 8
 
 
 @dataclass

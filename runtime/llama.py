@@ -223,9 +223,23 @@ def attention_shard(
                              eps=eps, sliding_window=sliding_window)
 
 
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sliding_window: int | None,
+            one_by_one: bool) -> torch.Tensor:
+    """`grouped_attention` of q's T tokens, the newest of keys/values; with `one_by_one` each token
+    alone against the keys up to itself: the very shapes, so the very sums, of a one-token decode
+    at its position (what makes a verified speculative draft bitwise equal to decoding it)."""
+    T = q.shape[1]
+    if not one_by_one or T == 1:
+        return grouped_attention(q, keys, values, sliding_window)
+    S = keys.shape[1]
+    return torch.cat([grouped_attention(q[:, t : t + 1].contiguous(), keys[:, : S - T + t + 1],
+                                        values[:, : S - T + t + 1], sliding_window) for t in range(T)], dim=1)
+
+
 def batched_attention(
     x_normed: torch.Tensor, matmuls: LayerMatmuls, caches: Sequence[LayerKV], positions: Sequence[int],
     lengths: Sequence[int], rotary: Rotary, head_dim: int, *, eps: float = 1e-6, sliding_window: int | None = None,
+    token_invariant: bool = False,
 ) -> torch.Tensor:
     """This shard's KV-head groups of one attention layer: x_normed [T, H] -> partial output [T, H].
 
@@ -238,6 +252,10 @@ def batched_attention(
     (only the `sliding_window` newest of them when set). The projections come from `matmuls`
     (`runtime.layer_compute`), whatever their precision; when the shard has Qwen3's per-head q/k
     RMSNorms (`matmuls.qk_norms`), they are applied to every head before RoPE, with `eps`.
+    With `token_invariant`, a row that continues a cached sequence (position > 0) attends token
+    by token (`_attend`): a few times slower per token, so prefills from position 0 keep the
+    batched kernel; with row-invariant matmuls a token's output then does not depend on how many
+    tokens of its sequence share the pass.
     """
     T, hidden = x_normed.shape
     n_q, n_kv = matmuls.n_q_rows // head_dim, matmuls.n_kv_rows // head_dim
@@ -254,13 +272,13 @@ def batched_attention(
     qk = apply_rope(qk.transpose(0, 1), cos, sin)  # q and k heads of every token rotated in one go
     if len(caches) == 1:
         keys, values = caches[0].append(qk[n_q:], v)
-        out = grouped_attention(qk[:n_q], keys, values, sliding_window)
+        out = _attend(qk[:n_q], keys, values, sliding_window, token_invariant and positions[0] > 0)
     else:
         parts, start = [], 0
-        for kv, length in zip(caches, lengths, strict=True):
+        for kv, position, length in zip(caches, positions, lengths, strict=True):
             end = start + length
             keys, values = kv.append(qk[n_q:, start:end], v[:, start:end])
-            parts.append(grouped_attention(qk[:n_q, start:end], keys, values, sliding_window))
+            parts.append(_attend(qk[:n_q, start:end], keys, values, sliding_window, token_invariant and position > 0))
             start = end
         out = torch.cat(parts, dim=1)
     return matmuls.out(out.transpose(0, 1).reshape(T, n_q * head_dim))

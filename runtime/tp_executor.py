@@ -84,6 +84,11 @@ class TensorParallelExecutor(Executor):
         self.batch_invariant = config.get("batch_invariant", False)
         if not isinstance(self.batch_invariant, bool):
             raise ExecutorInputError(f"tp_llm batch_invariant must be true or false, not {self.batch_invariant!r}")
+        #: rows at an offset attend token by token (`runtime.llama.batched_attention`): with batch-invariant
+        #: matmuls, a verified speculative draft then gets bitwise the numbers of decoding it token by token
+        self.token_invariant = config.get("token_invariant", False)
+        if not isinstance(self.token_invariant, bool):
+            raise ExecutorInputError(f"tp_llm token_invariant must be true or false, not {self.token_invariant!r}")
         try:
             build = matmuls_factory(self.backend, self.threads, self.dtype, self.batch_invariant)
             self.store = LayerStore(paths, self.window, prepare=build,
@@ -178,6 +183,7 @@ class TensorParallelExecutor(Executor):
             "backend": self.backend if self.quantized else "float",
             "threads": self.threads,
             "batch_invariant": self.batch_invariant,
+            "token_invariant": self.token_invariant,
             "ops": ["attn", "mlp", "reset", "truncate"] + (["layers"] if self.norms is not None else []),
         }
 
@@ -247,7 +253,8 @@ class TensorParallelExecutor(Executor):
                 )
             caches.append(kv)
         return batched_attention(x, weights, caches, [r.position for r in rows], [r.length for r in rows],
-                                 self.rotary, self.head_dim, eps=self.rms_norm_eps, sliding_window=self.sliding_window)
+                                 self.rotary, self.head_dim, eps=self.rms_norm_eps, sliding_window=self.sliding_window,
+                                 token_invariant=self.token_invariant)
 
     def _cache(self, session: str) -> KVCache:
         cache = self.caches.get(session)

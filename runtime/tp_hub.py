@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from edgeweave.runtime.batch import Row, check_rows, last_token_indexes
-from edgeweave.runtime.layer_compute import at_least_two_rows, torch_threads
+from edgeweave.runtime.layer_compute import at_least_two_rows, in_row_blocks, torch_threads
 from edgeweave.runtime.llama import LlamaShape, rms_norm
 from edgeweave.runtime.ort_quantized import OrtLinear
 from edgeweave.runtime.quantized import PackedWeight, dequantize_rows, is_quantized, packed_weight
@@ -123,8 +123,12 @@ class TensorParallelHub:
         if last_only:
             x = x[-1:] if len(rows) == 1 else x[last_token_indexes(rows)]
         x = rms_norm(x, self.final_norm, eps)
-        head = self._head if self._head is not None else (lambda h: h @ self.lm_head_t)
-        return at_least_two_rows(head, x) if self.batch_invariant else head(x)
+        if self._head is not None:
+            return at_least_two_rows(self._head, x) if self.batch_invariant else self._head(x)
+        return in_row_blocks(self._float_head, x) if self.batch_invariant else self._float_head(x)
+
+    def _float_head(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.lm_head_t
 
     def reduce_layers(self, x: torch.Tensor, rows: Sequence[Row], reduce: RowsReduce, layers: range) -> torch.Tensor:
         """`layers` with their norms and residuals here and the projections summed from the shards

@@ -61,3 +61,15 @@ def local_node():
 
     with LocalCluster(1, advertise=False) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def two_nodes():
+    """Two real node daemon subprocesses on 127.0.0.1, one torch thread each, shared by every test
+    module that needs a 2-node cluster (a test that kills one restarts it before it ends)."""
+    from llm_reference import ONE_THREAD
+
+    from edgeweave.coordinator.local_cluster import LocalCluster
+
+    with LocalCluster(2, advertise=False, env=ONE_THREAD) as cluster:
+        yield cluster

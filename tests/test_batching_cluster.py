@@ -9,7 +9,6 @@ import threading
 
 import pytest
 from llm_reference import (
-    local_cluster_fixture,
     one_torch_thread,  # noqa: F401 - an autouse fixture: this module's torch runs on one thread
     smollm,
 )
@@ -26,7 +25,11 @@ pytestmark = [pytest.mark.llm, pytest.mark.slow]
 QUESTIONS = ["What is the capital of France? Answer in one sentence.", "Name three colours.",
              "Write one sentence about the sea, the wind and the old lighthouse on the hill.", "Hi"]
 N_TOKENS = 16
-cluster = local_cluster_fixture(2)
+
+
+@pytest.fixture(scope="module")
+def cluster(two_nodes):
+    return two_nodes  # the session's 2-node cluster (conftest.py), shared with test_speculative_cluster.py
 
 
 @pytest.fixture(scope="module")
