@@ -14,9 +14,11 @@ coordinator runs unconstrained in a namespace of its own.
       planner measures the cluster (coordinator/layout_choice.py) and predicts every candidate,
       and we measure 1 node, tensor x4, pipeline x4, hybrid 2x2 and the planner's choice. The
       planner's worst ratio is its choice's measured time over the best measured layout's.
-  (3) speculation: SmolLM2-135M (the bundled GGUF) on 2 nodes at 3 ms RTT, a rewrite-a-paragraph
-      prompt, greedy: plain decoding against prompt-lookup drafts verified k at a time; the
-      tokens must be identical.
+  (3) speculation: SmolLM2-135M (the bundled GGUF) on 2 nodes at 3 ms RTT, greedy, two
+      text-editing prompts (proofread a paragraph: the answer copies it; rewrite it formally: the
+      answer paraphrases): plain decoding against prompt-lookup drafts verified up to 8 at a
+      time; the speculative tokens must equal plain decoding's on the same (token-invariant)
+      kernels. `speculative_gain` is the proofreading prompt's, tensor parallel.
 
 Needs root (namespaces, cgroups, tc). Check `cat /proc/loadavg` first: the figures are only as
 quiet as the machine. Writes benchmarks/results/scaling.json (top level: speedup_2, speedup_4,
@@ -43,14 +45,21 @@ RTTS_MS = (0.2, 1.0, 3.0, 10.0)
 PROMPT_1B = list(range(100, 132))  # 32 prompt tokens of the random model
 #: exo's reported tensor-parallel speed-ups (2 and 4 devices), the peer figure to stand next to ours
 EXO_SPEEDUP = {2: 1.8, 4: 3.2}
-REWRITE_PROMPT = (
-    "Rewrite the following paragraph so that it reads more formally, keeping every fact:\n\n"
+PARAGRAPH = (
     "The node daemon runs on every device and tells the coordinator what it has: how much memory, "
     "how many cores, and how fast it can multiply matrices. The coordinator then cuts the model so "
     "that every device gets a share it can hold, sends each device its share once, and after that "
     "only sends small hidden states for every token. When a device goes away the coordinator cuts "
     "the model again over the devices that are left and carries on where it stopped."
 )
+#: text-editing prompts: proofreading (the answer copies most of the paragraph: what prompt lookup
+#: is for) and a free rewrite (the answer paraphrases: drafts mostly fail, the cost of trying)
+EDIT_PROMPTS = {
+    "proofread": "Correct the spelling mistakes in this paragraph and return the whole corrected paragraph:\n\n"
+                 + PARAGRAPH.replace("device", "devcie").replace("model", "modle"),
+    "rewrite formally": "Rewrite the following paragraph so that it reads more formally, keeping every fact:\n\n"
+                        + PARAGRAPH,
+}
 
 
 # -- inside the coordinator's namespace ---------------------------------------------------------
@@ -196,13 +205,22 @@ def layouts_section(model: Path, folder: Path, env: dict, tokens: int, rtts: tup
 
 def speculative_section(folder: Path, env: dict, tokens: int) -> dict[str, Any]:
     """(3): SmolLM2 on 2 Pi-class nodes at 3 ms RTT, plain vs prompt-lookup speculation."""
-    from edge_profiles import link
 
     from edgeweave.splitting.checkpoints import open_checkpoint
     from edgeweave.splitting.tokenizer import Tokenizer
 
     checkpoint = open_checkpoint()
-    prompt_ids = Tokenizer.from_checkpoint(checkpoint).encode_chat([{"role": "user", "content": REWRITE_PROMPT}])
+    tokenizer = Tokenizer.from_checkpoint(checkpoint)
+    sections = {}
+    for name, text in EDIT_PROMPTS.items():
+        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": text}])
+        sections[name] = _speculative_runs(checkpoint, prompt_ids, folder, env, tokens)
+    return sections
+
+
+def _speculative_runs(checkpoint: Any, prompt_ids: list[int], folder: Path, env: dict, tokens: int) -> dict[str, Any]:
+    from edge_profiles import link
+
     runs = []
     for layout in ("tensor", "pipeline"):
         # plain: what `run --speculate 0` does (one-row kernels); the token-invariant plain run is the
@@ -225,9 +243,20 @@ def speculative_section(folder: Path, env: dict, tokens: int) -> dict[str, Any]:
 
 def _print(report: dict[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
+    if "speedup" in report:
+        _print_speedup(console, report)
+    if "layouts" in report:
+        _print_layouts(console, report)
+    if "speculative" in report:
+        _print_speculative(console, report)
+    console.print({k: report[k] for k in ("speedup_2", "speedup_4", "planner_worst_ratio", "speculative_gain")})
+
+
+def _print_speedup(console: Any, report: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(title="tensor parallel on Pi-4-class nodes (random Llama 1.1B shape, q4)")
     for col in ("nodes", "ms/token", "first token ms", "speed-up", "first-token speed-up", "exo reports"):
         table.add_column(col, justify="right")
@@ -237,6 +266,11 @@ def _print(report: dict[str, Any]) -> None:
                       f"{row['speedup']:.2f}x", f"{row['first_token_speedup']:.2f}x",
                       f"{EXO_SPEEDUP[n]:.1f}x" if n in EXO_SPEEDUP else "")
     console.print(table)
+
+
+def _print_layouts(console: Any, report: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(title="layouts against link RTT (4 Pi-4-class nodes): measured vs predicted ms/token")
     for col in ("RTT ms", "layout", "measured", "predicted", "error", "first token ms", "msgs/token"):
         table.add_column(col, justify="right")
@@ -249,22 +283,26 @@ def _print(report: dict[str, Any]) -> None:
                           f"{row['prediction_error']:+.0%}" if "prediction_error" in row else "-",
                           f"{row['ttft_s'] * 1e3:.0f}", str(row["messages_per_token"]))
     console.print(table)
-    if "speculative" in report:
-        table = Table(title="prompt-lookup speculation, SmolLM2 on 2 nodes at 3 ms RTT")
-        for col in ("run", "mean ms/token", "tokens/pass", "identical", "gain"):
-            table.add_column(col, justify="right")
-        for row in report["speculative"]["runs"]:
+
+
+def _print_speculative(console: Any, report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="prompt-lookup speculation, SmolLM2 on 2 Pi-4-class nodes at 3 ms RTT")
+    for col in ("prompt", "run", "mean ms/token", "tokens/pass", "identical", "gain"):
+        table.add_column(col, justify="right")
+    for prompt, section in report["speculative"].items():
+        for row in section["runs"]:
             per_pass = row.get("tokens_per_pass")
-            table.add_row(row["label"], f"{row['mean_token_s'] * 1e3:.1f}", f"{per_pass:.2f}" if per_pass else "-",
+            table.add_row(prompt, row["label"], f"{row['mean_token_s'] * 1e3:.1f}", f"{per_pass:.2f}" if per_pass else "-",
                           str(row.get("identical_tokens", "")), f"{row['gain']:.0%}" if "gain" in row else "")
-        console.print(table)
-    console.print({k: report[k] for k in ("speedup_2", "speedup_4", "planner_worst_ratio", "speculative_gain")})
+    console.print(table)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8, help="decode tokens per measured run")
-    parser.add_argument("--spec-tokens", type=int, default=64, help="tokens of the speculation runs")
+    parser.add_argument("--spec-tokens", type=int, default=48, help="tokens of the speculation runs")
     parser.add_argument("--quick", action="store_true", help="only 1 and 10 ms RTT")
     parser.add_argument("--skip", action="append", default=[], choices=["speedup", "layouts", "speculative"])
     parser.add_argument("--inner", help=argparse.SUPPRESS)
@@ -303,8 +341,10 @@ def main() -> None:
             report["prediction_error_max"] = max(errors) if errors else None
         if "speculative" not in args.skip:
             report["speculative"] = speculative_section(nodes, env, args.spec_tokens)
-            report["speculative_gain"] = next(r["gain"] for r in report["speculative"]["runs"]
-                                              if r["label"] == "tensor speculative")
+            runs = {r["label"]: r for r in report["speculative"]["proofread"]["runs"]}
+            report["speculative_gain"] = runs["tensor speculative"]["gain"]
+            report["speculative_identical"] = all(r["identical_tokens"] for s in report["speculative"].values()
+                                                  for r in s["runs"] if "identical_tokens" in r)
         report["meta"]["loadavg_at_end"] = os.getloadavg()
     for key in ("speedup_2", "speedup_4", "planner_worst_ratio", "speculative_gain"):
         report.setdefault(key, None)
