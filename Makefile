@@ -6,6 +6,10 @@ STAMP := $(VENV)/.edgeweave-installed
 # torch 2.13.0 is the CPU build this project is developed with; override for another platform.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Two pytest-xdist workers: most tests wait on node processes, sockets and mDNS, so two overlap well
+# on CI's 2 cores. Whole files go to one worker (loadfile), so a module's fixtures are built once;
+# tests/conftest.py orders the files so the slow ones start first. PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= 2
 # The llama.cpp peer of benchmarks/quantized.py, kept out of the project's environment.
 # llama-cpp-python builds llama.cpp from source: about 10 minutes, once (the stamp).
 PEER_VENV := .venv-peer
@@ -27,7 +31,7 @@ demo: $(STAMP)
 	$(VENV)/bin/edgeweave demo
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -14,7 +14,11 @@ _SECRET_DIR: Path | None = None
 
 def pytest_configure(config):
     """Every test cluster speaks mutual TLS with one throw-away secret (as in production);
-    subprocesses (nodes, CLI calls) inherit it through EDGEWEAVE_CLUSTER_SECRET_FILE."""
+    subprocesses (nodes, CLI calls) inherit it through EDGEWEAVE_CLUSTER_SECRET_FILE.
+
+    Under pytest-xdist each worker runs this and makes its own secret: its nodes announce their own
+    cluster fingerprint on 127.0.0.1, so the other worker's discovery (which keeps only nodes of its
+    fingerprint, coordinator/discovery.py) sees them as another cluster, never as its own."""
     global _SECRET_DIR
     from edgeweave.security import create_secret
 
@@ -28,7 +32,23 @@ def pytest_unconfigure(config):
         shutil.rmtree(_SECRET_DIR, ignore_errors=True)
 
 
+def _slow_files_first(items: list[pytest.Item]) -> None:
+    """Reorder (stably) whole files: those with the most `slow` tests first, the fast ones last.
+
+    `make test` hands whole files to its two xdist workers in this order (--dist loadfile
+    --no-loadscope-reorder), so the long files start at once and the many quick ones fill in
+    whichever worker frees up first, instead of one long file running alone at the end."""
+    slow: dict[str, int] = {}
+    first_seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        path = item.nodeid.split("::", 1)[0]
+        first_seen.setdefault(path, index)
+        slow[path] = slow.get(path, 0) + ("slow" in item.keywords)
+    items.sort(key=lambda item: (-slow[p := item.nodeid.split("::", 1)[0]], first_seen[p]))
+
+
 def pytest_collection_modifyitems(config, items):
+    _slow_files_first(items)
     if os.geteuid() == 0:
         return
     skip_root = pytest.mark.skip(reason="needs root (network namespaces / tc); CI runs as root")
