@@ -9,6 +9,7 @@ PYTEST_ARGS ?=
 # Two pytest-xdist workers: most tests wait on node processes, sockets and mDNS, so two overlap well
 # on CI's 2 cores. Whole files go to one worker (loadfile), so a module's fixtures are built once;
 # tests/conftest.py orders the files so the slow ones start first. PYTEST_WORKERS=0 runs serially.
+# Tests marked `serial` measure speeds and RTTs (the emulated test bed's limits): they run after, alone.
 PYTEST_WORKERS ?= 2
 # The llama.cpp peer of benchmarks/quantized.py, kept out of the project's environment.
 # llama-cpp-python builds llama.cpp from source: about 10 minutes, once (the stamp).
@@ -31,7 +32,8 @@ demo: $(STAMP)
 	$(VENV)/bin/edgeweave demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" $(PYTEST_ARGS)
+	$(PY) -m pytest -m serial $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from delay_proxy import CHUNK, MAX_CHUNKS, DelayProxy
 
+pytestmark = pytest.mark.serial  # it measures added RTTs to a fraction of a millisecond: alone, not beside the suite
+
 SCRIPT = Path(__file__).with_name("delay_proxy.py")
 
 

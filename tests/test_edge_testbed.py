@@ -22,7 +22,7 @@ import torch
 from edge_profiles import device, link
 from edge_testbed import EdgeTestbed
 
-pytestmark = [pytest.mark.root, pytest.mark.slow,
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.serial,  # it measures speeds and RTTs
               pytest.mark.skipif(os.geteuid() == 0 and edge_cgroups.available() is not None,
                                  reason=f"no usable cgroups: {edge_cgroups.available()}")]
 
