@@ -147,17 +147,22 @@ def _pids(dirs) -> set[int]:
     return found
 
 
-def _kill_and_remove(dirs, timeout: float = 10.0) -> None:
-    """SIGKILL every task, wait until none is left, then rmdir (it fails while tasks remain)."""
-    dirs = [Path(d) for d in dirs if Path(d).exists()]
+def kill_until_gone(list_pids, where: str, timeout: float = 10.0) -> None:
+    """SIGKILL every pid `list_pids()` names until it names none (RuntimeError after `timeout`)."""
     deadline = time.monotonic() + timeout
-    while pids := _pids(dirs):
+    while pids := list_pids():
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if time.monotonic() > deadline:
-            raise RuntimeError(f"tasks {sorted(pids)} survive SIGKILL in {', '.join(map(str, dirs))}")
+            raise RuntimeError(f"processes {sorted(pids)} survive SIGKILL in {where}")
         time.sleep(0.05)
+
+
+def _kill_and_remove(dirs, timeout: float = 10.0) -> None:
+    """SIGKILL every task, wait until none is left, then rmdir (it fails while tasks remain)."""
+    dirs = [Path(d) for d in dirs if Path(d).exists()]
+    kill_until_gone(lambda: _pids(dirs), ", ".join(map(str, dirs)), timeout)
     for d in dirs:
         for _ in range(50):  # a just-killed task can hold the directory a moment longer
             try:

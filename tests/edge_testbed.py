@@ -66,14 +66,8 @@ def _namespace_pids(namespace: str) -> list[int]:
 
 def _kill_namespace_processes(namespaces: Sequence[str], timeout: float = 10.0) -> None:
     """SIGKILL whatever still runs in these namespaces (a namespace with a process outlives `ip netns del`)."""
-    deadline = time.monotonic() + timeout
-    while pids := [pid for ns in namespaces for pid in _namespace_pids(ns)]:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"processes {pids} survive SIGKILL in namespaces {list(namespaces)}")
-        time.sleep(0.05)
+    edge_cgroups.kill_until_gone(lambda: [pid for ns in namespaces for pid in _namespace_pids(ns)],
+                                 f"namespaces {list(namespaces)}", timeout)
 
 
 def clean_leftovers() -> None:
