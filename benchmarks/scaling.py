@@ -92,7 +92,7 @@ def inner(spec: dict[str, Any]) -> dict[str, Any]:
     from edgeweave.coordinator.layout_choice import costs_to_dict, measure_cluster, plan_cluster
     from edgeweave.coordinator.tp_driver import DistributedLlama
     from edgeweave.splitting.checkpoints import open_checkpoint
-    from edgeweave.splitting.layouts import parse_layout
+    from edgeweave.splitting.layouts import Layout, parse_layout
 
     checkpoint = open_checkpoint(spec["model"])
     clients = [NodeClient(a, timeout=120) for a in spec["peers"]]
@@ -113,7 +113,7 @@ def inner(spec: dict[str, Any]) -> dict[str, Any]:
     for run in runs:
         nodes = [clients[i] for i in run["nodes"]]
         layout = run["layout"]
-        request = parse_layout(layout) if isinstance(layout, str) else _layout(layout)
+        request = parse_layout(layout) if isinstance(layout, str) else Layout.from_dict(layout)
         weights = run.get("weights") or [1.0] * len(nodes)
         with DistributedLlama(checkpoint, nodes, weights, quantize=spec["quantize"], layout=request,
                               show_progress=False, token_invariant=run.get("token_invariant", False)) as llm:
@@ -125,12 +125,6 @@ def inner(spec: dict[str, Any]) -> dict[str, Any]:
     for client in clients:
         client.close()
     return out
-
-
-def _layout(stages: list[dict]) -> Any:
-    from edgeweave.splitting.layouts import Layout
-
-    return Layout.from_dict(stages)
 
 
 def _prediction(planned: Any, described: str, nodes: list[int]) -> dict[str, float] | None:

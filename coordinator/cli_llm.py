@@ -168,13 +168,24 @@ def parse_weights(text: str | None, n_nodes: int | None = None) -> list[float] |
     return weights
 
 
-def resolve_layout(text: str) -> str | Layout:
-    """--layout / [coordinator] layout, parsed (a bad one is a one-sentence usage error)."""
+def resolve_layout(text: str, weights: str | None = None, coordinator_share: float = 0.0) -> str | Layout:
+    """--layout / [coordinator] layout, parsed (a bad one is a one-sentence usage error); `auto`
+    refuses --weights and --coordinator-share, which the planner would not use."""
     try:
         request = parse_layout(text)
     except LayoutError as exc:
         raise typer.BadParameter(str(exc), param_hint="--layout") from None
+    if request == "auto" and (weights or coordinator_share):
+        raise typer.BadParameter("the planner measures the nodes itself: drop --weights and --coordinator-share, "
+                                 "or name a layout", param_hint="--layout")
     return request
+
+
+def planning_errors() -> tuple[type[Exception], ...]:
+    """What `--layout auto` raises with one sentence: a node it cannot measure, or no layout that fits."""
+    from edgeweave.coordinator.auto_layout import MeasureError, NothingFitsError
+
+    return MeasureError, NothingFitsError
 
 
 def plan_table(rows: list[dict], title: str) -> Table:
@@ -367,10 +378,7 @@ def register(app: typer.Typer) -> None:
         from edgeweave.runtime.sampling import SamplingParams
 
         precision = resolve_quantize(quantize)
-        layout_request = resolve_layout(layout)
-        if layout_request == "auto" and (weights or coordinator_share):
-            raise typer.BadParameter("the planner measures the nodes itself: drop --weights and --coordinator-share, "
-                                     "or name a layout", param_hint="--layout")
+        layout_request = resolve_layout(layout, weights, coordinator_share)
         draft = resolve_speculate(speculate, temperature, explicit=from_command_line(ctx, "speculate"))
         if coordinator_share < 0:
             raise typer.BadParameter("must be >= 0", param_hint="--coordinator-share")
@@ -404,24 +412,21 @@ def register(app: typer.Typer) -> None:
 
                 members = [stack.enter_context(LocalMember()), *clients]
                 member_weights = [coordinator_share, *(member_weights or [1.0] * len(clients))]
-            planning_errors: tuple[type[Exception], ...] = ()
-            if layout_request == "auto":
-                from edgeweave.coordinator.auto_layout import MeasureError, NothingFitsError, open_auto
-
-                planning_errors = (MeasureError, NothingFitsError)
+            # speculation needs token-invariant nodes (its tokens are then exactly greedy decoding's on
+            # them); plain decoding keeps the one-row kernels (float ones are ~2x faster per token)
+            options = dict(dtype=dtype, show_progress=not as_json, quantize=precision, cache_dir=cache_dir,
+                           token_invariant=draft > 0)
+            refusals: tuple[type[Exception], ...] = (QuantizationError, LayoutError)
             try:
                 if layout_request == "auto":
-                    llm = stack.enter_context(open_auto(
-                        checkpoint, members, quantize=precision, prompt_tokens=len(prompt_ids), dtype=dtype,
-                        show_progress=not as_json, cache_dir=cache_dir, token_invariant=draft > 0))
+                    from edgeweave.coordinator.auto_layout import open_auto
+
+                    refusals += planning_errors()
+                    llm = stack.enter_context(open_auto(checkpoint, members, prompt_tokens=len(prompt_ids), **options))
                 else:
-                    # speculation needs token-invariant nodes (its tokens are then exactly greedy decoding's on
-                    # them); plain decoding keeps the one-row kernels (float ones are ~2x faster per token)
-                    llm = stack.enter_context(DistributedLlama(
-                        checkpoint, members, member_weights, dtype=dtype, show_progress=not as_json,
-                        quantize=precision, cache_dir=cache_dir, layout=layout_request, token_invariant=draft > 0,
-                    ))
-            except (QuantizationError, LayoutError, *planning_errors) as exc:
+                    llm = stack.enter_context(DistributedLlama(checkpoint, members, member_weights,
+                                                               layout=layout_request, **options))
+            except refusals as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(2) from None
             decoder = tokenizer.stream_decoder()

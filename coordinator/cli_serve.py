@@ -209,7 +209,7 @@ def register(app: typer.Typer) -> None:
 
         The HTTP port is bound before the model is loaded (a busy port fails at once), and the
         "serving" line is printed only once the server accepts connections."""
-        from edgeweave.coordinator.cli_llm import parse_weights, resolve_layout, resolve_quantize
+        from edgeweave.coordinator.cli_llm import parse_weights, planning_errors, resolve_layout, resolve_quantize
         from edgeweave.coordinator.http_api import create_app
         from edgeweave.coordinator.http_server import AnnouncingServer, bind_http, url_host
         from edgeweave.coordinator.scheduler import Scheduler
@@ -221,7 +221,7 @@ def register(app: typer.Typer) -> None:
         if engine not in ("cluster", "reference"):
             raise typer.BadParameter("use 'cluster' or 'reference'", param_hint="--engine")
         precision = resolve_quantize(quantize)
-        layout_request = resolve_layout(layout)
+        layout_request = resolve_layout(layout, weights)
         key = api_key or None
         check_exposure(host, key, no_api_key)
         if max_active < 1 or prefill_chunk < 1 or max_queue < 0:
@@ -233,6 +233,7 @@ def register(app: typer.Typer) -> None:
                 listener = stack.enter_context(bind_http(host, port))
             except OSError as exc:
                 raise typer.BadParameter(str(exc), param_hint="--port") from None
+            unplannable = planning_errors() if layout_request == "auto" else ()
             try:
                 text_engine = build_engine(
                     model, engine, peer or [], interface or None, nodes, discovery_timeout, stack,
@@ -241,6 +242,9 @@ def register(app: typer.Typer) -> None:
                 )
             except (CheckpointError, QuantizationError, TokenizerError, LayoutError) as exc:
                 raise typer.BadParameter(str(exc), param_hint="MODEL") from None
+            except unplannable as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
             scheduler = Scheduler(text_engine, max_active=max_active, max_queue=max_queue, prefill_chunk=prefill_chunk)
             stack.callback(scheduler.close)
             bound_host, bound_port = listener.getsockname()[:2]

@@ -333,14 +333,16 @@ class DistributedLlama:
         partition = partition_for(self.layout_request, self.config.num_layers, weights)
         return plan_shards(self.config, weights, self.layouts, self.quantize or "file", partition)
 
-    def redeploy(self, nodes: list[NodeClient], weights: list[float]) -> int:
-        """Move the model onto `nodes` (after a loss or a rejoin): close the streams, unload the old
-        jobs where they still run, deploy the new plan. Sessions are re-prefilled on their next step."""
+    def redeploy(self, nodes: list[NodeClient], weights: list[float],
+                 unload_from: list[NodeClient] | None = None) -> int:
+        """Move the model onto `nodes` (after a loss, a rejoin or a re-plan): close the streams, unload
+        the old jobs on `unload_from` (default `nodes`: a lost node is not asked), deploy the new plan.
+        Sessions are re-prefilled on their next step."""
         for stream in self.streams:
             stream.close()
-        survivors = {c.address for c in nodes}
+        reachable = {c.address for c in (nodes if unload_from is None else unload_from)}
         for client, job in zip(self.nodes, self.job_ids, strict=True):
-            if client.address in survivors:
+            if client.address in reachable:
                 try:
                     client.unload(job)
                 except NodeError as exc:
@@ -648,18 +650,12 @@ class DistributedLlama:
         start = time.perf_counter()
         before = self.layout.describe()
         self.layout_request = new.layout
-        chosen = [self._replan_clients[i] for i in new.nodes]
-        kept = {c.address for c in chosen}
-        for client, job in zip(self.nodes, self.job_ids, strict=True):  # redeploy unloads only the nodes it keeps
-            if client.address not in kept:
-                try:
-                    client.unload(job)
-                except NodeError as exc:
-                    log.info("unloading %s from %s: %s", job, client.address, exc.message)
-        sent = self.redeploy(chosen, list(new.weights))
+        # every old node is alive (the step just succeeded): free the jobs of those the new choice drops too
+        sent = self.redeploy([self._replan_clients[i] for i in new.nodes], list(new.weights), unload_from=self.nodes)
         self.planned = new
         self.replans.append({"from": before, "to": new.describe(), "predicted_decode_s": new.decode_s,
                              "resent_bytes": sent, "seconds": time.perf_counter() - start})
+
     def truncate(self, session: str, length: int) -> None:
         """Cut `session`'s KV caches to its first `length` tokens (a rejected speculative draft) on
         every node holding a KV cache, all messages sent before the first reply is read. Where that
@@ -707,7 +703,7 @@ class DistributedLlama:
     def _reset_on_nodes(self, sessions: Sequence[str]) -> None:
         """One reset message per node holding attention heads, for all of `sessions`."""
         rows = [Row(s, 0, 1) for s in sessions] if len(sessions) > 1 else None
-        for r in self._attn_ranks:
+        for r in self._kv_ranks():
             try:
                 self.streams[r].call(self.job_ids[r], "reset", [], session=sessions[0], rows=rows)
             except NodeError as exc:  # a lost node; the next step's recovery deals with it

@@ -26,7 +26,7 @@ from edgeweave.runtime.quantized import QuantizationError, slice_packed, to_shar
 from edgeweave.runtime.safetensors_write import save_safetensors
 from edgeweave.runtime.shard_files import sha256_file
 from edgeweave.splitting.checkpoints import Checkpoint
-from edgeweave.splitting.layouts import Layout
+from edgeweave.splitting.layouts import Layout, Stage
 from edgeweave.splitting.layouts import tensor as tensor_layout
 from edgeweave.splitting.llama_config import LlamaConfig
 from edgeweave.splitting.quant_plan import CUT_ALIGNMENT, TensorLayout, check_quantize, choose_layout, layout_summary
@@ -93,13 +93,13 @@ class TensorParallelPlan:
     layouts: tuple[tuple[str, TensorLayout], ...] | None = None
     #: what `--quantize` asked for (part of the id: the same cut in another precision is another plan)
     precision: str = "float32"
-    #: which ranks hold which layers (splitting.layouts); None = every rank holds every layer
-    partition: Layout | None = None
 
     @property
     def layout_of_nodes(self) -> Layout:
-        """The stages of this plan (one stage of every rank for plain tensor parallelism)."""
-        return self.partition or tensor_layout(self.config.num_layers, len(self.shards))
+        """The stages of this plan, from the layers each shard holds (one stage of every rank for
+        plain tensor parallelism)."""
+        ranges = sorted({s.layers for s in self.shards})
+        return Layout(tuple(Stage(r, tuple(s.rank for s in self.shards if s.layers == r)) for r in ranges))
 
     @property
     def plan_id(self) -> str:
@@ -189,8 +189,7 @@ def plan_shards(
                    for rank, s in zip(stage.ranks, cut, strict=True)]
     ordered = tuple(sorted(layouts.items())) if layouts is not None else None
     return TensorParallelPlan(config, tuple(sorted(shards, key=lambda s: s.rank)), ordered,
-                              precision if layouts is not None else "float32",
-                              None if stages.kind in ("tensor", "single") else stages)
+                              precision if layouts is not None else "float32")
 
 
 def _cut_layer(config: LlamaConfig, weights: list[float], layouts: dict[str, TensorLayout] | None) -> list[NodeShard]:
