@@ -54,7 +54,9 @@ def test_a_layer_profile_answers_sane_numbers_and_leaves_nothing_behind(clients,
         assert 1 <= r.layer_ring <= 8  # copies of the layer cycled through, past the CPU caches
         assert r.matmul_gflops > 0 and r.disk_read_mbps > 0  # the micro-benchmarks still run alongside
         ops = (r.layer_attn_decode_s, r.layer_mlp_decode_s, r.shard_attn_decode_s, r.shard_mlp_decode_s)
-        assert all(0 < t < r.layer_prefill_s for t in ops) and r.shard_mlp_columns == 32
+        # each op is a fraction of a decode step; bounded like the whole layer's decode, not by the prefill
+        # (one noisy sample of an op can outlast a 32-token prefill on a loaded 2-core machine)
+        assert all(0 < t < 0.5 for t in ops) and r.shard_mlp_columns == 32
     # the file of the whole layer is the plan's layer (Q4_1 blocks) plus a safetensors header
     planned = plan_shards(config, [1.0], layouts).layer_bytes(0)
     assert planned <= reply.layer_file_bytes < planned + 8192
