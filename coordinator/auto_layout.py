@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from edgeweave.coordinator.client import NodeClient
-from edgeweave.coordinator.layout_choice import MeasureError, choose_layout, measure_cluster
+from edgeweave.coordinator.layout_choice import MeasureError, measure_cluster, plan_cluster
 from edgeweave.coordinator.replanner import Replanner, node_probe
 from edgeweave.coordinator.tp_driver import DistributedLlama
 from edgeweave.splitting.checkpoints import Checkpoint
@@ -30,7 +30,7 @@ def open_auto(checkpoint: Checkpoint, clients: Sequence[NodeClient], *, quantize
               **driver_options: Any) -> DistributedLlama:
     """The planner's best layout over `clients`, deployed and ready (MeasureError, NothingFitsError)."""
     costs = measure_cluster(list(clients), checkpoint, quantize, prompt_tokens=prompt_tokens, budget_s=profile_seconds)
-    choice = choose_layout(costs)
+    choice = plan_cluster(costs).choice
     if choice is None:
         raise NothingFitsError("no layout of the model fits these nodes' memory; see `edgeweave plan` for why")
     log.info("layout %s over %d of %d node(s): predicted %.1f ms/token, first token %.0f ms", choice.describe(),
@@ -40,7 +40,7 @@ def open_auto(checkpoint: Checkpoint, clients: Sequence[NodeClient], *, quantize
     llm.planned = choice
     if replan:
         llm.attach_replanner(Replanner(costs, choice, node_probe(clients, checkpoint.config.hidden_size),
-                                       choose_layout), list(clients))
+                                       plan_cluster), list(clients))
     return llm
 
 

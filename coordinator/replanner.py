@@ -7,7 +7,9 @@ round trips and one bulk echo on a fresh stream). A node whose RTT moved by more
 `rtt_threshold` (relative, and at least `rtt_floor_s`) or whose bandwidth changed by more than
 `bandwidth_factor` gets its new figures in the costs, and the planner chooses again from them
 (compute figures are kept: they do not move with the network). A choice other than the running
-one is handed back for the driver to redeploy; the baseline restarts either way, so a step-time
+one is handed back for the driver to redeploy only when it is predicted at least `min_gain`
+faster than the running layout re-costed on the same new figures (or the running one no longer
+fits): two near-equal layouts must not trade places on every probe's noise; the baseline restarts either way, so a step-time
 drift with unchanged links (a noisy neighbour) costs one probe, not one per step.
 
 As `split run --replan-every` does for split computing, but triggered by what the steps show.
@@ -23,14 +25,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from edgeweave.splitting.layout_planner import Candidate, ClusterCosts, NodeCosts
+from edgeweave.splitting.layout_planner import Candidate, ClusterCosts, LayoutPlan, NodeCosts
 
 log = logging.getLogger(__name__)
 
 #: (node index) -> (rtt_s, bandwidth_Bps) measured now
 LinkProbe = Callable[[int], tuple[float, float]]
-#: new costs -> the planner's choice over them
-Chooser = Callable[[ClusterCosts], Candidate | None]
+#: new costs -> the planner's candidates over them, and its choice
+Planner = Callable[[ClusterCosts], LayoutPlan]
 
 
 @dataclass
@@ -49,13 +51,14 @@ class Replanner:
     costs: ClusterCosts
     choice: Candidate
     probe: LinkProbe
-    choose: Chooser
+    plan: Planner
     window: int = 8
     drift: float = 0.5
     every: int = 0  # probe at least every this many decode steps (0 = only on drift)
     rtt_threshold: float = 0.5
     rtt_floor_s: float = 0.5e-3
     bandwidth_factor: float = 2.0
+    min_gain: float = 0.1  # a move must be predicted this much faster than staying
     #: what each probe found moved, and what was chosen then (for the run's stats)
     history: list[dict] = field(default_factory=list)
     _steps: deque = field(default_factory=deque)
@@ -63,9 +66,10 @@ class Replanner:
     _since_probe: int = 0
 
     def __post_init__(self) -> None:
-        if self.window < 2 or self.drift <= 0 or self.every < 0 or self.rtt_threshold <= 0 or self.bandwidth_factor <= 1:
-            raise ValueError("replanning needs window >= 2, drift > 0, every >= 0, rtt_threshold > 0 and "
-                             "bandwidth_factor > 1")
+        if self.window < 2 or self.drift <= 0 or self.every < 0 or self.rtt_threshold <= 0 or self.bandwidth_factor <= 1 \
+                or not 0 <= self.min_gain < 1:
+            raise ValueError("replanning needs window >= 2, drift > 0, every >= 0, rtt_threshold > 0, "
+                             "bandwidth_factor > 1 and 0 <= min_gain < 1")
         self._steps = deque(maxlen=self.window)
 
     def observe(self, step_s: float) -> Candidate | None:
@@ -100,16 +104,24 @@ class Replanner:
             log.info("re-plan check (%s): no link moved", why)
             return None
         self.costs = dataclasses.replace(self.costs, nodes=tuple(nodes))
-        new = self.choose(self.costs)
-        if new is None or (new.layout, new.nodes) == (self.choice.layout, self.choice.nodes):
-            log.info("re-plan check (%s): %s moved; %s stays the best layout", why,
-                     ", ".join(m.node for m in moves), self.choice.describe())
+        plan = self.plan(self.costs)
+        new, staying = plan.choice, self._running(plan)
+        if new is None or (new.layout, new.nodes) == (self.choice.layout, self.choice.nodes) or (
+                staying is not None and new.decode_s > staying.decode_s * (1 - self.min_gain)):
+            log.info("re-plan check (%s): %s moved; %s stays (predicted %s ms/token)", why,
+                     ", ".join(m.node for m in moves), self.choice.describe(),
+                     f"{staying.decode_s * 1e3:.1f}" if staying is not None else "?")
             return None
         log.warning("link(s) %s moved (%s): re-planning from %s to %s (predicted %.1f ms/token)",
                     ", ".join(m.node for m in moves), why, self.choice.describe(), new.describe(), new.decode_s * 1e3)
         record["layout"] = new.describe()
         self.choice = new
         return new
+
+    def _running(self, plan: LayoutPlan) -> Candidate | None:
+        """The running layout as the new plan costs it; None when it no longer fits (or is not a candidate)."""
+        return next((c for c in plan.candidates if c.fits and (c.layout, c.nodes) == (self.choice.layout,
+                                                                                    self.choice.nodes)), None)
 
     def _moved(self, node: NodeCosts, rtt: float, bandwidth: float) -> bool:
         rtt_moved = abs(rtt - node.rtt_s) > max(self.rtt_floor_s, self.rtt_threshold * node.rtt_s)

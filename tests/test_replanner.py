@@ -30,7 +30,7 @@ def replanner(probed: dict[int, tuple[float, float]], **kw) -> Replanner:
     planned = cluster(10e-6)
     start = choose(planned)
     assert start.kind == "tensor"  # at ~0 RTT two equal nodes split every layer
-    return Replanner(planned, start, lambda i: probed[i], choose, window=4, **kw)
+    return Replanner(planned, start, lambda i: probed[i], plan_layouts, window=4, **kw)
 
 
 def test_a_link_that_slows_down_moves_tensor_parallelism_to_fewer_messages():
@@ -52,7 +52,8 @@ def test_a_link_that_slows_down_moves_tensor_parallelism_to_fewer_messages():
 def test_a_drift_with_unchanged_links_costs_one_probe_and_keeps_the_layout():
     probes = []
     planned = cluster(10e-6)
-    watch = Replanner(planned, choose(planned), lambda i: probes.append(i) or (12e-6, float("inf")), choose, window=4)
+    watch = Replanner(planned, choose(planned), lambda i: probes.append(i) or (12e-6, float("inf")), plan_layouts,
+                      window=4)
     for step in [0.03] * 4 + [0.09] * 4:
         assert watch.observe(step) is None
     assert probes == [0, 1] and watch.history[0]["moved"] == []
@@ -72,10 +73,28 @@ def test_periodic_probe_and_bandwidth_factor():
     assert watch._moved(slow, 10e-6, 30e6) and not watch._moved(slow, 10e-6, 60e6)
 
 
+def test_a_move_must_beat_staying_by_min_gain():
+    """Two near-equal layouts do not trade places on a probe's noise: one node runs alone, the
+    other node's link improves a little, and the planner's choice flips to it only when it is
+    predicted `min_gain` faster than staying."""
+    slow = cluster(2e-3)  # tensor parallel loses at 2 ms: one node alone
+    alone = choose(slow)
+    assert alone.kind == "single"
+    other = 1 - alone.nodes[0]
+    probed = {alone.nodes[0]: (2e-3, float("inf")), other: (0.5e-3, float("inf"))}
+    for gain, moves in ((0.1, False), (0.0, True)):
+        watch = Replanner(slow, alone, lambda i: probed[i], plan_layouts, window=2, every=2, min_gain=gain)
+        results = [watch.observe(0.03) for _ in range(4)]
+        assert any(r is not None for r in results) == moves
+        assert watch.history and watch.history[0]["moved"][0]["node"] == "ab"[other]
+
+
 def test_bad_settings_are_refused():
     planned = cluster(10e-6)
     with pytest.raises(ValueError, match="window"):
-        Replanner(planned, choose(planned), lambda i: (0, 1), choose, window=1)
+        Replanner(planned, choose(planned), lambda i: (0, 1), plan_layouts, window=1)
+    with pytest.raises(ValueError, match="min_gain"):
+        Replanner(planned, choose(planned), lambda i: (0, 1), plan_layouts, min_gain=1)
 
 
 cluster_of_two = local_cluster_fixture(2)
@@ -106,7 +125,7 @@ def test_a_running_generation_moves_to_the_new_choice_with_the_same_tokens(clust
     with DistributedLlama(checkpoint, clients, list(tensor.weights), cache_dir=tmp_path / "cache",
                           layout=tensor.layout) as llm:
         llm.attach_replanner(Replanner(instant, tensor, node_probe(clients, checkpoint.config.hidden_size, 0.1),
-                                       choose_layout, window=4, every=6, rtt_floor_s=50e-6), clients)
+                                       plan_cluster, window=4, every=6, rtt_floor_s=50e-6), clients)
         assert list(llm.generate(prompt, 24)) == expected
         [move] = llm.replans
         assert move["from"] == "tensor x2" and move["to"] == real_choice.describe()
