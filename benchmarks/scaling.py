@@ -9,7 +9,10 @@ coordinator runs unconstrained in a namespace of its own.
 
   (1) speed-up: a random Llama at TinyLlama-1.1B's shape (22 layers, hidden 2048, 4-bit q4
       shards), tensor parallel on 1, 2 and 4 nodes over Ethernet-class links: median time per
-      decode token and first-token time, each over 1 node of the same class.
+      decode token and first-token time, each over 1 node of the same class. Twice: with the CPU
+      fraction as a CFS quota, and as time dilation (runtime/cpu_dilation.py: the node idles after
+      each message for the rest of its time on the slow device; no quota stalls at period
+      boundaries, and the node's per-message overhead is as slow as its compute).
   (2) layouts x RTT: the same model on 4 nodes at 0.2, 1, 3 and 10 ms link RTT; per setting the
       planner measures the cluster (coordinator/layout_choice.py) and predicts every candidate,
       and we measure 1 node, tensor x4, pipeline x4, hybrid 2x2 and the planner's choice. The
@@ -77,8 +80,11 @@ def _generate(llm: Any, prompt_ids: list[int], tokens: int, speculate: int = 0) 
     # a speculative pass yields several tokens at once, so its per-token figure is the mean over
     # the decode (wall time after the first token / tokens after it), for plain runs too
     mean = (time.perf_counter() - start - stats.ttft_s) / max(len(out) - 1, 1)
+    passes = max(len(stats.token_s), 1) + 1  # the prefill and every decode step
     row = {"tokens": out, "ttft_s": stats.ttft_s, "per_token_s": stats.per_token_s, "mean_token_s": mean,
-           "messages_per_token": llm.messages_per_token}
+           "messages_per_token": llm.messages_per_token,
+           # where a pass's time goes: waiting on nodes, of which the slowest node's own compute
+           "wait_per_pass_s": stats.wait_s / passes, "node_compute_per_pass_s": stats.node_compute_s / passes}
     for key in ("passes", "drafted", "accepted", "tokens_per_pass"):
         if speculate and hasattr(stats, key):
             row[key] = getattr(stats, key)
@@ -136,10 +142,11 @@ def _prediction(planned: Any, described: str, nodes: list[int]) -> dict[str, flo
 
 
 # -- outside: the test bed ------------------------------------------------------------------------
-def _bed_run(profiles: list[tuple[Any, Any]], folder: Path, env: dict[str, str], spec: dict[str, Any]) -> dict:
+def _bed_run(profiles: list[tuple[Any, Any]], folder: Path, env: dict[str, str], spec: dict[str, Any],
+             cpu: str = "quota") -> dict:
     from edge_testbed import EdgeTestbed
 
-    with EdgeTestbed(profiles) as bed:
+    with EdgeTestbed(profiles, cpu=cpu) as bed:
         (folder / "nodes").mkdir(parents=True, exist_ok=True)
         spec = {**spec, "peers": bed.start_nodes(folder / "nodes", args=["--no-advertise"], env=env,
                                                  names={i: f"pi4-{i}" for i in bed.nodes})}
@@ -149,6 +156,7 @@ def _bed_run(profiles: list[tuple[Any, Any]], folder: Path, env: dict[str, str],
             raise RuntimeError(f"the coordinator failed ({done.returncode}):\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         result["wall_s"] = time.perf_counter() - start
+        result["cpu_emulation"] = cpu
         result["devices"] = {str(i): {"device": bed.devices[i].name, "cpu_fraction": bed.devices[i].cpu_fraction,
                                       "memory": bed.devices[i].memory, "link": bed.links[i].name,
                                       "rate_mbit": bed.links[i].rate_mbit, "rtt_ms": bed.links[i].rtt_ms}
@@ -156,13 +164,14 @@ def _bed_run(profiles: list[tuple[Any, Any]], folder: Path, env: dict[str, str],
         return result
 
 
-def speedup_section(model: Path, folder: Path, env: dict, tokens: int) -> dict[str, Any]:
-    """(1): 1, 2 and 4 Pi-class nodes, tensor parallel, Ethernet-class links."""
+def speedup_section(model: Path, folder: Path, env: dict, tokens: int, cpu: str = "quota") -> dict[str, Any]:
+    """(1): 1, 2 and 4 Pi-class nodes, tensor parallel, Ethernet-class links; `cpu`: how the bed
+    emulates their CPUs (tests/edge_testbed.py CPU_MODES)."""
     from edge_profiles import link
 
     runs = [{"layout": "tensor", "nodes": list(range(n)), "label": f"tensor x{n}"} for n in (1, 2, 4)]
     spec = {"model": str(model), "quantize": "q4", "runs": runs, "tokens": tokens, "prompt_ids": PROMPT_1B}
-    result = _bed_run([("pi4", link("ethernet"))] * 4, folder, env, spec)
+    result = _bed_run([("pi4", link("ethernet"))] * 4, folder, env, spec, cpu)
     one = result["runs"][0]
     for row in result["runs"]:
         row["speedup"] = one["per_token_s"] / row["per_token_s"]
@@ -171,7 +180,8 @@ def speedup_section(model: Path, folder: Path, env: dict, tokens: int) -> dict[s
     return result
 
 
-def layouts_section(model: Path, folder: Path, env: dict, tokens: int, rtts: tuple[float, ...]) -> list[dict]:
+def layouts_section(model: Path, folder: Path, env: dict, tokens: int, rtts: tuple[float, ...],
+                    cpu: str = "quota") -> list[dict]:
     """(2): per RTT, the planner's candidates and the measured layouts on 4 Pi-class nodes."""
     from edge_profiles import link
 
@@ -183,7 +193,7 @@ def layouts_section(model: Path, folder: Path, env: dict, tokens: int, rtts: tup
     for rtt in rtts:
         spec = {"model": str(model), "quantize": "q4", "runs": runs, "tokens": tokens, "prompt_ids": PROMPT_1B,
                 "plan": True}
-        result = _bed_run([("pi4", link("ethernet", rtt_ms=rtt))] * 4, folder, env, spec)
+        result = _bed_run([("pi4", link("ethernet", rtt_ms=rtt))] * 4, folder, env, spec, cpu)
         measured = [r for r in result["runs"] if r["per_token_s"]]
         best = min(measured, key=lambda r: r["per_token_s"])
         chosen = next(r for r in result["runs"] if r["label"] == "planner's choice")
@@ -197,7 +207,7 @@ def layouts_section(model: Path, folder: Path, env: dict, tokens: int, rtts: tup
     return settings
 
 
-def speculative_section(folder: Path, env: dict, tokens: int) -> dict[str, Any]:
+def speculative_section(folder: Path, env: dict, tokens: int, cpu: str = "quota") -> dict[str, Any]:
     """(3): SmolLM2 on 2 Pi-class nodes at 3 ms RTT, plain vs prompt-lookup speculation."""
 
     from edgeweave.splitting.checkpoints import open_checkpoint
@@ -208,11 +218,12 @@ def speculative_section(folder: Path, env: dict, tokens: int) -> dict[str, Any]:
     sections = {}
     for name, text in EDIT_PROMPTS.items():
         prompt_ids = tokenizer.encode_chat([{"role": "user", "content": text}])
-        sections[name] = _speculative_runs(checkpoint, prompt_ids, folder, env, tokens)
+        sections[name] = _speculative_runs(checkpoint, prompt_ids, folder, env, tokens, cpu)
     return sections
 
 
-def _speculative_runs(checkpoint: Any, prompt_ids: list[int], folder: Path, env: dict, tokens: int) -> dict[str, Any]:
+def _speculative_runs(checkpoint: Any, prompt_ids: list[int], folder: Path, env: dict, tokens: int,
+                      cpu: str) -> dict[str, Any]:
     from edge_profiles import link
 
     runs = []
@@ -225,7 +236,7 @@ def _speculative_runs(checkpoint: Any, prompt_ids: list[int], folder: Path, env:
                  {"layout": layout, "nodes": [0, 1], "label": f"{layout} speculative", "speculate": 8,
                   "token_invariant": True}]
     spec = {"model": str(checkpoint.path), "quantize": None, "runs": runs, "tokens": tokens, "prompt_ids": prompt_ids}
-    result = _bed_run([("pi4", link("ethernet", rtt_ms=3.0))] * 2, folder, env, spec)
+    result = _bed_run([("pi4", link("ethernet", rtt_ms=3.0))] * 2, folder, env, spec, cpu)
     rows = {r["label"]: r for r in result["runs"]}
     for layout in ("tensor", "pipeline"):
         plain, spec_row = rows[f"{layout} plain"], rows[f"{layout} speculative"]
@@ -240,21 +251,23 @@ def _print(report: dict[str, Any]) -> None:
 
     console = Console()
     if "speedup" in report:
-        _print_speedup(console, report)
+        _print_speedup(console, report["speedup"], "CFS quota")
+        _print_speedup(console, report["speedup_dilation"], "time dilation")
     if "layouts" in report:
         _print_layouts(console, report)
     if "speculative" in report:
         _print_speculative(console, report)
-    console.print({k: report[k] for k in ("speedup_2", "speedup_4", "planner_worst_ratio", "speculative_gain")})
+    console.print({k: report.get(k) for k in ("speedup_2", "speedup_4", "speedup_2_dilation", "speedup_4_dilation",
+                                              "planner_worst_ratio", "speculative_gain")})
 
 
-def _print_speedup(console: Any, report: dict[str, Any]) -> None:
+def _print_speedup(console: Any, section: dict[str, Any], emulation: str) -> None:
     from rich.table import Table
 
-    table = Table(title="tensor parallel on Pi-4-class nodes (random Llama 1.1B shape, q4)")
+    table = Table(title=f"tensor parallel on Pi-4-class nodes (random Llama 1.1B shape, q4; CPU by {emulation})")
     for col in ("nodes", "ms/token", "first token ms", "speed-up", "first-token speed-up", "exo reports"):
         table.add_column(col, justify="right")
-    for row in report["speedup"]["runs"]:
+    for row in section["runs"]:
         n = len(row["nodes"])
         table.add_row(str(n), f"{row['per_token_s'] * 1e3:.0f}", f"{row['ttft_s'] * 1e3:.0f}",
                       f"{row['speedup']:.2f}x", f"{row['first_token_speedup']:.2f}x",
@@ -299,6 +312,9 @@ def main() -> None:
     parser.add_argument("--spec-tokens", type=int, default=48, help="tokens of the speculation runs")
     parser.add_argument("--quick", action="store_true", help="only 1 and 10 ms RTT")
     parser.add_argument("--skip", action="append", default=[], choices=["speedup", "layouts", "speculative"])
+    parser.add_argument("--cpu", default="dilation", choices=["quota", "dilation"],
+                        help="how the layouts and speculation sections emulate the devices' CPUs (the speed-up "
+                             "section measures both)")
     parser.add_argument("--inner", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
@@ -321,20 +337,26 @@ def main() -> None:
                "EDGEWEAVE_CLUSTER_SECRET_FILE": str(create_secret(folder / "cluster.secret"))}
         nodes = cache / "beds"
         report: dict[str, Any] = {"meta": {"loadavg_at_start": load, "cpu_count": os.cpu_count(),
-                                           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "tokens": args.tokens}}
+                                           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "tokens": args.tokens,
+                                           "cpu_emulation": args.cpu}}
         if "speedup" not in args.skip:
+            # the goal's figures under CFS quotas; beside them, the same under time dilation (a device
+            # at a constant fraction of the speed, runtime/cpu_dilation.py), the closer emulation of a
+            # slow CPU for work that synchronises every layer
             report["speedup"] = speedup_section(model, nodes, env, args.tokens)
-            by_n = {len(r["nodes"]): r for r in report["speedup"]["runs"]}
-            report["speedup_2"], report["speedup_4"] = by_n[2]["speedup"], by_n[4]["speedup"]
+            report["speedup_dilation"] = speedup_section(model, nodes, env, args.tokens, "dilation")
+            for key, suffix in (("speedup", ""), ("speedup_dilation", "_dilation")):
+                by_n = {len(r["nodes"]): r for r in report[key]["runs"]}
+                report["speedup_2" + suffix], report["speedup_4" + suffix] = by_n[2]["speedup"], by_n[4]["speedup"]
         if "layouts" not in args.skip:
             rtts = (1.0, 10.0) if args.quick else RTTS_MS
-            report["layouts"] = layouts_section(model, nodes, env, args.tokens, rtts)
+            report["layouts"] = layouts_section(model, nodes, env, args.tokens, rtts, args.cpu)
             report["planner_worst_ratio"] = max(s["choice_ratio"] for s in report["layouts"])
             errors = [abs(r["prediction_error"]) for s in report["layouts"] for r in s["runs"] if "prediction_error" in r]
             report["prediction_error_median"] = statistics.median(errors) if errors else None
             report["prediction_error_max"] = max(errors) if errors else None
         if "speculative" not in args.skip:
-            report["speculative"] = speculative_section(nodes, env, args.spec_tokens)
+            report["speculative"] = speculative_section(nodes, env, args.spec_tokens, args.cpu)
             runs = {r["label"]: r for r in report["speculative"]["proofread"]["runs"]}
             report["speculative_gain"] = runs["tensor speculative"]["gain"]
             report["speculative_identical"] = all(r["identical_tokens"] for s in report["speculative"].values()

@@ -44,6 +44,9 @@ def register(app: typer.Typer) -> None:
         ready_file: Path = typer.Option(None, help="Write {address, port, pid, name} as JSON here once serving."),
         watch_fd: int = typer.Option(
             None, hidden=True, help="Inherited pipe fd: stop when it reads EOF (the launcher died; LocalCluster)."),
+        emulate_cpu_fraction: float = typer.Option(
+            1.0, hidden=True, help="Test beds: emulate a device this fraction (0-1] as fast as this host's core, by "
+                                   "idling after each message for the rest of its time (runtime/cpu_dilation.py)."),
         secret_file: Path = typer.Option(None, help="Cluster secret (default ~/.config/edgeweave/cluster.secret)."),
         insecure: bool = typer.Option(False, "--insecure/--secure", help="Plaintext, unauthenticated gRPC: local trials only."),
     ) -> None:
@@ -72,6 +75,9 @@ def register(app: typer.Typer) -> None:
         for flag, seconds in (("--session-grace-s", session_grace_s), ("--job-idle-s", job_idle_s)):
             if not (math.isfinite(seconds) and seconds >= 0):
                 raise typer.BadParameter(f"must be a finite number of seconds >= 0, not {seconds!r}", param_hint=flag)
+        if not (0 < emulate_cpu_fraction <= 1):
+            raise typer.BadParameter(f"must be in (0, 1], not {emulate_cpu_fraction!r}",
+                                     param_hint="--emulate-cpu-fraction")
         try:
             tls = security.resolve_tls(str(secret_file) if secret_file else None, bool(insecure), name)
         except security.SecretError as exc:
@@ -95,4 +101,5 @@ def register(app: typer.Typer) -> None:
             session_grace_s=session_grace_s,
             job_idle_s=job_idle_s,
             watch_fd=watch_fd,
+            emulate_cpu_fraction=emulate_cpu_fraction,
         ))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 
 import edgeweave
 from edgeweave import security
@@ -19,6 +20,7 @@ from edgeweave.node.dataplane import DataPlane
 from edgeweave.node.leases import JOB_IDLE_S, SESSION_GRACE_S
 from edgeweave.node.limits import Limits
 from edgeweave.node.server import NodeServicer, build_server
+from edgeweave.runtime import cpu_dilation
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class NodeOptions:
     job_idle_s: float = JOB_IDLE_S  # a job no open stream holds is unloaded after this long unused
     #: an inherited pipe's read end (LocalCluster): its EOF means the launcher died, so this node stops
     watch_fd: int | None = None
+    #: emulate a device this fraction as fast as the host's core (runtime/cpu_dilation.py; test beds)
+    emulate_cpu_fraction: float = 1.0
 
 
 def write_ready_file(path: Path, info: dict) -> None:
@@ -75,6 +79,11 @@ def watch_launcher(fd: int, stop: threading.Event) -> threading.Thread:
 def serve(opts: NodeOptions, stop: threading.Event | None = None) -> None:
     """Serve until `stop` is set or a SIGINT/SIGTERM arrives; then withdraw, drain and close."""
     stop = stop or threading.Event()
+    if opts.emulate_cpu_fraction != 1.0:
+        cpu_dilation.set_fraction(opts.emulate_cpu_fraction)
+        torch.set_num_threads(1)  # what is dilated is the handling thread's CPU time
+        log.info("emulating a CPU %.3g x as fast as this host's core (time dilation, one torch thread)",
+                 opts.emulate_cpu_fraction)
     secure = opts.credentials is not None
     # without the material (a caller that passed bare credentials) the cluster is unknown: announce none
     cluster = security.material_fingerprint(opts.tls) if opts.tls is not None or not secure else ""

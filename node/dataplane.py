@@ -34,6 +34,7 @@ from edgeweave.node.limits import Limits
 from edgeweave.node.server import error_status
 from edgeweave.proto import pb
 from edgeweave.proto.framing import HEADER, FrameClosed, FrameTimeout, read_exact, send_frame, tune_data_socket
+from edgeweave.runtime import cpu_dilation
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +178,11 @@ class DataPlane:
         handle = self.handle
         seq = 0
         peer = _peer_name(conn)
+        pacer = cpu_dilation.Pacer()  # an emulated slower device (runtime/cpu_dilation.py); else a no-op
         try:
             while True:
                 body = self._read_frame(conn)
+                pacer.begin()
                 try:
                     req = pb.ForwardRequest.FromString(body)
                 except DecodeError as exc:
@@ -188,6 +191,7 @@ class DataPlane:
                 del body  # the request holds its own copy; do not keep both while computing
                 seq = req.seq
                 reply = handle(req, lease).SerializeToString()
+                pacer.pay()
                 conn.settimeout(self.limits.data_frame_timeout_s)  # a peer that stops reading frees us too
                 send_frame(conn, reply)
         except IdleConnection as exc:

@@ -20,7 +20,7 @@ from edgeweave.node.leases import JOB_IDLE_S, SESSION_GRACE_S, LeaseTable, Strea
 from edgeweave.node.limits import Limits
 from edgeweave.node.shard_store import ShardCorrupt, ShardNoSpace, ShardRejected, ShardStore
 from edgeweave.proto import pb, pb_grpc
-from edgeweave.runtime import layer_profile, resources
+from edgeweave.runtime import cpu_dilation, layer_profile, resources
 from edgeweave.runtime.batch import Row
 from edgeweave.runtime.codec import TensorDecodeError, decode, decode_quantized, encode
 from edgeweave.runtime.executor import ExecutorInputError, ExecutorStateError
@@ -246,7 +246,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 changed = exc
             else:
                 changed = None
-            compute_s = time.perf_counter() - start
+            compute_s = cpu_dilation.dilated(time.perf_counter() - start)
             stall_s = getattr(executor, "last_stall_s", 0.0)
             job.requests += 1
             job.compute_s += compute_s
@@ -278,9 +278,13 @@ class NodeServicer(pb_grpc.NodeServicer):
         handle = self.handle_forward
         lease = self.leases.open_stream()
         context.add_callback(lease.close)  # however the stream ends (a vanished peer included)
+        pacer = cpu_dilation.Pacer()  # an emulated slower device (runtime/cpu_dilation.py); else a no-op
         try:
             for req in request_iterator:
-                yield handle(req, lease)
+                pacer.begin()
+                reply = handle(req, lease)
+                pacer.pay()
+                yield reply
         except Exception as exc:
             if context.is_active():
                 _abort(context, "Forward", exc)

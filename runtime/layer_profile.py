@@ -37,6 +37,7 @@ import numpy as np
 import psutil
 import torch
 
+from edgeweave.runtime import cpu_dilation
 from edgeweave.runtime.executor import ExecutorInputError
 from edgeweave.runtime.layer_compute import BACKENDS, PROJECTIONS
 from edgeweave.runtime.layer_store import return_freed_memory
@@ -164,17 +165,18 @@ def sustained_seconds(run: Callable[[], None], seconds: float, batches: int = BA
     """(median over batches of batch wall time / calls, calls made): each batch calls `run` back to
     back until it has lasted seconds / batches (at least one call), so quota stalls land in the figure.
     A run too slow for that many batches in `seconds` gets fewer (at least one), so that a big
-    layer's prefill keeps to the budget instead of taking `batches` runs whatever they cost."""
+    layer's prefill keeps to the budget instead of taking `batches` runs whatever they cost. An
+    emulated slower device (runtime/cpu_dilation.py) times the batch as that device would."""
     per_batch = max(seconds, 0.0) / batches
     figures: list[float] = []
     calls, spent = 0, 0.0
     while len(figures) < batches and (not figures or spent + per_batch <= seconds or spent + figures[-1] <= seconds):
-        start = time.perf_counter()
+        clock = cpu_dilation.DeviceClock()
         n = 0
         while True:
             run()
             n += 1
-            elapsed = time.perf_counter() - start
+            elapsed = clock.elapsed()
             if elapsed >= per_batch:
                 break
         figures.append(elapsed / n)

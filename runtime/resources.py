@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from edgeweave.runtime import cpu_dilation
 from edgeweave.runtime.cgroups import CgroupLimits, cgroup_limits
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -60,7 +61,8 @@ def cpu_cores(limits: CgroupLimits | None = None) -> float:
     --cpus, systemd's CPUQuota=, the test bed's device profile). 0.25 = a quarter of one core."""
     limits = limits or cgroup_limits()
     cores = float(usable_cores())
-    return min(cores, limits.cpu_quota_cores) if limits.cpu_quota_cores else cores
+    cores = min(cores, limits.cpu_quota_cores) if limits.cpu_quota_cores else cores
+    return cores * cpu_dilation.fraction()  # an emulated slower device's cores are that much less
 
 
 def memory_totals(limits: CgroupLimits | None = None) -> tuple[int, int]:
@@ -148,14 +150,15 @@ def _sustained(span_s: float, fn) -> float:
     """Seconds per call of fn, as total wall time / calls over at least span_s (after one warm-up
     call; at least two calls). Not the best single call: under a CFS quota a call that runs while
     the cgroup still has quota takes the unthrottled time, and only the average over several
-    periods includes the time spent throttled, i.e. what the process can sustain."""
+    periods includes the time spent throttled, i.e. what the process can sustain. An emulated
+    slower device (runtime/cpu_dilation.py) times the calls as that device would."""
     fn()
     calls = 0
-    start = time.perf_counter()
+    clock = cpu_dilation.DeviceClock()
     while True:
         fn()
         calls += 1
-        elapsed = time.perf_counter() - start
+        elapsed = clock.elapsed()
         if elapsed >= span_s and calls >= 2:
             return elapsed / calls
 

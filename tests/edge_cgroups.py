@@ -69,10 +69,10 @@ class DeviceCgroup:
     """`DeviceCgroup(name, cpu_fraction, cpus, memory)`: created at once; `procs_files` are what a
     process writes its pid into to join (all of them); `close()` kills its tasks and removes it."""
 
-    def __init__(self, name: str, cpu_fraction: float, cpus: list[int], memory: int) -> None:
-        self.name = name
-        self.period_us = max(PERIOD_US, math.ceil(MIN_QUOTA_US / cpu_fraction))
-        self.quota_us = max(MIN_QUOTA_US, round(cpu_fraction * self.period_us))
+    def __init__(self, name: str, cpu_fraction: float | None, cpus: list[int], memory: int) -> None:
+        self.name = name  # cpu_fraction None: no CFS quota (the device's speed is emulated otherwise)
+        self.period_us = max(PERIOD_US, math.ceil(MIN_QUOTA_US / cpu_fraction)) if cpu_fraction else PERIOD_US
+        self.quota_us = max(MIN_QUOTA_US, round(cpu_fraction * self.period_us)) if cpu_fraction else -1
         self.cpus = ",".join(str(c) for c in cpus)
         self.memory = memory
         v1 = _v1_dirs()
@@ -115,7 +115,7 @@ class DeviceCgroup:
                         f"cannot enable {', '.join(missing)} for the children of {d.parent}: {exc} (a cgroup with "
                         "processes of its own, e.g. a container's cgroup-namespace root, cannot delegate them)") from None
             d.mkdir()
-            _write(d / "cpu.max", f"{self.quota_us} {self.period_us}")
+            _write(d / "cpu.max", f"{self.quota_us if self.quota_us > 0 else 'max'} {self.period_us}")
             _write(d / "cpuset.cpus", self.cpus)
             _write(d / "cpuset.mems", (d.parent / "cpuset.mems.effective").read_text().strip())
             _write(d / "memory.max", self.memory)

@@ -50,7 +50,12 @@ PROXY_MIN_RTT_MS = 0.2
 #: rate is set this much above a profile's rate_mbit so that TCP's goodput is rate_mbit, as iperf3 reports
 GOODPUT = 1448 / 1514
 PROXY_SCRIPT = Path(__file__).with_name("delay_proxy.py")
-_REFUSED_NODE_ARGS = ("--host", "--port", "--data-port", "--interface", "--ready-file", "--data-dir", "--watch-fd")
+_REFUSED_NODE_ARGS = ("--host", "--port", "--data-port", "--interface", "--ready-file", "--data-dir", "--watch-fd",
+                      "--emulate-cpu-fraction")
+#: how a device's CPU fraction is emulated: "quota" (a CFS quota in its cgroup) or "dilation" (the
+#: node idles after each message for the rest of its time on the slow device: runtime/cpu_dilation.py;
+#: its cgroup keeps the cpuset and memory limit, without a quota)
+CPU_MODES = ("quota", "dilation")
 
 NodeSpec = tuple[DeviceProfile | str, LinkProfile | str]
 
@@ -87,10 +92,14 @@ def _resolve(spec: NodeSpec) -> tuple[DeviceProfile, LinkProfile]:
 class EdgeTestbed(Testbed):
     """`EdgeTestbed([(device, link), ...])`: host 0 the coordinator, hosts 1..N the devices (`bed.nodes`).
 
-    `extra_ports` are relayed by the proxies too (a test's own servers in a node's namespace)."""
+    `extra_ports` are relayed by the proxies too (a test's own servers in a node's namespace); `cpu`
+    is how the devices' CPU fractions are emulated (CPU_MODES)."""
 
-    def __init__(self, nodes: Sequence[NodeSpec], extra_ports: Sequence[int] = ()) -> None:
+    def __init__(self, nodes: Sequence[NodeSpec], extra_ports: Sequence[int] = (), cpu: str = "quota") -> None:
+        if cpu not in CPU_MODES:
+            raise ValueError(f"cpu must be one of {', '.join(CPU_MODES)}, not {cpu!r}")
         super().__init__(len(nodes) + 1)
+        self.cpu = cpu
         self.nodes = range(1, len(nodes) + 1)
         resolved = [_resolve(spec) for spec in nodes]
         self.devices = {i: d for i, (d, _) in zip(self.nodes, resolved, strict=True)}
@@ -156,8 +165,8 @@ class EdgeTestbed(Testbed):
         coordinator = self.hosts[0]
         for i in self.nodes:
             dev, lnk = self.devices[i], self.links[i]
-            self.cgroups[i] = edge_cgroups.DeviceCgroup(f"{self.prefix}-n{i}", dev.cpu_fraction, self.cpusets[i],
-                                                        dev.memory)
+            quota = dev.cpu_fraction if self.cpu == "quota" else None
+            self.cgroups[i] = edge_cgroups.DeviceCgroup(f"{self.prefix}-n{i}", quota, self.cpusets[i], dev.memory)
             line_mbit = lnk.rate_mbit / GOODPUT
             _shape(self.hosts[i], "eth0", line_mbit)  # uplink: the device's egress
             _shape(self.switch, f"p{i}", line_mbit)  # downlink: the switch port toward the device
@@ -217,7 +226,7 @@ class EdgeTestbed(Testbed):
                     sys.executable, "-m", "edgeweave", "node", "--name", name, "--host", self.ips[i],
                     "--interface", self.ips[i], "--port", str(NODE_PORT), "--data-port", str(NODE_PORT + 1),
                     "--data-dir", str(folder / name), "--ready-file", str(ready), "--watch-fd", str(self._watch_r),
-                    *args], stdout=log, stderr=log, env=env, pass_fds=(self._watch_r,))
+                    *self._cpu_args(i), *args], stdout=log, stderr=log, env=env, pass_fds=(self._watch_r,))
             started[i] = (name, proc, ready)
         deadline = time.monotonic() + timeout
         for name, proc, ready in started.values():
@@ -230,6 +239,12 @@ class EdgeTestbed(Testbed):
                                        "raise $EDGEWEAVE_NODE_START_TIMEOUT)")
                 time.sleep(0.1)
         return [self.address(i) for i in started]
+
+    def _cpu_args(self, i: int) -> list[str]:
+        """What the node needs to emulate its device's CPU (nothing under a quota: its cgroup does it)."""
+        if self.cpu != "dilation":
+            return []
+        return [f"--emulate-cpu-fraction={min(1.0, self.devices[i].cpu_fraction):g}"]  # its one torch thread
 
     def run_coordinator(self, argv: Sequence[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
         """`edgeweave <argv>` in the coordinator's namespace (output captured as text)."""

@@ -231,6 +231,46 @@ def test_profiled_speed_is_the_capped_speed(edge, measured):
     assert measured[2]["matmul_gflops"] > measured[1]["matmul_gflops"]
 
 
+DILATED_DRIVER = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    from edgeweave.coordinator.client import NodeClient
+    with NodeClient(sys.argv[1], timeout=60) as client:
+        cores = client.info().resources.cpu_cores
+        gflops = client.profile(budget_s=1.5).matmul_gflops
+        client.load("tb-echo", "echo", {}, {})
+        with client.open_stream(reply_timeout=30) as stream:
+            x = torch.zeros(1, 64)
+            stream.call("tb-echo", "echo", [x])
+            rtts = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                stream.call("tb-echo", "echo", [x])
+                rtts.append(time.perf_counter() - t0)
+    print(json.dumps({"cpu_cores": cores, "matmul_gflops": gflops, "echo_s": sorted(rtts)[len(rtts) // 2]}))
+""")
+
+
+def test_a_dilated_device_runs_at_its_fraction_without_a_quota(tmp_path):
+    """cpu="dilation": no CFS quota in the device's cgroup (never throttled), yet the node advertises
+    and profiles the device's speed: its matmul GFLOP/s are the fraction of an uncapped core's,
+    closer than a quota gets them (no cold resume after a throttled slice: -30% / +15%)."""
+    reference = host_core_gflops()[0]
+    with EdgeTestbed([(device("pi4"), link("ethernet", rtt_ms=0))], cpu="dilation") as bed:
+        address = bed.start_node(1, "dilated", tmp_path, args=["--no-advertise"])
+        done = bed.run_python(DILATED_DRIVER, address, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        stat = dict(line.split() for line in (bed.cgroups[1].dirs["cpu"] / "cpu.stat").read_text().splitlines())
+        quota = (bed.cgroups[1].dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip()
+    reference = (reference + host_core_gflops()[0]) / 2
+    print(f"\ndilated pi4: {row['matmul_gflops']:.1f} GFLOP/s = {row['matmul_gflops'] / reference:.3f} of the "
+          f"uncapped core; echo {row['echo_s'] * 1e3:.2f} ms")
+    assert quota == "-1" and int(stat["nr_throttled"]) == 0
+    assert row["cpu_cores"] == pytest.approx(0.25)
+    assert 0.7 * 0.25 * reference <= row["matmul_gflops"] <= 1.15 * 0.25 * reference
+
+
 def test_allocating_past_the_memory_limit_is_killed(edge, measured):
     bed = edge["bed"]
     i = 2

@@ -1,0 +1,83 @@
+"""Time dilation (runtime/cpu_dilation.py): a reply leaves when a device `fraction` as fast would
+have finished it, counted in this thread's CPU time, so work that waits for a core (or sleeps)
+is not charged, and a profile's clock measures the emulated device."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from edgeweave.runtime import cpu_dilation
+from edgeweave.runtime.resources import matmul_gflops
+
+
+@pytest.fixture
+def quarter():
+    cpu_dilation.set_fraction(0.25)
+    yield
+    cpu_dilation.set_fraction(1.0)
+
+
+def spin(cpu_s: float) -> None:
+    end = time.thread_time() + cpu_s
+    while time.thread_time() < end:
+        pass
+
+
+def test_a_reply_waits_for_the_rest_of_its_time_on_the_slow_device(quarter):
+    pacer = cpu_dilation.Pacer()
+    walls = []
+    for _ in range(5):
+        time.sleep(0.01)  # waiting for the next message costs the device nothing
+        pacer.begin()
+        start = time.perf_counter()
+        spin(0.005)
+        pacer.pay()
+        walls.append(time.perf_counter() - start)
+    assert all(0.019 <= w <= 0.030 for w in walls), walls  # 4 x 5 ms of CPU (plus timer slack)
+
+
+def test_waiting_for_a_core_is_not_charged_again(quarter):
+    """Two emulated devices on one host core: each waits for the core while the other computes, and
+    still takes its device's time, not its time plus the other's."""
+    walls: list[float] = []
+
+    def device() -> None:
+        pacer = cpu_dilation.Pacer()
+        pacer.begin()
+        start = time.perf_counter()
+        spin(0.01)
+        pacer.pay()
+        walls.append(time.perf_counter() - start)
+
+    threads = [threading.Thread(target=device) for _ in range(2)]  # the GIL is their one core
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(0.039 <= w <= 0.055 for w in walls), walls
+
+
+def test_a_device_clock_counts_cpu_over_the_fraction_but_never_less_than_the_wall(quarter):
+    clock = cpu_dilation.DeviceClock()
+    spin(0.01)
+    assert 0.039 <= clock.elapsed() <= 0.05
+    clock = cpu_dilation.DeviceClock()
+    time.sleep(0.02)  # idle: the wall time, not 4 x no CPU
+    assert 0.02 <= clock.elapsed() <= 0.03
+
+
+def test_a_profile_measures_the_emulated_speed(quarter):
+    slow = matmul_gflops(budget_s=0.3)
+    cpu_dilation.set_fraction(1.0)
+    fast = matmul_gflops(budget_s=0.3)
+    assert 0.15 * fast <= slow <= 0.35 * fast
+
+
+def test_bad_fractions_are_refused():
+    for bad in (0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="fraction"):
+            cpu_dilation.set_fraction(bad)
+    assert cpu_dilation.fraction() == 1.0
