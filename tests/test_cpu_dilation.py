@@ -81,3 +81,14 @@ def test_bad_fractions_are_refused():
         with pytest.raises(ValueError, match="fraction"):
             cpu_dilation.set_fraction(bad)
     assert cpu_dilation.fraction() == 1.0
+
+
+def test_the_node_refuses_a_fraction_outside_0_1(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "edgeweave", "node", "--insecure", "--no-advertise", "--port", "0",
+                           "--data-dir", str(tmp_path), "--emulate-cpu-fraction", "1.5"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--emulate-cpu-fraction" in done.stderr and "(0, 1]" in done.stderr
