@@ -37,6 +37,10 @@ RELAY_COST_S = 1e-4
 REALTIME_PRIORITY = 10  # SCHED_FIFO, low among real-time tasks (the kernel's own threads run at 50+)
 
 
+#: the most a write thread shortens its sleeps by (its measured lateness is clipped to this)
+MAX_LATE_S = 0.5e-3
+
+
 def _wire_thread() -> bool:
     """Make the calling thread behave like a wire, not like one more process on a loaded machine:
     SCHED_FIFO (a thread whose chunk is due runs now, instead of waiting ms for a busy core: CFS only
@@ -69,15 +73,22 @@ def _read(source: socket.socket, chunks: queue.Queue, delay_s: float) -> None:
 
 
 def _write(chunks: queue.Queue, sink: socket.socket, source: socket.socket) -> None:
-    """Send each chunk to `sink` when due (time.sleep: clock_nanosleep, ~0.05 ms late at most, not an
-    event loop's millisecond timer); EOF becomes a half-close. If `sink` is gone, shut `source` so its
+    """Send each chunk to `sink` when due (time.sleep: clock_nanosleep, not an event loop's
+    millisecond timer; on a loaded VM it wakes 0.05-0.25 ms late, so the thread asks for its mean
+    lateness less and waits out the rest); EOF becomes a half-close. If `sink` is gone, shut `source` so its
     reader stops, and drop what is still queued (unblocking the reader's puts)."""
     _wire_thread()
+    late = 0.0  # how late this thread's sleeps wake (a running mean): asked for that much less
     try:
         while (item := chunks.get()) is not None:
             due, data = item
             if (wait := due - time.monotonic()) > 0:
-                time.sleep(wait)
+                ask = max(0.0, wait - late)
+                start = time.monotonic()
+                time.sleep(ask)
+                late = min(MAX_LATE_S, 0.9 * late + 0.1 * max(0.0, time.monotonic() - start - ask))
+                while time.monotonic() < due:  # woke early by the estimate's error: tens of us
+                    pass
             sink.sendall(data)
         sink.shutdown(socket.SHUT_WR)
         return
