@@ -8,6 +8,8 @@ import threading
 import time
 
 import pytest
+import torch
+from host_speed import host_core_gflops
 
 from edgeweave.runtime import cpu_dilation
 from edgeweave.runtime.resources import matmul_gflops
@@ -15,9 +17,13 @@ from edgeweave.runtime.resources import matmul_gflops
 
 @pytest.fixture
 def quarter():
+    """A quarter-speed device, on one torch thread as a dilated node runs (its thread's CPU is what counts)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     cpu_dilation.set_fraction(0.25)
     yield
     cpu_dilation.set_fraction(1.0)
+    torch.set_num_threads(threads)
 
 
 def spin(cpu_s: float) -> None:
@@ -69,24 +75,11 @@ def test_a_device_clock_counts_cpu_over_the_fraction_but_never_less_than_the_wal
     assert 0.02 <= clock.elapsed() <= 0.03
 
 
-def per_cpu_second_gflops(n: int = 512, span_s: float = 0.3) -> float:
-    """This thread's float32 matmul speed per CPU-second (other tests' load takes wall time, not speed)."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    calls, start, wall = 0, time.thread_time(), time.perf_counter()
-    while time.perf_counter() - wall < span_s:
-        torch.mm(a, b)
-        calls += 1
-    return 2 * n**3 * calls / (time.thread_time() - start) / 1e9
-
-
 def test_a_profile_measures_the_emulated_speed(quarter):
     """The node's matmul profile under dilation: a quarter of this core's speed per CPU-second (the
     device clock counts CPU / fraction, so the figure holds while other work shares the cores)."""
     slow = matmul_gflops(budget_s=0.3)
-    reference = per_cpu_second_gflops()
+    reference = host_core_gflops(span_s=0.3)[0]
     assert 0.15 * reference <= slow <= 0.3 * reference
 
 

@@ -18,9 +18,9 @@ import edge_cgroups
 import netns
 import psutil
 import pytest
-import torch
 from edge_profiles import device, link
 from edge_testbed import EdgeTestbed
+from host_speed import host_core_gflops
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.serial,  # it measures speeds and RTTs
               pytest.mark.skipif(os.geteuid() == 0 and edge_cgroups.available() is not None,
@@ -128,24 +128,6 @@ DRIVER = textwrap.dedent("""
         out.append(row)
     print(json.dumps(out))
 """)
-
-
-def host_core_gflops(n: int = 512, span_s: float = 0.7) -> tuple[float, float]:
-    """Uncapped float32 matmul speed of one host core: (per CPU second, per wall second). The CPU-time
-    figure is the reference: on this shared VM other processes take wall time from us, not speed."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)
-        calls, cpu0, wall0 = 0, time.thread_time(), time.perf_counter()
-        while time.perf_counter() - wall0 < span_s:
-            torch.mm(a, b)
-            calls += 1
-        cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
-    finally:
-        torch.set_num_threads(previous)
-    return 2 * n**3 * calls / cpu / 1e9, 2 * n**3 * calls / wall / 1e9
 
 
 @pytest.fixture(scope="module")
@@ -288,10 +270,13 @@ def test_allocating_past_the_memory_limit_is_killed(edge, measured):
 
 
 def test_round_trips_carry_the_links_rtt(edge, measured):
-    """Through the proxy every round trip takes at least rtt_ms (the proxy never delivers early), and
-    the median exceeds the same call on the node's own address (interleaved with it, so the node's
-    own cost and the VM's load cancel out) by rtt_ms +- 0.35 ms: the relay's own cost is held back
-    from the delay, its threads sleep to the due time and run real-time (docs/testbed.md)."""
+    """Through the proxy every round trip takes at least rtt_ms (the proxy never delivers early); the
+    median exceeds the same call on the node's own address (interleaved with it, so the node's own
+    cost and the VM's load cancel out) by at least rtt_ms - 0.35 ms, and the quickest by at most
+    rtt_ms + 0.35 ms: the relay's own cost is held back from the delay, its threads sleep to the
+    due time and run real-time (docs/testbed.md). The upper bound is on the quickest calls because
+    the node answers under its CPU quota: a call that meets a throttled slice waits up to 7.5 ms,
+    in either series, and on a loaded VM that moves a median by more than the tolerance."""
     bed = edge["bed"]
     for i in bed.nodes:
         row, rtt = measured[i], bed.links[i].rtt_ms
@@ -301,7 +286,8 @@ def test_round_trips_carry_the_links_rtt(edge, measured):
               f"data-plane forward median {raw:.2f} ms (min {min(row['raw_rtt_ms']):.2f})")
         if bed.proxied(i):
             assert min(row["echo_ms"]) >= rtt and min(row["raw_rtt_ms"]) >= rtt
-            assert rtt - 0.35 <= echo - direct <= rtt + 0.35, (echo, direct)
+            assert echo - direct >= rtt - 0.35, (echo, direct)
+            assert min(row["echo_ms"]) - min(row["direct_echo_ms"]) <= rtt + 0.35, (row["echo_ms"], row["direct_echo_ms"])
         else:
             assert bed.address(i) == f"{bed.ips[i]}:50551"
 
