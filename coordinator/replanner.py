@@ -9,8 +9,9 @@ round trips and one bulk echo on a fresh stream). A node whose RTT moved by more
 (compute figures are kept: they do not move with the network). A choice other than the running
 one is handed back for the driver to redeploy only when it is predicted at least `min_gain`
 faster than the running layout re-costed on the same new figures (or the running one no longer
-fits): two near-equal layouts must not trade places on every probe's noise; the baseline restarts either way, so a step-time
-drift with unchanged links (a noisy neighbour) costs one probe, not one per step.
+fits): two near-equal layouts must not trade places on every probe's noise. The baseline
+restarts either way, so a step-time drift with unchanged links (a noisy neighbour) costs one
+probe, not one per step.
 
 As `split run --replan-every` does for split computing, but triggered by what the steps show.
 """
@@ -106,7 +107,7 @@ class Replanner:
         self.costs = dataclasses.replace(self.costs, nodes=tuple(nodes))
         plan = self.plan(self.costs)
         new, staying = plan.choice, self._running(plan)
-        if new is None or (new.layout, new.nodes) == (self.choice.layout, self.choice.nodes) or (
+        if new is None or self._is_running(new) or (
                 staying is not None and new.decode_s > staying.decode_s * (1 - self.min_gain)):
             log.info("re-plan check (%s): %s moved; %s stays (predicted %s ms/token)", why,
                      ", ".join(m.node for m in moves), self.choice.describe(),
@@ -118,10 +119,12 @@ class Replanner:
         self.choice = new
         return new
 
+    def _is_running(self, candidate: Candidate) -> bool:
+        return (candidate.layout, candidate.nodes) == (self.choice.layout, self.choice.nodes)
+
     def _running(self, plan: LayoutPlan) -> Candidate | None:
         """The running layout as the new plan costs it; None when it no longer fits (or is not a candidate)."""
-        return next((c for c in plan.candidates if c.fits and (c.layout, c.nodes) == (self.choice.layout,
-                                                                                    self.choice.nodes)), None)
+        return next((c for c in plan.candidates if c.fits and self._is_running(c)), None)
 
     def _moved(self, node: NodeCosts, rtt: float, bandwidth: float) -> bool:
         rtt_moved = abs(rtt - node.rtt_s) > max(self.rtt_floor_s, self.rtt_threshold * node.rtt_s)

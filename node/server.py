@@ -239,14 +239,14 @@ class NodeServicer(pb_grpc.NodeServicer):
         rows = [Row(r.session, r.position, r.length) for r in req.rows] or None
         executor = job.executor
         with job.lock:
-            start = time.perf_counter()
+            clock = cpu_dilation.DeviceClock()  # the wall time, or the emulated device's
             try:
                 outputs = executor.forward(req.op, req.layer, req.position, req.session, tensors, rows)
             except ShardChangedOnDisk as exc:
                 changed = exc
             else:
                 changed = None
-            compute_s = cpu_dilation.dilated(time.perf_counter() - start)
+            compute_s = clock.elapsed()
             stall_s = getattr(executor, "last_stall_s", 0.0)
             job.requests += 1
             job.compute_s += compute_s

@@ -39,11 +39,6 @@ def fraction() -> float:
     return _fraction
 
 
-def dilated(seconds: float) -> float:
-    """`seconds` of this host's compute as the emulated device would take them."""
-    return seconds / _fraction
-
-
 class Pacer:
     """Holds one thread's replies back until the emulated device would have finished them.
 
@@ -60,30 +55,32 @@ class Pacer:
         self._owed = 0.0  # CPU seconds spent since the last pay and before this begin
 
     def begin(self) -> None:
+        if _fraction >= 1:
+            return  # not emulating: no clock reads on the hot path
         now_cpu = time.thread_time()
         self._owed += now_cpu - self._cpu
         self._cpu, self._wall = now_cpu, time.perf_counter()
 
     def pay(self) -> None:
-        now_cpu = time.thread_time()
-        if _fraction < 1:
-            deadline = self._wall + (now_cpu - self._cpu + self._owed) / _fraction
-            left = deadline - time.perf_counter()
-            if left > 0:
-                time.sleep(left)
-            now_cpu = time.thread_time()
+        if _fraction >= 1:
+            return
+        deadline = self._wall + (time.thread_time() - self._cpu + self._owed) / _fraction
+        left = deadline - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
         self._owed = 0.0
-        self._cpu, self._wall = now_cpu, time.perf_counter()
+        self._cpu, self._wall = time.thread_time(), time.perf_counter()
 
 
 class DeviceClock:
     """Elapsed seconds as the emulated device would have taken them since `DeviceClock()`: the wall
     time, or this thread's CPU time / fraction where that is more. For profiles: back-to-back calls
     are timed as one span, as a device runs them (a sleep after each call would cool the caches
-    between them, which the driver's one-message stack of layers never does)."""
+    between them, which the driver's one-message stack of layers never does); and a Forward's
+    reported compute time."""
 
     def __init__(self) -> None:
-        self._cpu = time.thread_time()
+        self._cpu = time.thread_time() if _fraction < 1 else 0.0  # a Forward's clock: no syscall unless emulating
         self._wall = time.perf_counter()
 
     def elapsed(self) -> float:
