@@ -1,0 +1,93 @@
+"""What one Forward message costs in CPU, on each side, beyond any compute: the floor under every
+tensor-parallel exchange (44 per token for a 22-layer model).
+
+A one-node LocalCluster on loopback (node pinned to the last core, this process to the first),
+a [1, 2048] float32 echo over the raw-TCP data plane, N calls back to back. Per message: the
+round trip, the node process's user and system CPU (from /proc/<pid>/stat), and this process's
+CPU. With mutual TLS and without it; and with the node emulating a quarter-speed device
+(`--emulate-cpu-fraction 0.25`), where the round trip grows by 3x the node's CPU.
+
+    .venv/bin/python benchmarks/message_cost.py [--calls 3000]
+
+Writes benchmarks/results/message_cost.json and prints the table. Check `cat /proc/loadavg` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from edgeweave.coordinator import identity
+from edgeweave.coordinator.client import NodeClient
+from edgeweave.coordinator.local_cluster import LocalCluster
+
+RESULTS = Path(__file__).resolve().parent / "results" / "message_cost.json"
+HIDDEN = 2048
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def measure(label: str, calls: int, secure: bool, extra_args: list[str]) -> dict[str, Any]:
+    cores = sorted(os.sched_getaffinity(0))
+    cluster_identity = None if secure else identity.Identity(None, None)
+    with LocalCluster(1, advertise=False, env={"OMP_NUM_THREADS": "1"}, cpu_affinity=[[cores[-1]]],
+                      cluster_identity=cluster_identity, extra_args=extra_args) as cluster:
+        pid = cluster.procs[0].pid
+        with NodeClient(cluster.addresses[0], cluster=cluster.identity) as client:
+            job = "message-cost"
+            client.load(job, "echo", {}, {})
+            with client.open_stream(reply_timeout=30) as stream:
+                x = torch.zeros(1, HIDDEN)
+                for _ in range(200):
+                    stream.call(job, "echo", [x])
+                user0, sys0 = _cpu(pid)
+                own0, wall0 = time.process_time(), time.perf_counter()
+                for _ in range(calls):
+                    stream.call(job, "echo", [x])
+                wall, own = time.perf_counter() - wall0, time.process_time() - own0
+                user1, sys1 = _cpu(pid)
+            client.unload(job)
+    return {"label": label, "calls": calls, "rtt_us": wall / calls * 1e6,
+            "node_user_us": (user1 - user0) / calls * 1e6, "node_sys_us": (sys1 - sys0) / calls * 1e6,
+            "node_cpu_us": (user1 - user0 + sys1 - sys0) / calls * 1e6, "coordinator_cpu_us": own / calls * 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=3000)
+    args = parser.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[0]})  # the node gets the last core to itself
+    torch.set_num_threads(1)
+    load = os.getloadavg()
+    rows = [measure("mutual TLS", args.calls, True, []),
+            measure("plaintext (--insecure)", args.calls, False, []),
+            measure("mutual TLS, node at 0.25 (dilation)", args.calls, True, ["--emulate-cpu-fraction=0.25"])]
+    report = {"meta": {"loadavg_at_start": load, "loadavg_at_end": os.getloadavg(), "hidden": HIDDEN,
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, "rows": rows}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=1))
+    table = Table(title=f"one [1, {HIDDEN}] float32 Forward echo on the data plane, per message (us)")
+    for col in ("setting", "round trip", "node CPU", "node user", "node sys", "coordinator CPU"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["label"], f"{r['rtt_us']:.0f}", f"{r['node_cpu_us']:.0f}", f"{r['node_user_us']:.0f}",
+                      f"{r['node_sys_us']:.0f}", f"{r['coordinator_cpu_us']:.0f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
