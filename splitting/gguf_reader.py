@@ -1,6 +1,7 @@
 """Read a Llama-family GGUF file under HF names and orientations.
 
-Quantized blocks are dequantized with the `gguf` package, one tensor at a time. llama.cpp's
+The header is parsed by `splitting.gguf_file` (fast; tensor bytes stay mapped); quantized
+blocks are dequantized with the `gguf` package, one tensor at a time. llama.cpp's
 converter permutes the rows of q/k for its interleaved RoPE; we undo that exactly as
 transformers' GGUF loader does (`reverse_permute`), so the weights equal HF's (arch "llama" only:
 qwen2/qwen3 files keep HF's layout). llama3 RoPE scaling is stored by the converter as the
@@ -21,6 +22,7 @@ import torch
 
 from edgeweave.runtime.quantized import BlockQuantized, QuantizationError
 from edgeweave.splitting.checkpoints import Checkpoint, CheckpointError
+from edgeweave.splitting.gguf_file import GGUFError, GGUFFile
 from edgeweave.splitting.llama_config import LlamaConfig
 
 #: GGUF per-layer tensor name -> HF name (after "model.layers.N.").
@@ -67,35 +69,32 @@ class GGUFCheckpoint(Checkpoint):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
-            self.reader = gguf.GGUFReader(str(self.path))
-        except Exception as exc:  # the gguf package raises plain ValueError/struct errors
-            raise CheckpointError(f"{self.path} is not a readable GGUF file: {exc}") from exc
+            self.file = GGUFFile(self.path)
+        except (GGUFError, OSError) as exc:
+            raise CheckpointError(f"{self.path} is not a readable GGUF file: {exc}") from None
         self.architecture = str(self._field("general.architecture"))
         if self.architecture not in _SUPPORTED_ARCHITECTURES:
             raise CheckpointError(
                 f"{self.path} holds a {self.architecture!r} model; supported: {', '.join(_SUPPORTED_ARCHITECTURES)}"
             )
         self._tensors = {}
-        for t in self.reader.tensors:
+        for t in self.file.tensors:
             name = hf_name(t.name)
             if name is not None:
                 self._tensors[name] = t
         self.config = self._read_config()
 
     def _field(self, key: str, default: Any = None) -> Any:
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        return field.contents()
+        return self.file.fields.get(key, default)
 
     def _read_config(self) -> LlamaConfig:
         arch = self.architecture
         hidden = int(self._field(f"{arch}.embedding_length"))
         heads = int(self._field(f"{arch}.attention.head_count"))
         kv_heads = int(self._field(f"{arch}.attention.head_count_kv", heads))
-        tokens = self.reader.fields.get("tokenizer.ggml.tokens")
+        tokens = self.file.fields.get("tokenizer.ggml.tokens")
         embed = self._tensors.get("model.embed_tokens.weight")
-        rows = len(tokens.data) if tokens is not None else int(embed.shape[-1]) if embed is not None else 0
+        rows = len(tokens) if tokens is not None else int(embed.shape[-1]) if embed is not None else 0
         vocab = int(self._field(f"{arch}.vocab_size", rows))
         q = self._tensors.get("model.layers.0.self_attn.q_proj.weight")  # GGUF shapes are [in, out]
         q_rows = int(q.shape[-1]) if q is not None else hidden
@@ -148,7 +147,7 @@ class GGUFCheckpoint(Checkpoint):
 
     def _rope_freq_factors(self, head_dim: int) -> tuple[float, ...] | None:
         """llama.cpp's `rope_freqs` (llama3 scaling): head_dim/2 factors that divide the RoPE frequencies."""
-        t = next((t for t in self.reader.tensors if t.name == "rope_freqs.weight"), None)
+        t = next((t for t in self.file.tensors if t.name == "rope_freqs.weight"), None)
         if t is None:
             return None
         factors = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1)
