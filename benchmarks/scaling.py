@@ -67,8 +67,12 @@ EDIT_PROMPTS = {
 
 # -- inside the coordinator's namespace ---------------------------------------------------------
 def _generate(llm: Any, prompt_ids: list[int], tokens: int, speculate: int = 0) -> dict[str, Any]:
-    """One greedy generation (after a 2-token warm-up): its tokens, first-token and median decode time."""
-    list(llm.generate(prompt_ids, 2))
+    """One greedy generation (after a warm-up): its tokens, first-token and median decode time, and
+    per node what a decode step's messages cost (a prefill-only generation's totals subtracted)."""
+    list(llm.generate(prompt_ids, 1))
+    before = _node_totals(llm)
+    list(llm.generate(prompt_ids, 1))  # the prefill's share of the totals, to take out below
+    prefill = _node_totals(llm)
     start = time.perf_counter()
     if speculate:
         from edgeweave.coordinator import speculative
@@ -85,10 +89,26 @@ def _generate(llm: Any, prompt_ids: list[int], tokens: int, speculate: int = 0) 
            "messages_per_token": llm.messages_per_token,
            # where a pass's time goes: waiting on nodes, of which the slowest node's own compute
            "wait_per_pass_s": stats.wait_s / passes, "node_compute_per_pass_s": stats.node_compute_s / passes}
+    after = _node_totals(llm)
+    row["decode_per_node"] = {
+        address: _per_message(*(after[address][k] - 2 * prefill[address][k] + before[address][k] for k in range(3)))
+        for address in after}
     for key in ("passes", "drafted", "accepted", "tokens_per_pass"):
         if speculate and hasattr(stats, key):
             row[key] = getattr(stats, key)
     return row
+
+
+def _node_totals(llm: Any) -> dict[str, tuple[int, float, float]]:
+    """Per node address: (messages, seconds from send to reply, seconds the node reported computing) so far."""
+    return {a: (t.messages, t.round_trip_s, t.compute_s) for a, t in llm.node_timings.items()}
+
+
+def _per_message(messages: int, round_trip_s: float, compute_s: float) -> dict[str, float]:
+    """A node's decode messages: how many, and per message the wait for its reply (from the step's
+    first send: a later reply includes the earlier ones' reading) and the compute it reported."""
+    n = max(messages, 1)
+    return {"messages": messages, "round_trip_ms": round_trip_s / n * 1e3, "compute_ms": compute_s / n * 1e3}
 
 
 def inner(spec: dict[str, Any]) -> dict[str, Any]:
@@ -265,13 +285,18 @@ def _print_speedup(console: Any, section: dict[str, Any], emulation: str) -> Non
     from rich.table import Table
 
     table = Table(title=f"tensor parallel on Pi-4-class nodes (random Llama 1.1B shape, q4; CPU by {emulation})")
-    for col in ("nodes", "ms/token", "first token ms", "speed-up", "first-token speed-up", "exo reports"):
+    for col in ("nodes", "ms/token", "first token ms", "speed-up", "first-token speed-up", "exo reports",
+                "messages/token", "node compute ms/msg", "reply wait ms/msg"):
         table.add_column(col, justify="right")
     for row in section["runs"]:
         n = len(row["nodes"])
+        per_node = list(row.get("decode_per_node", {}).values())
+        compute = max((p["compute_ms"] for p in per_node), default=float("nan"))
+        wait = max((p["round_trip_ms"] for p in per_node), default=float("nan"))
         table.add_row(str(n), f"{row['per_token_s'] * 1e3:.0f}", f"{row['ttft_s'] * 1e3:.0f}",
                       f"{row['speedup']:.2f}x", f"{row['first_token_speedup']:.2f}x",
-                      f"{EXO_SPEEDUP[n]:.1f}x" if n in EXO_SPEEDUP else "")
+                      f"{EXO_SPEEDUP[n]:.1f}x" if n in EXO_SPEEDUP else "", str(row["messages_per_token"]),
+                      f"{compute:.2f}", f"{wait:.2f}")
     console.print(table)
 
 

@@ -39,14 +39,14 @@ def _mb(n: float) -> str:
 def measured_table(costs: ClusterCosts) -> Table:
     p = costs.prompt_tokens
     table = Table(title=f"measured per node (one layer of this model; prefill = {p} tokens)")
-    for column in ("node", "layer decode ms", f"layer prefill ms ({p} tok)", "attn|mlp ms (smallest shard)", "RTT ms",
-                   "link MB/s", "disk MB/s", "budget MB", "transport"):
+    for column in ("node", "layer decode ms", f"layer prefill ms ({p} tok)", "attn|mlp ms (smallest shard)",
+                   "all at once", "RTT ms", "link MB/s", "disk MB/s", "budget MB", "transport"):
         table.add_column(column, justify="left" if column in ("node", "transport") else "right")
     for n in costs.nodes:
         ops = (f"{n.attn_decode_s * 1e3:.3f}|{n.mlp_decode_s * 1e3:.3f} "
                f"({n.shard_attn_decode_s * 1e3:.3f}|{n.shard_mlp_decode_s * 1e3:.3f})")
         table.add_row(n.name, f"{n.layer_decode_s * 1e3:.3f}", f"{n.layer_prefill_s * 1e3:.1f}", ops,
-                      f"{n.rtt_s * 1e3:.3f}", f"{n.bandwidth_Bps / 1e6:.0f}", f"{n.disk_read_Bps / 1e6:.0f}",
+                      f"{n.concurrent_slowdown:.2f}x", f"{n.rtt_s * 1e3:.3f}", f"{n.bandwidth_Bps / 1e6:.0f}", f"{n.disk_read_Bps / 1e6:.0f}",
                       _mb(n.memory_budget), n.transport)
     return table
 

@@ -7,7 +7,11 @@ and what `run`/`serve` call, so they use exactly the prediction plan printed.
 
 Per node: its Profile RPC times one layer of the model's shape in the layouts this plan ships
 (runtime/layer_profile.py), and `link_probe.probe_link` times its Forward stream. Nodes are
-measured one at a time, so co-located nodes do not slow each other's figures. Here: the hub's
+measured one at a time, so co-located nodes do not slow each other's figures; then, with more
+than one node, every node times its layer again at the same moment (`concurrent_slowdowns`): what
+a node's compute is worth while the others compute too, as they do in every tensor-parallel
+reduction (separate devices measure about 1; emulated devices sharing a host's cores and memory
+bus measure more, and a planner blind to it under-predicts tensor layouts there). Here: the hub's
 own work (runtime/hub_profile.py) and its cost per further message of a reduction: its own
 Python (`link_probe.message_cost_s`), or more where an echo to every node at once
 (`link_probe.probe_fanout`) shows that a further message really costs more (nodes sharing the
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from edgeweave.coordinator.client import NodeClient
@@ -78,6 +84,26 @@ def measure_node(client: NodeClient, shape: pb.LayerShape, hidden: int, *, backe
                      transport=link.transport)
 
 
+#: a concurrent timing is taken as at most this many times the node's own (a stall, not sharing)
+MAX_SLOWDOWN = 4.0
+
+
+def concurrent_slowdowns(clients: Sequence[NodeClient], shape: pb.LayerShape, alone: Sequence[NodeCosts], *,
+                         backend: str, prompt_tokens: int, budget_s: float) -> list[float]:
+    """Per node: its layer decode time while every node times its own at the same moment, over its
+    time alone (`alone`), within [1, MAX_SLOWDOWN]."""
+    def timed(client: NodeClient) -> float:
+        reply = client.profile(budget_s=budget_s, layer=shape, backend=backend, prompt_tokens=prompt_tokens)
+        return reply.layer_decode_s
+
+    with ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="concurrent-profile") as pool:
+        together = list(pool.map(timed, clients))  # a node failing here fails as in its own timing
+    slowdowns = [min(max(t / n.layer_decode_s, 1.0), MAX_SLOWDOWN) for t, n in zip(together, alone, strict=True)]
+    log.info("layer decode while all %d nodes compute at once, over alone: %s", len(clients),
+             ", ".join(f"{k:.2f}x" for k in slowdowns))
+    return slowdowns
+
+
 def measure_cluster(
     clients: Sequence[NodeClient], checkpoint: Checkpoint, quantize: str | None = None, *, backend: str = BACKENDS[0],
     dtype: str = "float32", prompt_tokens: int = DEFAULT_PROMPT_TOKENS, budgets: Sequence[int] | None = None,
@@ -94,6 +120,10 @@ def measure_cluster(
     nodes = tuple(measure_node(client, shape, config.hidden_size, backend=backend, prompt_tokens=prompt_tokens,
                                budget=None if budgets is None else budgets[i], budget_s=budget_s)
                   for i, client in enumerate(clients))
+    if len(clients) > 1:
+        slowdowns = concurrent_slowdowns(clients, shape, nodes, backend=backend, prompt_tokens=prompt_tokens,
+                                         budget_s=budget_s)
+        nodes = tuple(replace(n, concurrent_slowdown=k) for n, k in zip(nodes, slowdowns, strict=True))
     head = head_layout(checkpoint, layouts, quantize or "file", dtype)
     hub = profile_hub(config.hidden_size, config.vocab_size, head, prompt_tokens, config.rms_norm_eps, budget_s / 2)
     threads = 1 if head is not None else None  # the hub's torch threads beside a quantized head
@@ -134,6 +164,7 @@ def costs_to_dict(costs: ClusterCosts) -> dict[str, Any]:
             "shard_attn_decode_ms": n.shard_attn_decode_s * 1e3, "shard_mlp_decode_ms": n.shard_mlp_decode_s * 1e3,
             "layer_file_bytes": n.layer_file_bytes, "rtt_ms": n.rtt_s * 1e3, "bandwidth_MBps": n.bandwidth_Bps / 1e6,
             "disk_MBps": n.disk_read_Bps / 1e6, "memory_budget": n.memory_budget, "transport": n.transport,
+            "concurrent_slowdown": n.concurrent_slowdown,
             "kernel": n.kernel if costs.layouts is not None else "float",
         } for n in costs.nodes],
         "coordinator": {"message_ms": hub.message_s * 1e3, "message_prefill_ms": hub.message_prefill_s * 1e3,

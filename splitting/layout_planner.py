@@ -38,6 +38,9 @@ decode step, T = P for the prompt.
     t_r,op(1) = F_op + (s - s0) / (1 - s0) (A_op - F_op). On small models most of an op is fixed
     cost (kernel calls, RoPE and attention glue): SmolLM2's one-KV-head attention costs about what
     all three heads do, so halving a layer's weights does not halve its time.
+    Ranks compute at the same time, so t_r,op is multiplied by k_r, the node's layer time measured
+    while every node computes at once over its time alone (1 on separate devices; more where
+    emulated devices share a host's cores). 1-node and pipeline stages compute alone: no k_r.
     The first message of a reduction is inside rho_r; every further one costs the coordinator
     c(T) in series. A windowed rank reads its next layer while the whole layer period runs
     (network waits included), so its reads bound the period, not each compute.
@@ -128,6 +131,9 @@ class NodeCosts:
     shard_mlp_columns: int = 32
     layer_file_bytes: int = 0  # measured, shown (the model takes layer bytes from the plan's cut)
     transport: str = ""  # of the measured link: "tcp" (raw data plane) or "grpc"
+    #: k_r: its layer time while every node computes at once over its time alone (>= 1): what sharing
+    #: a host's cores and memory bus with the other nodes costs (separate devices measure about 1)
+    concurrent_slowdown: float = 1.0
 
     @property
     def speed(self) -> float:
@@ -289,7 +295,11 @@ class _Model:
         return node.layer_decode_s if tokens == 1 else node.layer_prefill_s
 
     def share_compute(self, node: NodeCosts, op: str, share: float, fraction: float, tokens: int) -> float:
-        """t_r,op(T) of the module docstring: a rank's compute for its `share` of one op."""
+        """t_r,op(T) of the module docstring: a rank's compute for its `share` of one op, while the
+        stage's other ranks compute theirs (x k_r)."""
+        return node.concurrent_slowdown * self._share_compute(node, op, share, fraction, tokens)
+
+    def _share_compute(self, node: NodeCosts, op: str, share: float, fraction: float, tokens: int) -> float:
         whole, floor = ((node.attn_decode_s, node.shard_attn_decode_s) if op == "attn"
                         else (node.mlp_decode_s, node.shard_mlp_decode_s))
         if tokens != 1 or whole <= 0 or floor <= 0:

@@ -188,6 +188,22 @@ def test_measured_op_floors_replace_proportional_shares_in_decode():
     assert 0.8 < tensor.decode_s / single.decode_s < 0.9  # two nodes save 15%, not the ~45% shares would say
 
 
+def test_a_concurrent_slowdown_scales_tensor_compute_only():
+    """k_r (the node's layer time while all compute at once, over alone) multiplies what ranks
+    compute side by side; 1-node and pipeline stages compute alone and keep their figures."""
+    hub = HubCosts(message_s=5e-6, reduction_s=2e-6)
+    alone = plan_layouts(costs([node("a", rtt=10e-6), node("b", rtt=10e-6)], hub=hub))
+    shared = plan_layouts(costs([node("a", rtt=10e-6, concurrent_slowdown=2.0),
+                                 node("b", rtt=10e-6, concurrent_slowdown=2.0)], hub=hub))
+    before, after = by_layout(alone), by_layout(shared)
+    tensor = ("tensor x2", (0, 1))
+    compute = EVEN.num_layers * 1e-3 / 2  # both ranks' halves of every layer
+    assert after[tensor].decode_s - before[tensor].decode_s == pytest.approx(compute)
+    for key in (("single", (0,)), ("pipeline 0-11|12-23", (0, 1))):
+        assert after[key].decode_s == pytest.approx(before[key].decode_s)
+    assert alone.choice.kind == "tensor" and shared.choice.kind != "tensor"  # twice the compute each: no gain left
+
+
 def test_hybrid_wins_only_inside_its_band():
     hub = HubCosts(message_s=100e-6)
     band = hybrid_band(4, 2, EVEN.num_layers, rtt=100e-6, message=100e-6)

@@ -119,15 +119,16 @@ def test_quantized_three_nodes_windowed_equal_the_same_plan_in_process(cluster, 
     from edgeweave.runtime.sampling import SamplingParams
 
     weights = [1.0, 1.0, 1.0]
+    steps = N_TOKENS // 3  # every step re-reads every layer of the window: a dozen show it as well as 32
     same_plan = InProcess(tmp_path / "in-process", weights)
-    want_tokens, want_logits = same_plan.greedy()
+    want_tokens, want_logits = same_plan.greedy(steps)
     same_plan.close()
     logits: list[torch.Tensor] = []
     clients = _clients(cluster, 3)
     with DistributedLlama(smollm(), clients, weights, cache_dir=cache_dir / "shards", window=3, hub_threads=1) as llm:
         assert llm.plan.plan_id == same_plan.plan.plan_id and llm.manifest.data["precision"] == "file"
         assert [d["window"] for d in llm.load_details] == [3, 3, 3] and all(d["quantized"] for d in llm.load_details)
-        tokens = list(llm.generate(prompt_ids(), N_TOKENS, SamplingParams(), logits_out=logits))
+        tokens = list(llm.generate(prompt_ids(), steps, SamplingParams(), logits_out=logits))
     for client in clients:
         client.close()
     assert tokens == want_tokens
