@@ -46,8 +46,8 @@ def measured_table(costs: ClusterCosts) -> Table:
         ops = (f"{n.attn_decode_s * 1e3:.3f}|{n.mlp_decode_s * 1e3:.3f} "
                f"({n.shard_attn_decode_s * 1e3:.3f}|{n.shard_mlp_decode_s * 1e3:.3f})")
         table.add_row(n.name, f"{n.layer_decode_s * 1e3:.3f}", f"{n.layer_prefill_s * 1e3:.1f}", ops,
-                      f"{n.concurrent_slowdown:.2f}x", f"{n.rtt_s * 1e3:.3f}", f"{n.bandwidth_Bps / 1e6:.0f}", f"{n.disk_read_Bps / 1e6:.0f}",
-                      _mb(n.memory_budget), n.transport)
+                      f"{n.concurrent_slowdown:.2f}x", f"{n.rtt_s * 1e3:.3f}", f"{n.bandwidth_Bps / 1e6:.0f}",
+                      f"{n.disk_read_Bps / 1e6:.0f}", _mb(n.memory_budget), n.transport)
     return table
 
 
