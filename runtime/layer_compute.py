@@ -146,22 +146,27 @@ def at_least_two_rows(matmul: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     return matmul(x.expand(2, -1))[:1]
 
 
-#: torch's float32 CPU GEMM gives a row the same bits whatever the batch only when the row count
-#: is a multiple of this (measured with torch 2.13's MKL on AVX2: 1 row, 2-3 rows and 4+ rows take
-#: three kernels, and with 2+ threads a 5-7 or 9-11 row call sums its tail rows differently; other
-#: BLAS builds may tile otherwise, which tests/test_speculative.py would show)
+#: torch's float32 CPU GEMM picks its kernel (and so how a row's sums are ordered) by the row
+#: count, and where it switches depends on the CPU and the matrix: torch 2.13's MKL took 1 | 2-3 |
+#: 4+ rows on AVX2 (with 2+ threads also splitting tail rows by count), and 1 | 2-15 | 16+ rows for
+#: 576 x 1536 but 1 | 2-4 | 5+ for 64 x 96 on AVX-512. Every call of exactly this many rows is the one
+#: thing every BLAS keeps invariant: a row's bits then never depend on the batch it came in.
 FLOAT_ROW_BLOCK = 4
 
 
 def in_row_blocks(matmul: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                   block: int = FLOAT_ROW_BLOCK) -> torch.Tensor:
-    """`matmul(x)` with x's rows padded (repeating its last row) to a multiple of `block`: the
+    """`matmul(x)` as calls of exactly `block` rows (the last padded by repeating x's last row): the
     float counterpart of `at_least_two_rows`. A lone float decode row then costs a 4-row GEMM
-    instead of a GEMV (2.7x the time of a 576 x 1536 projection on one thread, against 1.9x for 2 rows)."""
-    pad = -x.shape[0] % block
-    if pad == 0:
-        return matmul(x)
-    return matmul(torch.cat((x, x[-1:].expand(pad, -1))))[: x.shape[0]]
+    instead of a GEMV (2.7x the time of a 576 x 1536 projection on one thread, against 1.9x for 2
+    rows); a long prompt costs rows / 4 calls (~3x one big GEMM's time on a float model)."""
+    rows = x.shape[0]
+    pad = -rows % block
+    if pad:
+        x = torch.cat((x, x[-1:].expand(pad, -1)))
+    if x.shape[0] == block:
+        return matmul(x)[:rows]
+    return torch.cat([matmul(part) for part in x.split(block)])[:rows]
 
 
 class BatchInvariantMatmuls:

@@ -70,17 +70,23 @@ def _round_trip_ms(conn: socket.socket) -> float:
 @pytest.mark.parametrize("rtt_ms", [1.0, 4.0])
 def test_the_added_round_trip_is_the_delay(rtt_ms):
     """Interleaved with the same ping on the server's own port: proxied - direct = 2 x delay, median
-    within +-0.25 ms (the asyncio proxy this replaced measured +2.47 and +4.57 here: ms timers)."""
+    within +-0.25 ms (the asyncio proxy this replaced measured +2.47 and +4.57 here: ms timers).
+    Up to 3 rounds of 150 pings: a VM whose host is busy can wake every sleep late for a second
+    (one CI run read +1.53 and +6.09 ms for 1 and 4 ms); a proxy that is off is off in every round."""
+    rounds = []
     with _server(_echo_until_eof) as port, DelayProxy(("127.0.0.1", port), delay_s=rtt_ms / 2e3) as proxy, \
             _dial(proxy.port) as far, _dial(port) as near:
         _round_trip_ms(far), _round_trip_ms(near)
-        proxied, direct = [], []
-        for _ in range(150):
-            proxied.append(_round_trip_ms(far))
-            direct.append(_round_trip_ms(near))
-    added = statistics.median(proxied) - statistics.median(direct)
-    assert rtt_ms - 0.25 <= added <= rtt_ms + 0.25, (added, statistics.median(direct))
-    assert min(proxied) >= rtt_ms - 0.2  # held delay - relay cost each way: never much early
+        for _ in range(3):
+            proxied, direct = [], []
+            for _ in range(150):
+                proxied.append(_round_trip_ms(far))
+                direct.append(_round_trip_ms(near))
+            added = statistics.median(proxied) - statistics.median(direct)
+            rounds.append((round(added, 3), round(min(proxied), 3)))
+            if rtt_ms - 0.25 <= added <= rtt_ms + 0.25 and min(proxied) >= rtt_ms - 0.2:
+                return  # held delay - relay cost each way: never much early
+    pytest.fail(f"added round trip, earliest proxied ping (ms) per round: {rounds}; want {rtt_ms} +- 0.25")
 
 
 def test_order_and_half_close_pass_through():

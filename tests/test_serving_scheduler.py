@@ -24,7 +24,8 @@ class CountingEngine:
     model_id = "counting"
     max_context = 1000
 
-    def __init__(self) -> None:
+    def __init__(self, step_s: float = 0.0) -> None:
+        self.step_s = step_s  # how long a step takes (a test that needs a stream to outlast another)
         self.steps: list[list[tuple[str, int]]] = []  # per step: (session, tokens fed) of each row
         self.resets: list[tuple[str, ...]] = []
         self.held: dict[str, int] = {}  # tokens each session's "KV cache" holds
@@ -33,6 +34,8 @@ class CountingEngine:
 
     def step(self, sequences: list[SequenceStep]) -> torch.Tensor:
         self.gate.wait(10)
+        if self.step_s:
+            threading.Event().wait(self.step_s)
         logits = torch.zeros(len(sequences), VOCAB)
         for i, seq in enumerate(sequences):
             assert self.held.get(seq.session, 0) == seq.cached, "the scheduler's view of the cache is off"
@@ -103,7 +106,7 @@ def test_active_sequences_share_every_step_and_clients_are_admitted_fairly():
 
 
 def test_a_long_prompt_is_read_in_chunks_while_running_streams_keep_decoding():
-    engine = CountingEngine()
+    engine = CountingEngine(step_s=1e-3)  # the short stream's 900 steps outlast the long prompt's 5 by far
     engine.gate.clear()
     scheduler = Scheduler(engine, max_active=4, prefill_chunk=4)
     try:
@@ -113,7 +116,8 @@ def test_a_long_prompt_is_read_in_chunks_while_running_streams_keep_decoding():
         engine.gate.set()
         wait_until(lambda: len(short_tokens) >= 2)
         long = scheduler.submit(make_job(list(range(50, 60)), 2, "B", long_tokens, done))
-        wait_until(lambda: len(done) == 1)
+        wait_until(lambda: len(done) >= 1)
+        assert done == [(long.job_id, "length")]
         short.cancel()
         wait_until(lambda: len(done) == 2)
         s, g = session(short), session(long)

@@ -164,19 +164,22 @@ PROMPT = [random.Random(3).randrange(512) for _ in range(30)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_float_rows_of_a_batch_invariant_matmul_do_not_depend_on_the_batch(threads):
-    """The property `in_row_blocks` relies on, on the BLAS this runs with: a row gets the same bits
-    alone (as a decode) and at any place of a batch of any size (a verify pass, a prefill)."""
+@pytest.mark.parametrize("hidden", [96, 576])
+def test_float_rows_of_a_batch_invariant_matmul_do_not_depend_on_the_batch(threads, hidden):
+    """The property `in_row_blocks` gives on the BLAS this runs with: a row gets the same bits alone
+    (as a decode) and at any place of a batch of any size (a verify pass, a prefill of several
+    blocks). Two shapes: MKL on AVX-512 switches kernels at 5 rows for the small one, at 16 for the
+    SmolLM2-sized one."""
     torch.manual_seed(1)
-    hidden = 96
+    inner, mlp = hidden * 2 // 3, hidden * 5 // 3
     matmuls = BatchInvariantMatmuls(FloatMatmuls({
-        "wq": torch.randn(64, hidden), "wk": torch.randn(32, hidden), "wv": torch.randn(32, hidden),
-        "wo": torch.randn(hidden, 64), "w_gate": torch.randn(160, hidden), "w_up": torch.randn(160, hidden),
-        "w_down": torch.randn(hidden, 160)}))
+        "wq": torch.randn(inner, hidden), "wk": torch.randn(inner // 2, hidden), "wv": torch.randn(inner // 2, hidden),
+        "wo": torch.randn(hidden, inner), "w_gate": torch.randn(mlp, hidden), "w_up": torch.randn(mlp, hidden),
+        "w_down": torch.randn(hidden, mlp)}))
     x = torch.randn(1, hidden)
     with torch_threads(threads):
         alone = [f(x) for f in (matmuls.qkv, matmuls.mlp)]
-        for rows in range(1, 14):
+        for rows in [*range(1, 18), 31, 40]:
             for place in {0, rows // 2, rows - 1}:
                 batch = torch.randn(rows, hidden)
                 batch[place] = x[0]
