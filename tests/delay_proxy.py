@@ -6,7 +6,7 @@ Each direction buffers at most MAX_CHUNKS chunks: a slow receiver (a shaped link
 sender down instead of filling the proxy's memory, so a sender measures the real throughput.
 Use `DelayProxy` in-process, or run this file as a script inside a network namespace:
     python tests/delay_proxy.py --listen 10.1.0.3:6000 --target 10.1.0.1:50551 --delay-ms 5
-One process can serve many links (the edge test bed runs one for all its nodes):
+One process can serve many links (the edge test bed runs one per node, for its gRPC and data ports):
     python tests/delay_proxy.py --map 10.1.1.1:50551=10.1.0.2:50551@2 --map ... --exit-on-eof
 """
 

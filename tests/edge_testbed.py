@@ -17,7 +17,10 @@ or laptop that drives a real cluster. Hosts 1..N are the devices, each with
   port and its data plane port (the same numbers), since a coordinator dials the data plane at the
   gRPC host. `bed.address(i)` is what the coordinator dials (`--peer`); mDNS announces the node's
   own address, which skips the delay (the rate still applies).
-One proxy process serves every node (a reader and a writer thread per connection and direction). Everything is removed at exit, on an exception in
+Each proxied node has a proxy process of its own (a reader and a writer thread per connection and
+direction). One process for all put 16 relay threads of 4 nodes under one GIL, so a node's chunk
+waited on the other nodes' relays, where real links are independent (benchmarks/scaling.py: tensor
+x4 under dilation went from 0.88x to 1.35x of one node with that change and a faster host). Everything is removed at exit, on an exception in
 the with-block, on SIGTERM/SIGHUP/SIGINT of the process running the bed, and, for a SIGKILLed run,
 by the next bed's start: processes in its namespaces and cgroups are killed, then the cgroups and
 namespaces go. Nodes get a launcher pipe (--watch-fd) and the proxy watches its stdin, so they also
@@ -108,7 +111,7 @@ class EdgeTestbed(Testbed):
         self.proxy_ips = {i: f"10.{self.subnet}.1.{i}" for i in self.nodes if self.proxied(i)}
         self.cgroups: dict[int, edge_cgroups.DeviceCgroup] = {}
         self.cpusets = self._spread_cpus()
-        self._proxy: subprocess.Popen | None = None
+        self._proxies: list[subprocess.Popen] = []
         self._watch_r, self._watch_w = -1, -1
         self._old_handlers: dict[int, object] = {}
 
@@ -119,6 +122,10 @@ class EdgeTestbed(Testbed):
     def dial_host(self, i: int) -> str:
         """The IP the coordinator reaches node i's ports at: its proxy's, or the node's own."""
         return self.proxy_ips[i] if self.proxied(i) else self.ips[i]
+
+    def proxy_pids(self) -> list[int]:
+        """The delay proxies' process ids, one per proxied node (for tests of the clean-up)."""
+        return [proxy.pid for proxy in self._proxies]
 
     def address(self, i: int) -> str:
         """What the coordinator passes as --peer for node i (its RTT and rate emulated)."""
@@ -172,23 +179,18 @@ class EdgeTestbed(Testbed):
             _shape(self.switch, f"p{i}", line_mbit)  # downlink: the switch port toward the device
             if self.proxied(i):
                 _ip("-n", coordinator, "addr", "add", f"{self.proxy_ips[i]}/32", "dev", "lo")
-        if self.proxy_ips:
-            self._start_proxy()
+        for i in self.proxy_ips:  # all started first, then waited for: they start side by side
+            self._proxies.append(self._start_proxy(i))
+        deadline = time.monotonic() + 30
+        for proxy in self._proxies:
+            _wait_ready(proxy, deadline)
 
-    def _start_proxy(self) -> None:
+    def _start_proxy(self, i: int) -> subprocess.Popen:
+        """Node i's own delay proxy (its ports, its link's delay), in the coordinator's namespace."""
         maps = [f"--map={self.proxy_ips[i]}:{port}={self.ips[i]}:{port}@{self.links[i].rtt_ms / 2:g}"
-                for i in self.proxy_ips for port in self.ports]
-        self._proxy = self.popen(0, [sys.executable, str(PROXY_SCRIPT), "--exit-on-eof", *maps],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline, seen, out = time.monotonic() + 30, b"", self._proxy.stdout.fileno()
-        while not seen.endswith(b"ready\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([out], [], [], left)[0]:
-                raise TimeoutError(f"the delay proxy did not start within 30 s: {seen.decode(errors='replace')}")
-            chunk = os.read(out, 4096)
-            if not chunk:
-                raise RuntimeError(f"the delay proxy exited ({self._proxy.wait()}): {seen.decode(errors='replace')}")
-            seen += chunk
+                for port in self.ports]
+        return self.popen(0, [sys.executable, str(PROXY_SCRIPT), "--exit-on-eof", *maps],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     # -- processes ----------------------------------------------------------------------------------
     def popen_node(self, i: int, argv: Sequence[str], **kwargs) -> subprocess.Popen:
@@ -278,11 +280,11 @@ class EdgeTestbed(Testbed):
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._watch_r = self._watch_w = -1
-        if self._proxy is not None:
-            for stream in (self._proxy.stdin, self._proxy.stdout):
+        for proxy in self._proxies:
+            for stream in (proxy.stdin, proxy.stdout):
                 with contextlib.suppress(OSError):
                     stream.close()
-            self._proxy = None
+        self._proxies = []
         for cgroup in self.cgroups.values():
             cgroup.close()  # SIGKILLs anything the nodes left behind, waits, removes
         self.cgroups.clear()
@@ -293,6 +295,19 @@ class EdgeTestbed(Testbed):
             with contextlib.suppress(ValueError):  # not in the main thread any more
                 signal.signal(sig, handler)
         self._old_handlers.clear()
+
+
+def _wait_ready(proxy: subprocess.Popen, deadline: float) -> None:
+    """Until the proxy prints "ready" (its listeners bound); its output so far in the error if not."""
+    seen, out = b"", proxy.stdout.fileno()
+    while not seen.endswith(b"ready\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([out], [], [], left)[0]:
+            raise TimeoutError(f"a delay proxy did not start within 30 s: {seen.decode(errors='replace')}")
+        chunk = os.read(out, 4096)
+        if not chunk:
+            raise RuntimeError(f"a delay proxy exited ({proxy.wait()}): {seen.decode(errors='replace')}")
+        seen += chunk
 
 
 def _raise_exit(signum: int, frame: object) -> None:

@@ -330,7 +330,7 @@ def test_a_failing_with_block_leaves_nothing_behind(tmp_path):
             EdgeTestbed([(device("pi4", cpu_fraction=1.0), "wifi")]) as bed:
         bed.start_node(1, "doomed", tmp_path)
         pids["node"] = json.loads((tmp_path / "doomed.ready.json").read_text())["pid"]
-        pids["proxy"] = bed._proxy.pid
+        [pids["proxy"]] = bed.proxy_pids()
         pids["extra"] = bed.popen_node(1, ["sleep", "600"]).pid
         deadline = time.monotonic() + 10
         while bed.cgroups[1].pids() != {pids["node"], pids["extra"]}:  # the wrapper joins, then execs
@@ -348,7 +348,7 @@ CHILD = textwrap.dedent(f"""
     from edge_testbed import EdgeTestbed
     bed = EdgeTestbed([("pi4", "wifi")]).__enter__()
     extra = bed.popen_node(1, ["sleep", "600"])
-    print(json.dumps({{"prefix": bed.prefix, "extra": extra.pid, "proxy": bed._proxy.pid}}), flush=True)
+    print(json.dumps({{"prefix": bed.prefix, "extra": extra.pid, "proxy": bed.proxy_pids()[0]}}), flush=True)
     time.sleep(600)
 """)
 
