@@ -80,13 +80,18 @@ def step_deadline(recent_steps: Sequence[float]) -> float:
     return max(DEADLINE_FLOOR_S, DEADLINE_FACTOR * statistics.median(recent_steps))
 
 
+def memory_budgets(nodes: Sequence[NodeClient]) -> list[int]:
+    """What each node announces it may hold (0 = no budget): the limits a pipeline's ranges keep to."""
+    return [client.info().resources.memory_budget for client in nodes]
+
+
 def fit_plan_to_nodes(plan: TensorParallelPlan, nodes: Sequence[NodeClient],
                       layer_file_bytes: Sequence[Sequence[int]] | None = None) -> MemoryPlan:
     """Check each node's announced memory budget (0 = no budget) against its share of `plan`; the
     window each node will use (the node's own accounting: `runtime.memory_budget`), or
     MemoryPlanError saying how much memory is missing where. With the written files' sizes the
     windows are exactly the nodes' own."""
-    budgets = [client.info().resources.memory_budget or UNLIMITED for client in nodes]
+    budgets = [budget or UNLIMITED for budget in memory_budgets(nodes)]
     return plan_memory(plan, budgets, names=[c.address for c in nodes],
                        context_length=fit_context(plan.config.max_position_embeddings), coordinator_rank=None,
                        layer_file_bytes=layer_file_bytes)
@@ -113,7 +118,7 @@ def recover(llm: DistributedLlama, error: NodeError, detected_after_s: float) ->
         if not nodes:
             raise ClusterLostError(lost, f"lost node(s) {', '.join(lost)}: no node is left to run the model")
         try:
-            check_survivors_fit(llm.make_plan(weights), nodes, lost)
+            check_survivors_fit(llm.make_plan(weights, memory_budgets(nodes)), nodes, lost)
             resent = llm.redeploy(nodes, weights)
             break
         except NodeError as exc:

@@ -30,11 +30,13 @@ from edgeweave.coordinator import plan_cache, recovery
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.local_member import LocalMember
 from edgeweave.runtime.batch import Row, SequenceStep
+from edgeweave.runtime.memory_budget import fit_context
 from edgeweave.runtime.sampling import Sampler, SamplingParams
 from edgeweave.runtime.tp_hub import TensorParallelHub
 from edgeweave.splitting import layouts
 from edgeweave.splitting.checkpoints import Checkpoint
 from edgeweave.splitting.layouts import Layout, LayoutError
+from edgeweave.splitting.memory_plan import resident_layer_limits
 from edgeweave.splitting.quant_plan import check_quantize
 from edgeweave.splitting.tensor_parallel import (
     Manifest,
@@ -143,9 +145,12 @@ class GenerationStats:
 LAYOUT_KINDS = ("tensor", "pipeline")
 
 
-def partition_for(request: str | Layout, n_layers: int, weights: Sequence[float]) -> Layout | None:
+def partition_for(request: str | Layout, n_layers: int, weights: Sequence[float],
+                  limits: Sequence[int] | None = None) -> Layout | None:
     """The stages for these node weights: a given Layout as it is (when it has as many nodes), else
-    its kind cut for them (a pipeline's layers in proportion to the weights). None = plain tensor."""
+    its kind cut for them (a pipeline's layers in proportion to the weights, each node at most its
+    `limits` entry: the layers its memory holds resident, while the nodes together hold them all;
+    else by weight alone, and the short nodes stream theirs). None = plain tensor."""
     if isinstance(request, Layout):
         if request.n_nodes == len(weights):
             return request.check(n_layers, len(weights))
@@ -153,6 +158,12 @@ def partition_for(request: str | Layout, n_layers: int, weights: Sequence[float]
     if request == "tensor" or len(weights) == 1:
         return None
     if request == "pipeline":
+        if limits is not None:
+            try:
+                return layouts.pipeline(layouts.split_layers(n_layers, list(weights), list(limits)))
+            except LayoutError:
+                log.info("the nodes' memory holds only %d of %d layers resident; splitting the pipeline by speed "
+                         "alone (sliding windows)", sum(limits), n_layers)
         return layouts.pipeline(layouts.split_layers(n_layers, list(weights)))
     raise LayoutError(f"layout must be one of {', '.join(LAYOUT_KINDS)} or a Layout, not {request!r}")
 
@@ -248,7 +259,7 @@ class DistributedLlama:
         """Plan over `nodes`, write (cached by plan id) and ship what they lack, load the jobs, open
         the streams. Returns the shard bytes sent."""
         self.nodes, self.weights = list(nodes), list(weights)
-        self.plan: TensorParallelPlan = self.make_plan(self.weights)
+        self.plan: TensorParallelPlan = self.make_plan(self.weights, recovery.memory_budgets(self.nodes))
         # refuse a cluster that cannot hold the model before writing or sending anything
         self.memory_plan = recovery.fit_plan_to_nodes(self.plan, self.nodes)
         folder = self._root / self.checkpoint.fingerprint / f"{self.plan.plan_id}-{self.dtype}"
@@ -319,19 +330,28 @@ class DistributedLlama:
         capacities stabilized (hysteresis per node id, then a 1/8 grid; see plan_cache.py)."""
         ids = self._node_ids(nodes)
         self._plan_key = plan_cache.plan_key(self.checkpoint.fingerprint, self.quantize or "file", self.dtype, ids)
+        budgets = recovery.memory_budgets(nodes)
         weights, self.weights_source = plan_cache.automatic_weights(
-            self._root, self._plan_key, ids, lambda: profile_weights(nodes), lambda w: self.make_plan(w).plan_id)
+            self._root, self._plan_key, ids, lambda: profile_weights(nodes), lambda w: self.make_plan(w, budgets).plan_id)
         return weights
 
     def measured_capacities(self, nodes: list[NodeClient]) -> list[float]:
         """Profiled capacities of `nodes` (joining a running model), stabilized against the cache."""
         return plan_cache.stable_capacities(self._root, self._node_ids(nodes), profile_weights(nodes))[0]
 
-    def make_plan(self, weights: list[float]) -> TensorParallelPlan:
+    def make_plan(self, weights: list[float], budgets: Sequence[int] | None = None) -> TensorParallelPlan:
         """The cut for these node weights in this run's layout and precision (QuantizationError if
-        blocks forbid it)."""
+        blocks forbid it). With the nodes' memory `budgets` (0 = none), a pipeline's ranges also
+        stay within what each node holds resident (`memory_plan.resident_layer_limits`)."""
+        precision = self.quantize or "file"
         partition = partition_for(self.layout_request, self.config.num_layers, weights)
-        return plan_shards(self.config, weights, self.layouts, self.quantize or "file", partition)
+        plan = plan_shards(self.config, weights, self.layouts, precision, partition)
+        if partition is None or partition.kind != "pipeline" or not budgets or not any(budgets):
+            return plan
+        limits = resident_layer_limits(plan, budgets, context_length=fit_context(self.config.max_position_embeddings),
+                                       backend=self.backend)
+        fitted = partition_for(self.layout_request, self.config.num_layers, weights, limits)
+        return plan if fitted == partition else plan_shards(self.config, weights, self.layouts, precision, fitted)
 
     def redeploy(self, nodes: list[NodeClient], weights: list[float],
                  unload_from: list[NodeClient] | None = None) -> int:

@@ -144,3 +144,31 @@ def plan_memory(
     kv = [kv_cache_bytes(s.n_layers, s.n_kv_heads, cfg.head_dim, context_length, itemsize) for s in plan.shards]
     fixed = [overhead + (coordinator_bytes if s.rank == coordinator_rank else 0) for s in plan.shards]
     return fit_cluster(names, budgets, [r for r, _ in held], kv, fixed, windowed_bytes=[w for _, w in held])
+
+
+def resident_layer_limits(
+    plan: TensorParallelPlan,
+    budgets: Sequence[int],
+    *,
+    context_length: int = 2048,
+    itemsize: int = 4,
+    overhead: int = DEFAULT_NODE_OVERHEAD,
+    backend: str = "ort",
+) -> list[int]:
+    """Per node of a pipeline `plan` (each rank holds whole layers), how many layers its budget
+    holds all resident, KV cache included (0 = no budget: every layer). What lets a pipeline's
+    ranges follow memory as well as speed: a small node is given no more layers than it holds,
+    where the capacity split alone would make it stream layers from disk beside a node with room."""
+    cfg = plan.config
+    if len(budgets) != len(plan.shards):
+        raise ValueError(f"got {len(budgets)} memory budgets for {len(plan.shards)} nodes")
+    kernel = backend if plan.layouts is not None else "float"
+    limits = []
+    for shard, budget in zip(plan.shards, budgets, strict=True):
+        if budget <= 0:
+            limits.append(cfg.num_layers)
+            continue
+        (held,), _ = held_layer_bytes([plan.layer_bytes(shard.rank, itemsize)], kernel)
+        per_layer = held + kv_cache_bytes(1, shard.n_kv_heads, cfg.head_dim, context_length, itemsize)
+        limits.append(max(0, min(cfg.num_layers, (budget - overhead) // per_layer)))
+    return limits

@@ -46,3 +46,29 @@ def test_driver_refuses_before_sending_any_shard(tmp_path):
         shards = tmp_path / cluster.names[0] / "shards"
         assert not shards.exists() or not any(shards.iterdir())
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing written either
+
+
+@pytest.mark.slow
+def test_an_explicit_pipeline_gives_a_small_node_only_the_layers_it_holds(tmp_path):
+    """`--layout pipeline` over equal-speed nodes cuts 15 | 15 by speed; a node whose budget holds
+    about 6 SmolLM2 layers resident (the runtime's 400 MiB, then ~15 MB a layer with its KV cache)
+    gets only those, the other node the rest: both all resident, where the speed split alone had
+    the small node stream its 15 through a window. The answer is still the model's."""
+    from edgeweave.splitting.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_checkpoint(smollm())
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
+    with LocalCluster(2, base_dir=tmp_path, advertise=False, memory_budgets=["500MiB", "0"]) as cluster:
+        clients = [NodeClient(a) for a in cluster.addresses]
+        try:
+            with DistributedLlama(smollm(), clients, [1.0, 1.0], cache_dir=tmp_path / "cache", show_progress=False,
+                                  layout="pipeline") as llm:
+                counts = [stage.n_layers for stage in llm.layout.stages]
+                windows = llm.memory_plan.windows
+                text = tokenizer.decode(list(llm.generate(prompt, 8)))
+        finally:
+            for client in clients:
+                client.close()
+    assert sum(counts) == 30 and 1 <= counts[0] < 15, counts
+    assert windows == [None, None], windows
+    assert text.startswith("The capital of France is Paris"), text
