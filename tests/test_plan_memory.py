@@ -51,7 +51,7 @@ def test_driver_refuses_before_sending_any_shard(tmp_path):
 @pytest.mark.slow
 def test_an_explicit_pipeline_gives_a_small_node_only_the_layers_it_holds(tmp_path):
     """`--layout pipeline` over equal-speed nodes cuts 15 | 15 by speed; a node whose budget holds
-    about 9 SmolLM2 layers resident (the runtime's 400 MiB, then ~15 MB a layer with its KV cache)
+    about 9 SmolLM2 layers resident (the runtime's 400 MiB, then ~12 MB a layer with its KV cache)
     gets only those (9), the other node the rest: both all resident, where the speed split alone had
     the small node stream its 15 through a window. The answer is still the model's."""
     from edgeweave.splitting.tokenizer import Tokenizer
