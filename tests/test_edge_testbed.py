@@ -277,13 +277,14 @@ def test_allocating_past_the_memory_limit_is_killed(edge, measured):
 
 
 def test_round_trips_carry_the_links_rtt(edge, measured):
-    """Through the proxy every round trip takes at least rtt_ms (the proxy never delivers early); the
-    median exceeds the same call on the node's own address (interleaved with it, so the node's own
-    cost and the VM's load cancel out) by at least rtt_ms - 0.35 ms, and the quickest by at most
-    rtt_ms + 0.35 ms: the relay's own cost is held back from the delay, its threads sleep to the
-    due time and run real-time (docs/testbed.md). The upper bound is on the quickest calls because
-    the node answers under its CPU quota: a call that meets a throttled slice waits up to 7.5 ms,
-    in either series, and on a loaded VM that moves a median by more than the tolerance."""
+    """Through the proxy every round trip takes at least rtt_ms (the proxy never delivers early); its
+    first quartile exceeds the same call's on the node's own address (interleaved with it, so the
+    node's own cost and the VM's load cancel out) by at least rtt_ms - 0.35 ms, and the quickest by
+    at most rtt_ms + 0.35 ms: the relay's own cost is held back from the delay, its threads sleep to
+    the due time and run real-time (docs/testbed.md). Quartiles and minima, not medians, because the
+    node answers under its CPU quota: a call that meets a throttled slice waits up to 7.5 ms, in
+    either series, and on a loaded VM that moved a median by more than the tolerance (one run read
+    1.70 ms proxied against 2.13 ms direct)."""
     bed = edge["bed"]
     for i in bed.nodes:
         row, rtt = measured[i], bed.links[i].rtt_ms
@@ -293,7 +294,8 @@ def test_round_trips_carry_the_links_rtt(edge, measured):
               f"data-plane forward median {raw:.2f} ms (min {min(row['raw_rtt_ms']):.2f})")
         if bed.proxied(i):
             assert min(row["echo_ms"]) >= rtt and min(row["raw_rtt_ms"]) >= rtt
-            assert echo - direct >= rtt - 0.35, (echo, direct)
+            quartile = {k: statistics.quantiles(row[k], n=4)[0] for k in ("echo_ms", "direct_echo_ms")}
+            assert quartile["echo_ms"] - quartile["direct_echo_ms"] >= rtt - 0.35, quartile
             assert min(row["echo_ms"]) - min(row["direct_echo_ms"]) <= rtt + 0.35, (row["echo_ms"], row["direct_echo_ms"])
         else:
             assert bed.address(i) == f"{bed.ips[i]}:50551"
