@@ -86,21 +86,24 @@ def memory_budgets(nodes: Sequence[NodeClient]) -> list[int]:
 
 
 def fit_plan_to_nodes(plan: TensorParallelPlan, nodes: Sequence[NodeClient],
-                      layer_file_bytes: Sequence[Sequence[int]] | None = None) -> MemoryPlan:
+                      layer_file_bytes: Sequence[Sequence[int]] | None = None,
+                      budgets: Sequence[int] | None = None) -> MemoryPlan:
     """Check each node's announced memory budget (0 = no budget) against its share of `plan`; the
     window each node will use (the node's own accounting: `runtime.memory_budget`), or
     MemoryPlanError saying how much memory is missing where. With the written files' sizes the
-    windows are exactly the nodes' own."""
-    budgets = [budget or UNLIMITED for budget in memory_budgets(nodes)]
+    windows are exactly the nodes' own. `budgets`: what `memory_budgets(nodes)` returned, if the
+    caller already asked."""
+    budgets = [budget or UNLIMITED for budget in (memory_budgets(nodes) if budgets is None else budgets)]
     return plan_memory(plan, budgets, names=[c.address for c in nodes],
                        context_length=fit_context(plan.config.max_position_embeddings), coordinator_rank=None,
                        layer_file_bytes=layer_file_bytes)
 
 
-def check_survivors_fit(plan: TensorParallelPlan, nodes: Sequence[NodeClient], lost: Sequence[str]) -> None:
+def check_survivors_fit(plan: TensorParallelPlan, nodes: Sequence[NodeClient], lost: Sequence[str],
+                        budgets: Sequence[int] | None = None) -> None:
     """Raise ClusterLostError unless every survivor's memory budget holds its share."""
     try:
-        fit_plan_to_nodes(plan, nodes)
+        fit_plan_to_nodes(plan, nodes, budgets=budgets)
     except MemoryPlanError as exc:
         raise ClusterLostError(
             lost, f"lost node(s) {', '.join(lost)} and the {len(nodes)} remaining node(s) cannot hold the model: {exc}"
@@ -118,7 +121,8 @@ def recover(llm: DistributedLlama, error: NodeError, detected_after_s: float) ->
         if not nodes:
             raise ClusterLostError(lost, f"lost node(s) {', '.join(lost)}: no node is left to run the model")
         try:
-            check_survivors_fit(llm.make_plan(weights, memory_budgets(nodes)), nodes, lost)
+            budgets = memory_budgets(nodes)
+            check_survivors_fit(llm.make_plan(weights, budgets), nodes, lost, budgets)
             resent = llm.redeploy(nodes, weights)
             break
         except NodeError as exc:

@@ -259,15 +259,16 @@ class DistributedLlama:
         """Plan over `nodes`, write (cached by plan id) and ship what they lack, load the jobs, open
         the streams. Returns the shard bytes sent."""
         self.nodes, self.weights = list(nodes), list(weights)
-        self.plan: TensorParallelPlan = self.make_plan(self.weights, recovery.memory_budgets(self.nodes))
+        budgets = recovery.memory_budgets(self.nodes)  # one Info round for the plan and both checks
+        self.plan: TensorParallelPlan = self.make_plan(self.weights, budgets)
         # refuse a cluster that cannot hold the model before writing or sending anything
-        self.memory_plan = recovery.fit_plan_to_nodes(self.plan, self.nodes)
+        self.memory_plan = recovery.fit_plan_to_nodes(self.plan, self.nodes, budgets=budgets)
         folder = self._root / self.checkpoint.fingerprint / f"{self.plan.plan_id}-{self.dtype}"
         self.manifest: Manifest = self._write(folder, self.dtype)
         self.bytes_written += self.manifest.bytes_written
         os.utime(folder)  # the folder's mtime is its last use: `edgeweave cache prune` drops the oldest
         # the same check with the files' real sizes: now its windows are exactly what each node picks
-        self.memory_plan = recovery.fit_plan_to_nodes(self.plan, self.nodes, self._layer_file_bytes())
+        self.memory_plan = recovery.fit_plan_to_nodes(self.plan, self.nodes, self._layer_file_bytes(), budgets)
         for client in self.nodes:
             if isinstance(client, LocalMember):  # computes from the files written here: nothing to send
                 client.offer_files({meta["sha256"]: self.manifest.path(rel) for rel, meta in self.manifest.data["files"].items()})

@@ -69,6 +69,12 @@ def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, context: int, 
     return 2 * n_layers * n_kv_heads * head_dim * context * itemsize * sessions
 
 
+def resident_layers(budget: int, layer_bytes: int, kv_per_layer: int, overhead: int = NODE_OVERHEAD_BYTES) -> int:
+    """How many layers of `layer_bytes` (as held) with their KV cache a `budget` holds all resident
+    after the node's fixed `overhead`."""
+    return max(0, (budget - overhead) // (layer_bytes + kv_per_layer))
+
+
 def max_window_bytes(layer_bytes: Sequence[int], window: int) -> int:
     """The largest total of `window` cyclically consecutive layers (what the scheduler may hold)."""
     n = len(layer_bytes)

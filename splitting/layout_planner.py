@@ -96,6 +96,7 @@ from edgeweave.runtime.memory_budget import (
     choose_window,
     held_layer_bytes,
     kv_cache_bytes,
+    resident_layers,
 )
 from edgeweave.runtime.quantized import QuantizationError
 from edgeweave.splitting.layouts import Layout, LayoutError, hybrid, split_layers
@@ -275,7 +276,7 @@ class _Model:
         left = node.memory_budget - NODE_OVERHEAD_BYTES
         if windowed:
             return max(0, math.floor((left - window_one) / kv)) if kv else (self.cfg.num_layers if left >= window_one else 0)
-        return max(0, math.floor(left / (resident + kv)))
+        return resident_layers(node.memory_budget, resident, kv)
 
     def window(self, node: NodeCosts, plan: TensorParallelPlan, rank: int, n_layers: int) -> int | None:
         resident, windowed = self.held(node, plan, rank)

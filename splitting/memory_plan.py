@@ -22,6 +22,7 @@ from edgeweave.runtime.memory_budget import (
     held_layer_bytes,
     kv_cache_bytes,
     max_window_bytes,
+    resident_layers,
 )
 from edgeweave.splitting.tensor_parallel import TensorParallelPlan
 
@@ -169,6 +170,6 @@ def resident_layer_limits(
             limits.append(cfg.num_layers)
             continue
         (held,), _ = held_layer_bytes([plan.layer_bytes(shard.rank, itemsize)], kernel)
-        per_layer = held + kv_cache_bytes(1, shard.n_kv_heads, cfg.head_dim, context_length, itemsize)
-        limits.append(max(0, min(cfg.num_layers, (budget - overhead) // per_layer)))
+        kv = kv_cache_bytes(1, shard.n_kv_heads, cfg.head_dim, context_length, itemsize)
+        limits.append(min(cfg.num_layers, resident_layers(budget, held, kv, overhead)))
     return limits

@@ -20,8 +20,8 @@ or laptop that drives a real cluster. Hosts 1..N are the devices, each with
 Each proxied node has a proxy process of its own (a reader and a writer thread per connection and
 direction). One process for all put 16 relay threads of 4 nodes under one GIL, so a node's chunk
 waited on the other nodes' relays, where real links are independent (benchmarks/scaling.py: tensor
-x4 under dilation went from 0.88x to 1.20-1.35x of one node with that change and a faster host). Everything is removed at exit, on an exception in
-the with-block, on SIGTERM/SIGHUP/SIGINT of the process running the bed, and, for a SIGKILLed run,
+x4 under dilation went from 0.88x to 1.20-1.35x of one node with that change and a faster host).
+Everything is removed at exit, on an exception in the with-block, on SIGTERM/SIGHUP/SIGINT of the process running the bed, and, for a SIGKILLed run,
 by the next bed's start: processes in its namespaces and cgroups are killed, then the cgroups and
 namespaces go. Nodes get a launcher pipe (--watch-fd) and the proxy watches its stdin, so they also
 stop by themselves when the process running the bed dies.
