@@ -193,15 +193,25 @@ class BatchInvariantMatmuls:
         return self._rows(self.inner.mlp, x)
 
 
+def config_allows_fusion(dtype: torch.dtype, sliding_window: int | None, token_invariant: bool) -> bool:
+    """Whether an executor of this configuration may run its shards' attention fused
+    (`runtime.ort_attention`): float32, no sliding window, no token-by-token verification."""
+    return dtype == torch.float32 and sliding_window is None and not token_invariant
+
+
 def matmuls_factory(backend: str = "ort", threads: int = 1, dtype: torch.dtype = torch.float32,
-                    batch_invariant: bool = False) -> Callable[[Mapping[str, torch.Tensor]], LayerMatmuls]:
+                    batch_invariant: bool = False, fused_head_dim: int | None = None,
+                    ) -> Callable[[Mapping[str, torch.Tensor]], LayerMatmuls]:
     """A function from a layer shard's tensors to its `LayerMatmuls`: float tensors take the float
     path, quantized ones the named backend (ValueError for an unknown one); `batch_invariant`
-    wraps them in `BatchInvariantMatmuls`."""
+    wraps them in `BatchInvariantMatmuls`. `fused_head_dim`: quantized shards on "ort" run their
+    attention as one call where they can (`runtime.ort_attention`; the caller checks that its
+    configuration allows it: `config_allows_fusion`). A fused attention runs each row of a batch
+    alone, so it is batch-invariant as it is."""
     if backend not in BACKENDS:
         raise ValueError(f"matmul backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if batch_invariant:
-        plain = matmuls_factory(backend, threads, dtype)
+        plain = matmuls_factory(backend, threads, dtype, fused_head_dim=fused_head_dim)
         return lambda tensors: BatchInvariantMatmuls(plain(tensors))
 
     def build(tensors: Mapping[str, torch.Tensor]) -> LayerMatmuls:
@@ -215,7 +225,7 @@ def matmuls_factory(backend: str = "ort", threads: int = 1, dtype: torch.dtype =
         else:
             from edgeweave.runtime.ort_quantized import OrtQuantizedMatmuls
 
-            matmuls = OrtQuantizedMatmuls(tensors, threads=threads)
+            matmuls = OrtQuantizedMatmuls(tensors, threads=threads, fused_head_dim=fused_head_dim)
         matmuls.qk_norms = qk_norm_weights(tensors)  # float32: what both quantized backends return
         return matmuls
 

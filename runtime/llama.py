@@ -98,6 +98,7 @@ class Rotary:
         freq_factors: Sequence[float] | None = None, size: int = 2048,
     ) -> None:
         self.inv_freq = rope_inverse_frequencies(head_dim, theta, scaling, freq_factors)
+        self._half: tuple[torch.Tensor, torch.Tensor] | None = None
         self._build(size)
 
     def _build(self, size: int) -> None:
@@ -116,6 +117,16 @@ class Rotary:
             self._build(max(2 * self.cos.shape[0], end))
         index = torch.cat([torch.arange(p, p + n) for p, n in zip(positions, lengths, strict=True)])
         return self.cos[index].to(dtype), self.sin[index].to(dtype)
+
+    def half_tables(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous float32 cos and sin [>= positions, head_dim / 2] (the halves are equal in the
+        rotate-half layout): the tables ORT's GroupQueryAttention takes (`runtime.ort_attention`)."""
+        if positions > self.cos.shape[0]:
+            self._build(max(2 * self.cos.shape[0], positions))
+        if self._half is None or self._half[0].shape[0] != self.cos.shape[0]:
+            half = self.cos.shape[1] // 2
+            self._half = (self.cos[:, :half].contiguous(), self.sin[:, :half].contiguous())
+        return self._half
 
     def tables(self, position: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [length, head_dim] for positions position .. position+length-1."""
@@ -144,16 +155,25 @@ class LayerKV:
         self.k = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype)
         self.v = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add [n_kv, T, hd] keys/values; return views of everything cached so far."""
-        new_length = self.length + k.shape[1]
-        if new_length > self.k.shape[1]:
-            capacity = math.ceil(new_length / self.chunk) * self.chunk
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def reserve(self, length: int) -> None:
+        """Room for `length` tokens (grown in chunks; the cached ones kept). The buffers are
+        contiguous [n_kv, capacity, hd]: what `runtime.ort_attention` binds as GQA's KV cache."""
+        if length > self.k.shape[1]:
+            capacity = math.ceil(length / self.chunk) * self.chunk
             grown_k = self.k.new_empty(self.k.shape[0], capacity, self.k.shape[2])
             grown_v = self.v.new_empty(self.v.shape[0], capacity, self.v.shape[2])
             grown_k[:, : self.length] = self.k[:, : self.length]
             grown_v[:, : self.length] = self.v[:, : self.length]
             self.k, self.v = grown_k, grown_v
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add [n_kv, T, hd] keys/values; return views of everything cached so far."""
+        new_length = self.length + k.shape[1]
+        self.reserve(new_length)
         self.k[:, self.length : new_length] = k
         self.v[:, self.length : new_length] = v
         self.length = new_length
@@ -261,6 +281,11 @@ def batched_attention(
     n_q, n_kv = matmuls.n_q_rows // head_dim, matmuls.n_kv_rows // head_dim
     if n_kv == 0:
         return x_normed.new_zeros(T, hidden)
+    fused = getattr(matmuls, "fused_attention", None)
+    if fused is not None:  # the whole attention in one ORT call (runtime.ort_attention)
+        if sliding_window is not None or token_invariant:
+            raise ValueError("a fused attention shard runs neither a sliding window nor token-invariant attention")
+        return fused.rows(x_normed, caches, positions, lengths, rotary)
     qkv = matmuls.qkv(x_normed)  # [T, (n_q + 2 n_kv) * head_dim]: q, k and v heads side by side
     qk = qkv[:, : (n_q + n_kv) * head_dim].reshape(T, n_q + n_kv, head_dim)
     qk_norms = getattr(matmuls, "qk_norms", None)

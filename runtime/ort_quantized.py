@@ -163,12 +163,18 @@ class _Graph:
             y = self.node("Add", [y, self.node("Gemm", [sums, self.constant(offset, "offset")], transB=1)])
         return y
 
-    def session(self, outputs: list[str], threads: int) -> ort.InferenceSession:
+    def session(self, outputs: list[str], threads: int, inputs: list[onnx.ValueInfoProto] = (),
+                direct: list[str] = ()) -> ort.InferenceSession:
+        """The graph as a session: input `x` and `inputs`; `outputs` become out0, out1, ... and the
+        node outputs named in `direct` are graph outputs under their own names (no Identity copy:
+        what an output bound to a caller's buffer, e.g. a KV cache, needs)."""
         names = [f"out{i}" for i in range(len(outputs))]
         nodes = self.nodes + [helper.make_node("Identity", [o], [n]) for o, n in zip(outputs, names, strict=True)]
         graph = helper.make_graph(
-            nodes, "edgeweave", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", self.in_features])],
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names], initializer=self.initializers,
+            nodes, "edgeweave",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", self.in_features]), *inputs],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in [*names, *direct]],
+            initializer=self.initializers,
         )
         model = helper.make_model(graph, opset_imports=_OPSETS)
         options = session_options(threads)
@@ -188,13 +194,18 @@ def _run(session: ort.InferenceSession, x: torch.Tensor) -> list[torch.Tensor]:
 class OrtQuantizedMatmuls:
     """`LayerMatmuls` on MatMulNBits: three sessions per layer shard (qkv, out, mlp)."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], threads: int = 1) -> None:
+    def __init__(self, tensors: Mapping[str, torch.Tensor], threads: int = 1, fused_head_dim: int | None = None) -> None:
+        """`fused_head_dim`: run the attention as one call (`runtime.ort_attention.FusedAttention`,
+        in place of the qkv and out sessions: `fused_attention`) where the shard allows it."""
         self.n_q_rows, self.n_kv_rows, self.n_columns, self.in_features = shard_dimensions(tensors)
         self.nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         self.external_bytes = 0  # weight bytes ORT read from the shard file (no copy through the graph)
         g = _Graph(self.in_features, tensors)
         self._qkv = None
-        if self.n_kv_rows:
+        self.fused_attention = None
+        if fused_head_dim and self._fuse(tensors, fused_head_dim, threads):
+            pass
+        elif self.n_kv_rows:
             self._qkv = g.session([g.fused_linear("x", tensors, ["wq", "wk", "wv"], ["bq", "bk", "bv"])], threads)
             self.external_bytes += g.external_bytes
             g = _Graph(self.n_q_rows, tensors)
@@ -212,10 +223,23 @@ class OrtQuantizedMatmuls:
             self._mlp = g.session([g.linear(hidden, tensors, "w_down")], threads)
             self.external_bytes += g.external_bytes
 
+    def _fuse(self, tensors: Mapping[str, torch.Tensor], head_dim: int, threads: int) -> bool:
+        from edgeweave.runtime.ort_attention import FusedAttention, shard_allows_fusion
+
+        if not shard_allows_fusion(tensors):
+            return False
+        self.fused_attention = FusedAttention(tensors, head_dim, threads)
+        self.external_bytes += self.fused_attention.external_bytes
+        return True
+
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        if self._qkv is None:
+            raise RuntimeError("this shard's attention runs fused (fused_attention): it has no separate qkv call")
         return _run(self._qkv, x)[0]
 
     def out(self, attn: torch.Tensor) -> torch.Tensor:
+        if self._qkv is None:
+            raise RuntimeError("this shard's attention runs fused (fused_attention): it has no separate out call")
         return _run(self._out, attn)[0]
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:

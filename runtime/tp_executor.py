@@ -22,7 +22,14 @@ import torch
 from edgeweave.runtime.batch import Row, RowsError, check_rows
 from edgeweave.runtime.codec import Quantized
 from edgeweave.runtime.executor import Executor, ExecutorInputError, ExecutorStateError, TensorLike
-from edgeweave.runtime.layer_compute import BACKENDS, FloatMatmuls, LayerMatmuls, matmuls_factory, torch_threads
+from edgeweave.runtime.layer_compute import (
+    BACKENDS,
+    FloatMatmuls,
+    LayerMatmuls,
+    config_allows_fusion,
+    matmuls_factory,
+    torch_threads,
+)
 from edgeweave.runtime.layer_store import LayerStore, layer_file_sizes
 from edgeweave.runtime.llama import KVCache, LayerNorms, Rotary, batched_attention, decoder_layer, mlp_shard
 from edgeweave.runtime.memory_budget import (
@@ -89,14 +96,19 @@ class TensorParallelExecutor(Executor):
         self.token_invariant = config.get("token_invariant", False)
         if not isinstance(self.token_invariant, bool):
             raise ExecutorInputError(f"tp_llm token_invariant must be true or false, not {self.token_invariant!r}")
+        self.sliding_window = int(model["sliding_window"]) if model.get("sliding_window") is not None else None
+        fuse = config_allows_fusion(self.dtype, self.sliding_window, self.token_invariant)
         try:
-            build = matmuls_factory(self.backend, self.threads, self.dtype, self.batch_invariant)
+            build = matmuls_factory(self.backend, self.threads, self.dtype, self.batch_invariant,
+                                    fused_head_dim=self.head_dim if fuse else None)
             self.store = LayerStore(paths, self.window, prepare=build,
                                     checksums=[self.file_checks.get(n) for n in names])
             first = self.store.layer(0)
         except (ValueError, KeyError) as exc:  # QuantizationError is a ValueError: a malformed shard
             raise ExecutorInputError(f"tp_llm cannot use its layer shards: {exc}") from None
         self.quantized = not isinstance(getattr(first, "inner", first), FloatMatmuls)
+        #: attention in one ORT call per layer (runtime/ort_attention.py), where config and shard allow it
+        self.fused_attention = getattr(first, "fused_attention", None) is not None
         #: torch's threads for the ops between the matmuls: all of them where torch runs the matmuls
         #: too, one where ONNX Runtime's pool does (see `layer_compute.torch_threads`)
         self.torch_threads = 1 if self.quantized and self.backend == "ort" else torch.get_num_threads()
@@ -109,7 +121,6 @@ class TensorParallelExecutor(Executor):
             )
         self.rotary = Rotary(self.head_dim, float(model["rope_theta"]), model.get("rope_scaling"),
                              model.get("rope_freq_factors"))
-        self.sliding_window = int(model["sliding_window"]) if model.get("sliding_window") is not None else None
         self.rms_norm_eps = float(model.get("rms_norm_eps", 1e-5))
         self.norms = self._load_norms(shards.get("norms"), model)
         self.caches: dict[str, KVCache] = {}
@@ -184,6 +195,7 @@ class TensorParallelExecutor(Executor):
             "threads": self.threads,
             "batch_invariant": self.batch_invariant,
             "token_invariant": self.token_invariant,
+            "fused_attention": self.fused_attention,
             "ops": ["attn", "mlp", "reset", "truncate"] + (["layers"] if self.norms is not None else []),
         }
 
