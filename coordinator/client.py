@@ -369,6 +369,27 @@ def _reply_tensors(reply: pb.ForwardReply, raw: bool) -> list[torch.Tensor | Qua
     return [decode(t) for t in reply.tensors]
 
 
+class SharedTensors(list):
+    """The tensors of one message that goes to several streams (a tensor-parallel step sends the
+    same hidden state to every node): encoded once, not once per stream. A list, so streams that
+    take the tensors as they are (LocalStream) need nothing; the others ask for `messages()` (the
+    pb.Tensor messages) or `field_bytes()` (their serialized `tensors` field, which appended to a
+    serialized request without tensors makes the request with them: protobuf concatenates)."""
+
+    _messages: list[pb.Tensor] | None = None
+    _field: bytes | None = None
+
+    def messages(self) -> list[pb.Tensor]:
+        if self._messages is None:
+            self._messages = [pb.Tensor(**encode(t)) for t in self]
+        return self._messages
+
+    def field_bytes(self) -> bytes:
+        if self._field is None:
+            self._field = pb.ForwardRequest(tensors=self.messages()).SerializeToString()
+        return self._field
+
+
 class ForwardCalls:
     """What every Forward stream (gRPC, raw TCP, the coordinator's own LocalStream) shares on top
     of its own send/recv."""
@@ -385,9 +406,10 @@ class ForwardCalls:
         """The next request with its sequence number; refused once the stream is closed."""
         if self._closed:
             raise NodeError(self.address, grpc.StatusCode.CANCELLED, "this Forward stream is closed")
+        messages = tensors.messages() if isinstance(tensors, SharedTensors) else [pb.Tensor(**encode(t)) for t in tensors]
         return pb.ForwardRequest(
             job_id=job_id, seq=next(self._seq), op=op, layer=layer, position=position, session=session,
-            lease=self.lease, tensors=[pb.Tensor(**encode(t)) for t in tensors],
+            lease=self.lease, tensors=messages,
             rows=[pb.BatchRow(session=r.session, position=r.position, length=r.length) for r in rows or ()],
         )
 
@@ -579,8 +601,12 @@ class RawForwardStream(ForwardCalls):
         session: str = "", rows: Sequence[Row] | None = None,
     ) -> int:
         """Write one request; returns its sequence number."""
-        request = self._request(job_id, op, tensors, layer, position, session, rows)
-        seq, body = request.seq, request.SerializeToString()
+        if isinstance(tensors, SharedTensors):  # the tensors serialized once for every stream
+            request = self._request(job_id, op, (), layer, position, session, rows)
+            seq, body = request.seq, request.SerializeToString() + tensors.field_bytes()
+        else:
+            request = self._request(job_id, op, tensors, layer, position, session, rows)
+            seq, body = request.seq, request.SerializeToString()
         self._reopen_if_closed()
         try:
             self._sock.settimeout(self.reply_timeout)

@@ -27,7 +27,7 @@ import grpc
 import torch
 
 from edgeweave.coordinator import plan_cache, recovery
-from edgeweave.coordinator.client import NodeClient, NodeError
+from edgeweave.coordinator.client import NodeClient, NodeError, SharedTensors
 from edgeweave.coordinator.local_member import LocalMember
 from edgeweave.runtime.batch import Row, SequenceStep
 from edgeweave.runtime.memory_budget import fit_context
@@ -474,8 +474,9 @@ class DistributedLlama:
             pairs = targets[op]
             session, position, batch = _addressing(rows)
             start = perf()
+            tensors = SharedTensors([x]) if len(pairs) > 1 else [x]  # encoded once for all the stage's nodes
             for stream, job, _ in pairs:
-                stream.send(job, op, [x], layer - first, position, session, batch)
+                stream.send(job, op, tensors, layer - first, position, session, batch)
             total, slowest = None, 0.0
             for stream, _, timing in pairs:
                 tensors, reply = stream.recv()

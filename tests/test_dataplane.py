@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from edgeweave.coordinator.client import NodeClient, NodeError, RawForwardStream, connect_data_plane
+from edgeweave.coordinator.client import NodeClient, NodeError, RawForwardStream, SharedTensors, connect_data_plane
 from edgeweave.proto import pb
 from edgeweave.proto.framing import FrameClosed, read_exact, read_length
 from edgeweave.runtime.codec import encode
@@ -67,6 +67,19 @@ def test_bit_exact_echo_of_dtypes_and_16_mib(client):
                 assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
         (big,), _ = s.call(JOB, "echo", [tensors[8]])
         assert torch.equal(_bits(big), _bits(tensors[8]))
+
+
+def test_shared_tensors_reach_every_stream_as_sent(client):
+    """A tensor-parallel step encodes its hidden state once for all nodes (SharedTensors): appended
+    to each stream's own request bytes on the raw data plane, as messages on a gRPC stream."""
+    shared = SharedTensors([torch.randn(2, 96), torch.arange(7, dtype=torch.int64)])
+    with client.open_stream(transport="tcp") as raw, client.open_stream(transport="tcp") as raw2, \
+            client.open_stream(transport="grpc") as rpc:
+        for stream in (raw, raw2, rpc, raw):  # the same object sent again reuses its encoding
+            stream.send(JOB, "echo", shared, layer=3, position=5, session="s")
+            outs, reply = stream.recv()
+            assert reply.seq > 0 and len(outs) == 2
+            assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(outs, shared, strict=True))
 
 
 def test_malformed_tensor_is_invalid_argument_and_node_keeps_serving(client):
