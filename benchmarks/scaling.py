@@ -9,7 +9,8 @@ coordinator runs unconstrained in a namespace of its own.
 
   (1) speed-up: a random Llama at TinyLlama-1.1B's shape (22 layers, hidden 2048, 4-bit q4
       shards), tensor parallel on 1, 2 and 4 nodes over Ethernet-class links: median time per
-      decode token and first-token time, each over 1 node of the same class. Twice: with the CPU
+      decode token and first-token time, each over 1 node of the same class; ROUNDS rounds (the
+      second reversed), each node count's mean over them (`_pooled_speedups`). Twice: with the CPU
       fraction as a CFS quota, and as time dilation (runtime/cpu_dilation.py: the node idles after
       each message for the rest of its time on the slow device; no quota stalls at period
       boundaries, and the node's per-message overhead is as slow as its compute).
@@ -197,14 +198,38 @@ def speedup_section(model: Path, folder: Path, env: dict, tokens: int, cpu: str 
     from edge_profiles import link
 
     runs = [{"layout": "tensor", "nodes": list(range(n)), "label": f"tensor x{n}"} for n in (1, 2, 4)]
-    spec = {"model": str(model), "quantize": "q4", "runs": runs, "tokens": tokens, "prompt_ids": PROMPT_1B}
+    spec = {"model": str(model), "quantize": "q4", "runs": runs, "tokens": tokens, "prompt_ids": PROMPT_1B,
+            "rounds": ROUNDS}
     result = _bed_run([("pi4", link("ethernet"))] * 4, folder, env, spec, cpu)
-    one = result["runs"][0]
-    for row in result["runs"]:
-        row["speedup"] = one["per_token_s"] / row["per_token_s"]
-        row["first_token_speedup"] = one["ttft_s"] / row["ttft_s"]
-        row["same_tokens_as_1_node"] = row["tokens"] == one["tokens"]
+    result["summary"] = _pooled_speedups(result["runs"])
     return result
+
+
+def _pooled_speedups(runs: list[dict]) -> list[dict]:
+    """Per node count, the mean over its rounds of the median time per decode token and of the
+    first-token time, and their speed-ups over 1 node; every run's tokens must equal 1 node's."""
+    by_label: dict[str, list[dict]] = {}
+    for row in runs:
+        by_label.setdefault(row["label"], []).append(row)
+    one = by_label["tensor x1"]
+    one_token, one_first = (statistics.mean(r[k] for r in one) for k in ("per_token_s", "ttft_s"))
+    summary = []
+    for label, rows in by_label.items():
+        per_token, first = (statistics.mean(r[k] for r in rows) for k in ("per_token_s", "ttft_s"))
+        per_node = [p for r in rows for p in r.get("decode_per_node", {}).values()]
+        summary.append({
+            "label": label, "nodes": rows[0]["nodes"], "runs": len(rows), "per_token_s": per_token,
+            "per_token_runs_s": [r["per_token_s"] for r in rows], "ttft_s": first,
+            "speedup": one_token / per_token, "first_token_speedup": one_first / first,
+            "messages_per_token": rows[0]["messages_per_token"],
+            # the slowest node's, per decode message, averaged over the rounds
+            "node_compute_ms": statistics.mean(max(p["compute_ms"] for p in r["decode_per_node"].values()) for r in rows)
+            if per_node else None,
+            "reply_wait_ms": statistics.mean(max(p["round_trip_ms"] for p in r["decode_per_node"].values()) for r in rows)
+            if per_node else None,
+            "same_tokens_as_1_node": all(r["tokens"] == one[0]["tokens"] for r in rows),
+        })
+    return summary
 
 
 def layouts_section(model: Path, folder: Path, env: dict, tokens: int, rtts: tuple[float, ...],
@@ -311,18 +336,16 @@ def _print_speedup(console: Any, section: dict[str, Any], emulation: str) -> Non
     from rich.table import Table
 
     table = Table(title=f"tensor parallel on Pi-4-class nodes (random Llama 1.1B shape, q4; CPU by {emulation})")
-    for col in ("nodes", "ms/token", "first token ms", "speed-up", "first-token speed-up", "exo reports",
+    for col in ("nodes", "ms/token (rounds)", "first token ms", "speed-up", "first-token speed-up", "exo reports",
                 "messages/token", "node compute ms/msg", "reply wait ms/msg"):
         table.add_column(col, justify="right")
-    for row in section["runs"]:
+    for row in section["summary"]:
         n = len(row["nodes"])
-        per_node = list(row.get("decode_per_node", {}).values())
-        compute = max((p["compute_ms"] for p in per_node), default=float("nan"))
-        wait = max((p["round_trip_ms"] for p in per_node), default=float("nan"))
-        table.add_row(str(n), f"{row['per_token_s'] * 1e3:.0f}", f"{row['ttft_s'] * 1e3:.0f}",
+        runs = " / ".join(f"{t * 1e3:.0f}" for t in row["per_token_runs_s"])
+        table.add_row(str(n), f"{row['per_token_s'] * 1e3:.0f} ({runs})", f"{row['ttft_s'] * 1e3:.0f}",
                       f"{row['speedup']:.2f}x", f"{row['first_token_speedup']:.2f}x",
                       f"{EXO_SPEEDUP[n]:.1f}x" if n in EXO_SPEEDUP else "", str(row["messages_per_token"]),
-                      f"{compute:.2f}", f"{wait:.2f}")
+                      f"{row['node_compute_ms'] or float('nan'):.2f}", f"{row['reply_wait_ms'] or float('nan'):.2f}")
     console.print(table)
 
 
@@ -398,7 +421,7 @@ def main() -> None:
             report["speedup"] = speedup_section(model, nodes, env, args.tokens)
             report["speedup_dilation"] = speedup_section(model, nodes, env, args.tokens, "dilation")
             for key, suffix in (("speedup", ""), ("speedup_dilation", "_dilation")):
-                by_n = {len(r["nodes"]): r for r in report[key]["runs"]}
+                by_n = {len(r["nodes"]): r for r in report[key]["summary"]}
                 report["speedup_2" + suffix], report["speedup_4" + suffix] = by_n[2]["speedup"], by_n[4]["speedup"]
         if "layouts" not in args.skip:
             rtts = (1.0, 10.0) if args.quick else RTTS_MS
