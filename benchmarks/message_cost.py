@@ -5,7 +5,8 @@ A one-node LocalCluster on loopback (node pinned to the last core, this process 
 a [1, 2048] float32 echo over the raw-TCP data plane, N calls back to back. Per message: the
 round trip, the node process's user and system CPU (from /proc/<pid>/stat), and this process's
 CPU. With mutual TLS and without it; and with the node emulating a quarter-speed device
-(`--emulate-cpu-fraction 0.25`), where the round trip grows by 3x the node's CPU.
+(`--emulate-cpu-fraction 0.25`), where the round trip grows by 3x the node's CPU. Beside them
+the host's own floor: a bare 1-byte socket ping-pong between two processes (`socket_floor`).
 
     .venv/bin/python benchmarks/message_cost.py [--calls 3000]
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,35 @@ def measure(label: str, calls: int, secure: bool, extra_args: list[str]) -> dict
             "node_cpu_us": (user1 - user0 + sys1 - sys0) / calls * 1e6, "coordinator_cpu_us": own / calls * 1e6}
 
 
+def socket_floor(rounds: int = 20000) -> dict[str, Any]:
+    """The host's own floor under any message: a 1-byte ping-pong over a socketpair between two
+    processes on the two cores (no Python framing, TLS or protobuf): its round trip and the CPU
+    each side spends per round (waking up included). On a nested VM this is several times a bare
+    machine's, and every tensor-parallel exchange pays it."""
+    cores = sorted(os.sched_getaffinity(0))
+    a, b = socket.socketpair()
+    child = os.fork()
+    if child == 0:  # the echoing side
+        try:
+            os.sched_setaffinity(0, {cores[-1]})
+            for _ in range(rounds + 200):
+                b.sendall(b.recv(64))
+        finally:
+            os._exit(0)
+    for _ in range(200):
+        a.sendall(b"x")
+        a.recv(64)
+    own0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(rounds):
+        a.sendall(b"x")
+        a.recv(64)
+    wall, own = time.perf_counter() - wall0, time.process_time() - own0
+    os.waitpid(child, 0)
+    a.close()
+    b.close()
+    return {"rounds": rounds, "rtt_us": wall / rounds * 1e6, "cpu_per_side_us": own / rounds * 1e6}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=3000)
@@ -76,8 +107,9 @@ def main() -> None:
     rows = [measure("mutual TLS", args.calls, True, []),
             measure("plaintext (--insecure)", args.calls, False, []),
             measure("mutual TLS, node at 0.25 (dilation)", args.calls, True, ["--emulate-cpu-fraction=0.25"])]
+    floor = socket_floor()
     report = {"meta": {"loadavg_at_start": load, "loadavg_at_end": os.getloadavg(), "hidden": HIDDEN,
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, "rows": rows}
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, "rows": rows, "socket_floor": floor}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=1))
     table = Table(title=f"one [1, {HIDDEN}] float32 Forward echo on the data plane, per message (us)")
@@ -87,6 +119,8 @@ def main() -> None:
         table.add_row(r["label"], f"{r['rtt_us']:.0f}", f"{r['node_cpu_us']:.0f}", f"{r['node_user_us']:.0f}",
                       f"{r['node_sys_us']:.0f}", f"{r['coordinator_cpu_us']:.0f}")
     Console().print(table)
+    Console().print(f"socket floor (1-byte ping-pong between processes on two cores): round trip "
+                    f"{floor['rtt_us']:.0f} us, {floor['cpu_per_side_us']:.0f} us CPU per side")
 
 
 if __name__ == "__main__":
