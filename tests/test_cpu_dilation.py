@@ -78,9 +78,13 @@ def test_a_device_clock_counts_cpu_over_the_fraction_but_never_less_than_the_wal
 def test_a_profile_measures_the_emulated_speed(quarter):
     """The node's matmul profile under dilation: a quarter of this core's speed per CPU-second (the
     device clock counts CPU / fraction, so the figure holds while other work shares the cores)."""
+    before = host_core_gflops(span_s=0.3)[0]
     slow = matmul_gflops(budget_s=0.3)
-    reference = host_core_gflops(span_s=0.3)[0]
-    assert 0.15 * reference <= slow <= 0.3 * reference
+    # the core's speed per CPU-second moves with what the other test worker does to the shared
+    # caches: the faster of a reading before and after is the core's (one low reading of 63 GFLOP/s
+    # put the dilated figure at 0.31 of it)
+    reference = max(before, host_core_gflops(span_s=0.3)[0])
+    assert 0.15 * reference <= slow <= 0.3 * reference, (slow, reference)
 
 
 def test_bad_fractions_are_refused():
