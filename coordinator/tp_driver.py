@@ -474,9 +474,9 @@ class DistributedLlama:
             pairs = targets[op]
             session, position, batch = _addressing(rows)
             start = perf()
-            tensors = SharedTensors([x]) if len(pairs) > 1 else [x]  # encoded once for all the stage's nodes
+            outgoing = SharedTensors([x]) if len(pairs) > 1 else [x]  # encoded once for all the stage's nodes
             for stream, job, _ in pairs:
-                stream.send(job, op, tensors, layer - first, position, session, batch)
+                stream.send(job, op, outgoing, layer - first, position, session, batch)
             total, slowest = None, 0.0
             for stream, _, timing in pairs:
                 tensors, reply = stream.recv()

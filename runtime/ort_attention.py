@@ -31,7 +31,7 @@ import torch
 from onnx import TensorProto, helper
 
 from edgeweave.runtime.layer_compute import QK_NORMS, projection_rows, shard_dimensions
-from edgeweave.runtime.ort_quantized import _Graph
+from edgeweave.runtime.ort_quantized import _BoundCall, _Graph
 
 _PAST_INPUTS = ("past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache")
 
@@ -68,7 +68,6 @@ class FusedAttention:
                   helper.make_tensor_value_info("sin_cache", float_, ["positions", head_dim // 2])]
         self._session = g.session([out], threads, inputs=inputs, direct=["present_key", "present_value"])
         self.external_bytes = g.external_bytes
-        self._out_name = self._session.get_outputs()[0].name
         #: per KV cache, its decode call's binding; held here, not by the cache, so that an evicted layer
         #: (a sliding window) takes its session with it, and a reset session its bindings
         self._decode_bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -92,40 +91,36 @@ class FusedAttention:
         cos, sin = rotary.half_tables(max(end, kv.capacity))
         bound = self._decode_bindings.get(kv) if T == 1 else None
         if bound is None or not bound.fits(kv, cos):
-            bound = _Binding(self._session, self._out_name, kv, T, self.hidden, cos, sin)
+            bound = _Binding(self._session, kv, T, self.hidden, cos, sin)
             if T == 1:
                 self._decode_bindings[kv] = bound  # reused by this cache's next decode step
-        bound.x.copy_(x)
         bound.lengths[0] = end - 1
         bound.total[...] = end
-        self._session.run_with_iobinding(bound.io)
+        out = bound(x)
         kv.length = end
-        return bound.out.clone() if T == 1 else bound.out
+        return out
 
 
-class _Binding:
-    """One session's IOBinding for one KV cache and one row length, built once: binding a call
-    from Python costs more than the call (110 us against 85 us for a quarter shard of a 1B model),
-    so a decode step only copies its input into the bound buffer and writes its lengths in place.
-    Rebuilt when the cache grows (new buffers) or the RoPE tables do."""
+class _Binding(_BoundCall):
+    """A `_BoundCall` of the fused session for one KV cache and one row length, with the cache, the
+    RoPE tables and the lengths bound too: binding a call from Python costs more than the call
+    (110 us against 85 us for a quarter shard of a 1B model), so a decode step only copies its
+    input in and writes its lengths in place. Rebuilt when the cache grows (new buffers) or the
+    RoPE tables do."""
 
-    def __init__(self, session, out_name: str, kv, rows: int, hidden: int, cos: torch.Tensor,
-                 sin: torch.Tensor) -> None:
+    def __init__(self, session, kv, rows: int, hidden: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        super().__init__(session, rows, hidden, hidden)
         self.k_ptr, self.cos_ptr = kv.k.data_ptr(), cos.data_ptr()
-        with torch.inference_mode(False):  # plain tensors: written in place in and out of inference mode
-            self.x, self.out = torch.empty(rows, hidden), torch.empty(rows, hidden)
         self.lengths, self.total = np.zeros(1, np.int32), np.zeros((), np.int32)
-        self.io = io = session.io_binding()
+        io = self.io
         cache_shape = [1, *kv.k.shape]
-        for name, tensor, shape in (("x", self.x, [rows, hidden]), ("past_key", kv.k, cache_shape),
-                                    ("past_value", kv.v, cache_shape), ("cos_cache", cos, list(cos.shape)),
-                                    ("sin_cache", sin, list(sin.shape))):
+        for name, tensor, shape in (("past_key", kv.k, cache_shape), ("past_value", kv.v, cache_shape),
+                                    ("cos_cache", cos, list(cos.shape)), ("sin_cache", sin, list(sin.shape))):
             io.bind_input(name, "cpu", 0, np.float32, shape, tensor.data_ptr())
         io.bind_input("seqlens_k", "cpu", 0, np.int32, [1], self.lengths.ctypes.data)
         io.bind_input("total_sequence_length", "cpu", 0, np.int32, [], self.total.ctypes.data)
         io.bind_output("present_key", "cpu", 0, np.float32, cache_shape, kv.k.data_ptr())
         io.bind_output("present_value", "cpu", 0, np.float32, cache_shape, kv.v.data_ptr())
-        io.bind_output(out_name, "cpu", 0, np.float32, [rows, hidden], self.out.data_ptr())
 
     def fits(self, kv, cos: torch.Tensor) -> bool:
         return kv.k.data_ptr() == self.k_ptr and cos.data_ptr() == self.cos_ptr

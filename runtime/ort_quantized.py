@@ -196,10 +196,10 @@ _BOUND_ROWS = 2
 
 
 class _BoundCall:
-    """A one-input, one-output session bound once to buffers of a fixed row count: `session.run`
-    converts and allocates per call (~15 us of a quarter-shard MLP's ~215 us on this VM); this
-    copies x in, runs, and returns a copy of the output (the buffer is reused). Not thread-safe:
-    the executor serialises its calls."""
+    """A session's input `x` and first output bound once to buffers of a fixed row count (other
+    inputs are a subclass's: `runtime.ort_attention`): `session.run` converts and allocates per call
+    (~15 us of a quarter-shard MLP's ~215 us on this VM); this copies x in, runs, and returns a copy
+    of the output (the buffer is reused). Not thread-safe: the executor serialises its calls."""
 
     def __init__(self, session: ort.InferenceSession, rows: int, in_features: int, out_features: int) -> None:
         with torch.inference_mode(False):  # plain tensors: written in place in and out of inference mode
@@ -226,9 +226,9 @@ class OrtQuantizedMatmuls:
         self.external_bytes = 0  # weight bytes ORT read from the shard file (no copy through the graph)
         g = _Graph(self.in_features, tensors)
         self._qkv = None
-        self.fused_attention = None
-        if fused_head_dim and self._fuse(tensors, fused_head_dim, threads):
-            pass
+        self.fused_attention = self._fused(tensors, fused_head_dim, threads) if fused_head_dim else None
+        if self.fused_attention is not None:
+            self.external_bytes += self.fused_attention.external_bytes
         elif self.n_kv_rows:
             self._qkv = g.session([g.fused_linear("x", tensors, ["wq", "wk", "wv"], ["bq", "bk", "bv"])], threads)
             self.external_bytes += g.external_bytes
@@ -248,14 +248,12 @@ class OrtQuantizedMatmuls:
             self._mlp = g.session([g.linear(hidden, tensors, "w_down")], threads)
             self.external_bytes += g.external_bytes
 
-    def _fuse(self, tensors: Mapping[str, torch.Tensor], head_dim: int, threads: int) -> bool:
+    @staticmethod
+    def _fused(tensors: Mapping[str, torch.Tensor], head_dim: int, threads: int):
+        """The shard's `FusedAttention`, or None where the shard cannot run it."""
         from edgeweave.runtime.ort_attention import FusedAttention, shard_allows_fusion
 
-        if not shard_allows_fusion(tensors):
-            return False
-        self.fused_attention = FusedAttention(tensors, head_dim, threads)
-        self.external_bytes += self.fused_attention.external_bytes
-        return True
+        return FusedAttention(tensors, head_dim, threads) if shard_allows_fusion(tensors) else None
 
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
         if self._qkv is None:
