@@ -41,7 +41,7 @@ at 1 thread, same file, same run), ratio_to_llama_cpp_2_threads (1 node with 2 t
 llama.cpp -t 2), rss_ratio_to_llama_cpp (peak RSS of the 1-node edgeweave node process on the 1B
 Q4_0 file over llama.cpp's peak on the same file, 1 thread). Writes benchmarks/results/quantized.json.
 
-    python benchmarks/quantized.py [--quick] [--tokens 32] [--tokens-1b 8] [--skip-1b] [--skip-peer]
+    python benchmarks/quantized.py [--quick] [--tokens 32] [--tokens-1b 8] [--skip-1b] [--skip-peer] [--out F]
 """
 
 from __future__ import annotations
@@ -360,6 +360,9 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true", help="no llama.cpp rows")
     parser.add_argument("--skip-smollm2", action="store_true", help="only the 1B model (its overhead rows stay)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 tokens, no 1B model")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help=f"where the JSON goes (default {RESULTS.relative_to(RESULTS.parents[2])}; a partial "
+                             "run, e.g. --skip-1b, belongs in a file of its own)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one edgeweave setting, as JSON
     args = parser.parse_args()
     if args.child:
@@ -415,9 +418,9 @@ def main() -> None:
             "coordinator_core": COORDINATOR_CORE, "torch": torch.__version__,
             "files": {k: str(v) for k, v in files.items()}}
     console.print(f"load average at start: {loadavg_start}; {meta['wall_s']:.0f} s", markup=False)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({**top, "overhead": fixed, "meta": meta, "rows": rows}, indent=1))
-    console.print(f"wrote {RESULTS}", markup=False)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**top, "overhead": fixed, "meta": meta, "rows": rows}, indent=1))
+    console.print(f"wrote {args.out}", markup=False)
 
 
 if __name__ == "__main__":
