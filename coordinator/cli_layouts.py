@@ -53,8 +53,13 @@ def measured_table(costs: ClusterCosts) -> Table:
 
 def hub_line(costs: ClusterCosts) -> str:
     hub = costs.hub
-    return (f"coordinator: {hub.message_s * 1e3:.3f} ms per extra message, {hub.reduction_s * 1e3:.3f} ms norm+residual "
+    line = (f"coordinator: {hub.message_s * 1e3:.3f} ms per extra message, {hub.reduction_s * 1e3:.3f} ms norm+residual "
             f"per reduction, {hub.token_s * 1e3:.2f} ms embedding+LM head per token")
+    extras = list(costs.reduction_extra_s.values())
+    if extras:
+        line += (f"; a decode reduction measured {min(extras) * 1e3:.2f}-{max(extras) * 1e3:.2f} ms beyond its slowest "
+                 f"rank's round trip and compute ({len(extras)} node sets and ops)")
+    return line
 
 
 def candidates_table(plan: LayoutPlan, names: Sequence[str]) -> Table:

@@ -247,12 +247,15 @@ class NodeClient:
         return self._call(self.stub.Health, pb.HealthRequest())
 
     def profile(self, matmul_size: int = 0, budget_s: float = 0.0, *, layer: pb.LayerShape | None = None,
-                backend: str = "", prompt_tokens: int = 0, kv_tokens: int = 0) -> pb.ProfileReply:
+                backend: str = "", prompt_tokens: int = 0, kv_tokens: int = 0,
+                shards: Sequence[tuple[int, int]] = ()) -> pb.ProfileReply:
         """The node's micro-benchmarks; with `layer`, also the seconds of one such layer
-        (runtime/layer_profile.py), whose building may take a few seconds more than the budget."""
+        (runtime/layer_profile.py), whose building may take a few seconds more than the budget,
+        and of its tensor-parallel ops on `shards` ((KV heads, MLP columns) each; a few seconds more)."""
         request = pb.ProfileRequest(matmul_size=matmul_size, budget_s=budget_s, layer=layer, backend=backend,
-                                    prompt_tokens=prompt_tokens, kv_tokens=kv_tokens)
-        extra = 0.0 if layer is None else 20.0 + (budget_s or 1.0)
+                                    prompt_tokens=prompt_tokens, kv_tokens=kv_tokens,
+                                    shards=[pb.ShardShare(n_kv_heads=h, mlp_columns=c) for h, c in shards])
+        extra = 0.0 if layer is None else 20.0 + (budget_s or 1.0) + 5.0 * len(shards)
         return self._call(self.stub.Profile, request, timeout=self.timeout + 2 * (budget_s or 1.0) + extra)
 
     def echo(self, data: bytes) -> bytes:

@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 from edgeweave.coordinator.client import NodeClient
-from edgeweave.coordinator.link_probe import message_cost_s, probe_fanout, probe_link
+from edgeweave.coordinator.link_probe import EchoReductions, message_cost_s, probe_fanout, probe_link
 from edgeweave.coordinator.plan_cache import grid_weights
 from edgeweave.proto import pb
 from edgeweave.runtime.hub_profile import profile_hub
@@ -35,7 +35,16 @@ from edgeweave.runtime.layer_compute import BACKENDS
 from edgeweave.runtime.layer_profile import DEFAULT_PROMPT_TOKENS, ProjectionLayout
 from edgeweave.runtime.memory_budget import fit_context
 from edgeweave.splitting.checkpoints import Checkpoint
-from edgeweave.splitting.layout_planner import Candidate, ClusterCosts, HubCosts, LayoutPlan, NodeCosts, plan_layouts
+from edgeweave.splitting.layout_planner import (
+    Candidate,
+    ClusterCosts,
+    HubCosts,
+    LayoutPlan,
+    NodeCosts,
+    plan_layouts,
+    profile_shares,
+    reduction_probes,
+)
 from edgeweave.splitting.llama_config import LlamaConfig
 from edgeweave.splitting.quant_plan import TensorLayout
 from edgeweave.splitting.tensor_parallel import hub_layouts, plan_shards, quantized_layouts
@@ -67,12 +76,17 @@ def head_layout(checkpoint: Checkpoint, layouts: Mapping[str, TensorLayout] | No
 
 
 def measure_node(client: NodeClient, shape: pb.LayerShape, hidden: int, *, backend: str, prompt_tokens: int,
-                 budget: int | None, budget_s: float) -> NodeCosts:
-    """One node's NodeCosts: its layer timing, disk speed and budget (announced unless given), and its link."""
-    reply = client.profile(budget_s=budget_s, layer=shape, backend=backend, prompt_tokens=prompt_tokens)
+                 budget: int | None, budget_s: float, shards: Sequence[tuple[int, int]] = ()) -> NodeCosts:
+    """One node's NodeCosts: its layer timing (and its ops on `shards`: (KV heads, MLP columns)),
+    disk speed and budget (announced unless given), and its link."""
+    reply = client.profile(budget_s=budget_s, layer=shape, backend=backend, prompt_tokens=prompt_tokens,
+                           shards=shards)
     if reply.layer_decode_s <= 0 or reply.layer_prefill_s <= 0:
         raise MeasureError(f"node {client.address} did not time a layer (an edgeweave node older than layer "
                            "profiles?); upgrade it to plan layouts over it")
+    if len(reply.shard_timings) != len(shards):
+        raise MeasureError(f"node {client.address} timed {len(reply.shard_timings)} of the {len(shards)} shards "
+                           "asked (an edgeweave node older than shard profiles?); upgrade it to plan layouts over it")
     link = probe_link(client, hidden, budget_s=budget_s / 2)
     if budget is None:
         budget = client.info().resources.memory_budget
@@ -81,7 +95,11 @@ def measure_node(client: NodeClient, shape: pb.LayerShape, hidden: int, *, backe
                      attn_decode_s=reply.layer_attn_decode_s, mlp_decode_s=reply.layer_mlp_decode_s,
                      shard_attn_decode_s=reply.shard_attn_decode_s, shard_mlp_decode_s=reply.shard_mlp_decode_s,
                      shard_mlp_columns=reply.shard_mlp_columns or 32, layer_file_bytes=reply.layer_file_bytes,
-                     transport=link.transport)
+                     transport=link.transport,
+                     attn_shares_s=tuple((t.n_kv_heads / shape.n_kv_heads, t.attn_decode_s)
+                                         for t in reply.shard_timings if t.n_kv_heads),
+                     mlp_shares_s=tuple((t.mlp_columns / shape.intermediate, t.mlp_decode_s)
+                                        for t in reply.shard_timings if t.mlp_columns))
 
 
 #: a concurrent timing is taken as at most this many times the node's own (a stall, not sharing)
@@ -110,15 +128,17 @@ def measure_cluster(
     context: int | None = None, budget_s: float = 1.0,
 ) -> ClusterCosts:
     """Everything `splitting.layout_planner` needs for these nodes and this model, measured now
-    (about 1.5 x `budget_s` per node plus half of it here). `quantize` and `dtype` as the driver's
+    (about 1.5 x `budget_s` per node, a few tenths of a second more per shard share it times,
+    plus about 1.5 x `budget_s` here). `quantize` and `dtype` as the driver's
     (the shards' layouts); `budgets` override what the nodes announce (0 = unlimited)."""
     config = checkpoint.config
     layouts = quantized_layouts(checkpoint, quantize, dtype)
     shape = layer_shape_message(config, layouts, dtype)
     if budgets is not None and len(budgets) != len(clients):
         raise ValueError(f"{len(budgets)} memory budgets for {len(clients)} nodes")
+    shards = profile_shares(config, layouts, len(clients))
     nodes = tuple(measure_node(client, shape, config.hidden_size, backend=backend, prompt_tokens=prompt_tokens,
-                               budget=None if budgets is None else budgets[i], budget_s=budget_s)
+                               budget=None if budgets is None else budgets[i], budget_s=budget_s, shards=shards)
                   for i, client in enumerate(clients))
     if len(clients) > 1:
         slowdowns = concurrent_slowdowns(clients, shape, nodes, backend=backend, prompt_tokens=prompt_tokens,
@@ -136,8 +156,29 @@ def measure_cluster(
                  "own %.3f ms", len(clients), fanout * 1e3, extra * 1e3, message * 1e3)
         message, message_prefill = message + extra, message_prefill + extra
     costs = HubCosts(message, message_prefill, hub.reduction_s, hub.reduction_prefill_s, hub.token_s, hub.prefill_s)
-    return ClusterCosts(config, layouts, nodes, costs, prompt_tokens,
-                        fit_context(config.max_position_embeddings, context)).check()
+    measured = ClusterCosts(config, layouts, nodes, costs, prompt_tokens,
+                            fit_context(config.max_position_embeddings, context)).check()
+    if len(clients) < 2:
+        return measured
+    return replace(measured, reduction_extra_s=measure_reductions(clients, measured, budget_s=budget_s))
+
+
+def measure_reductions(clients: Sequence[NodeClient], costs: ClusterCosts, *, budget_s: float) -> dict:
+    """X_R,op of `splitting.layout_planner` for every decode reduction a candidate would run: each
+    timed as the hub runs it, every rank busy at once for the compute the model gives it (the echo
+    executor's op "work"), less the model's slowest rank (never below 0). With the default rank
+    weights (`plan_cluster`'s); other `--weights` cut about the same shares."""
+    probes = reduction_probes(costs, grid_weights([n.speed for n in costs.nodes]))
+    if not probes:
+        return {}
+    extra: dict = {}
+    with EchoReductions(clients, costs.config.hidden_size, reply_timeout=max(10.0, 4 * budget_s)) as echoes:
+        for probe in probes:
+            took = echoes.median_s(probe.nodes, probe.computes_s, budget_s=budget_s / len(probes))
+            extra[probe.key] = max(0.0, took - probe.slowest_s)
+    log.info("decode reductions beyond their slowest rank's round trip and compute: %s",
+             ", ".join(f"{'+'.join(names)} {op} {x * 1e3:.2f} ms" for (names, op), x in extra.items()))
+    return extra
 
 
 def plan_cluster(costs: ClusterCosts, capacities: Sequence[float] | None = None) -> LayoutPlan:
@@ -162,6 +203,8 @@ def costs_to_dict(costs: ClusterCosts) -> dict[str, Any]:
             "address": n.name, "layer_decode_ms": n.layer_decode_s * 1e3, "layer_prefill_ms": n.layer_prefill_s * 1e3,
             "attn_decode_ms": n.attn_decode_s * 1e3, "mlp_decode_ms": n.mlp_decode_s * 1e3,
             "shard_attn_decode_ms": n.shard_attn_decode_s * 1e3, "shard_mlp_decode_ms": n.shard_mlp_decode_s * 1e3,
+            "attn_shares_ms": [[share, t * 1e3] for share, t in n.attn_shares_s],
+            "mlp_shares_ms": [[share, t * 1e3] for share, t in n.mlp_shares_s],
             "layer_file_bytes": n.layer_file_bytes, "rtt_ms": n.rtt_s * 1e3, "bandwidth_MBps": n.bandwidth_Bps / 1e6,
             "disk_MBps": n.disk_read_Bps / 1e6, "memory_budget": n.memory_budget, "transport": n.transport,
             "concurrent_slowdown": n.concurrent_slowdown,
@@ -170,4 +213,6 @@ def costs_to_dict(costs: ClusterCosts) -> dict[str, Any]:
         "coordinator": {"message_ms": hub.message_s * 1e3, "message_prefill_ms": hub.message_prefill_s * 1e3,
                         "reduction_ms": hub.reduction_s * 1e3, "reduction_prefill_ms": hub.reduction_prefill_s * 1e3,
                         "head_ms": hub.token_s * 1e3, "head_prefill_ms": hub.prefill_s * 1e3},
+        "reductions": [{"nodes": list(names), "op": op, "extra_ms": x * 1e3}
+                       for (names, op), x in costs.reduction_extra_s.items()],
     }

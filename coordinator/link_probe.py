@@ -14,6 +14,12 @@ message of a reduction really costs: at least `message_cost_s`, more where nodes
 coordinator's cores (a local cluster: measured 0.5 ms per extra message on 2 busy cores, against
 0.1 ms of the coordinator's own Python).
 
+Reductions with work (`EchoReductions.median_s` with `works_s`): the same fan-out, each node
+first busy for the device time its share of an op would take (the echo executor's op "work"), as
+a real tensor-parallel reduction keeps them: what the nodes' message handling, their wake-ups and
+the hub's serial sends and receives cost while every rank computes, which echoes of idle nodes
+do not show (`layout_choice.measure_reductions` turns it into the planner's X_R,op).
+
 Coordinator (`message_cost_s`): the hub sends to every rank of a reduction and then reads every
 reply in one thread, so each message after the first costs the coordinator its own Python work
 in series: build and serialize the ForwardRequest (the client's own `_request`, codec included),
@@ -99,41 +105,75 @@ def probe_link(client: NodeClient, hidden: int, round_trips: int = ROUND_TRIPS, 
         client.unload(job)
 
 
-def probe_fanout(clients: Sequence[NodeClient], hidden: int, round_trips: int = 3 * ROUND_TRIPS,
-                 budget_s: float = 0.5) -> float:
-    """Median seconds of one echo "reduction" over all `clients` as the hub runs one (every send,
-    then every receive, [1, hidden] float32): the RTT of the slowest plus what each further
-    message really costs here, co-located nodes competing for the same cores included."""
-    start = time.perf_counter()
-    job = f"link-probe-{uuid.uuid4().hex[:12]}"
-    loaded: list[NodeClient] = []
-    streams: list = []
-    try:
-        for client in clients:
-            client.load(job, "echo", {}, {})
-            loaded.append(client)
-            streams.append(client.open_stream(reply_timeout=max(10.0, 4 * budget_s)))
-        small = torch.zeros(1, hidden)
+class EchoReductions:
+    """An echo job and a Forward stream on every node, to time reductions as the hub runs them
+    (every send, then every receive, [1, hidden] float32): `probe_fanout`, and the layout
+    planner's reductions with every rank busy (`layout_choice.measure_reductions`). Loaded once
+    for many timings; a context manager that unloads what it loaded."""
+
+    def __init__(self, clients: Sequence[NodeClient], hidden: int, reply_timeout: float = 10.0) -> None:
+        self.clients, self.small = list(clients), torch.zeros(1, hidden)
+        self.job = f"link-probe-{uuid.uuid4().hex[:12]}"
+        self.reply_timeout = reply_timeout
+        self._loaded: list[NodeClient] = []
+        self.streams: list = []
+
+    def __enter__(self) -> EchoReductions:
+        try:
+            for client in self.clients:
+                client.load(self.job, "echo", {}, {})
+                self._loaded.append(client)
+                self.streams.append(client.open_stream(reply_timeout=self.reply_timeout))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+        for client in self._loaded:
+            client.unload(self.job)
+        self.streams, self._loaded = [], []
+
+    def median_s(self, members: Sequence[int], works_s: Sequence[float] | None = None,
+                 round_trips: int = 3 * ROUND_TRIPS, budget_s: float = 0.5) -> float:
+        """Median seconds of one reduction over the nodes `members` (indexes into the clients),
+        each first busy for its `works_s` of device time (op "work" of the echo executor; None:
+        plain echoes). At least 5 timed reductions after 2 warm ones, more while `budget_s` lasts."""
+        streams = [self.streams[i] for i in members]
+        if works_s is None:
+            messages = [("echo", [self.small])] * len(streams)
+        else:
+            messages = [("work", [self.small, torch.tensor([w], dtype=torch.float32)]) for w in works_s]
 
         def reduction() -> float:
             t0 = time.perf_counter()
-            for stream in streams:
-                stream.send(job, "echo", [small])
+            for stream, (op, tensors) in zip(streams, messages, strict=True):
+                stream.send(self.job, op, tensors)
             for stream in streams:
                 stream.recv()
             return time.perf_counter() - t0
 
-        for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(2):
             reduction()
         samples = [reduction()]
         while len(samples) < round_trips and (len(samples) < 5 or time.perf_counter() - start < budget_s):
             samples.append(reduction())
         return statistics.median(samples)
-    finally:
-        for stream in streams:
-            stream.close()
-        for client in loaded:
-            client.unload(job)
+
+
+def probe_fanout(clients: Sequence[NodeClient], hidden: int, round_trips: int = 3 * ROUND_TRIPS,
+                 budget_s: float = 0.5) -> float:
+    """Median seconds of one echo "reduction" over all `clients` as the hub runs one (every send,
+    then every receive, [1, hidden] float32): the RTT of the slowest plus what each further
+    message really costs here, co-located nodes competing for the same cores included."""
+    with EchoReductions(clients, hidden, reply_timeout=max(10.0, 4 * budget_s)) as echoes:
+        return echoes.median_s(range(len(clients)), None, round_trips, budget_s)
 
 
 def message_cost_s(hidden: int, tokens: int = 1, budget_s: float = 0.1, threads: int | None = None) -> float:

@@ -175,7 +175,8 @@ class NodeServicer(pb_grpc.NodeServicer):
             shape = layer_shape(request.layer)
             layer_profile.check_request(shape, backend, prompt, kv)  # before spending any time
             p = resources.profile(self.data_dir, size, whole * 0.4)
-            t = layer_profile.profile_layer(shape, backend, prompt, kv, whole * 0.6, self.data_dir)
+            t = layer_profile.profile_layer(shape, backend, prompt, kv, whole * 0.6, self.data_dir,
+                                            [(s.n_kv_heads, s.mlp_columns) for s in request.shards])
         except ExecutorInputError as exc:
             _abort(context, "Profile", exc)
         return pb.ProfileReply(
@@ -185,6 +186,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             layer_attn_decode_s=t.attn_decode_s, layer_mlp_decode_s=t.mlp_decode_s,
             shard_attn_decode_s=t.shard_attn_decode_s, shard_mlp_decode_s=t.shard_mlp_decode_s,
             shard_mlp_columns=t.shard_mlp_columns, layer_ring=t.ring,
+            shard_timings=[pb.ShardTiming(**vars(timing)) for timing in t.shards],
         )
 
     # -- shards ------------------------------------------------------------------------------

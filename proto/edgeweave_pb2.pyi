@@ -77,20 +77,42 @@ class InfoReply(_message.Message):
     def __init__(self, name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., uptime_s: _Optional[float] = ..., jobs: _Optional[_Iterable[str]] = ..., secure: _Optional[bool] = ..., data_port: _Optional[int] = ..., cluster: _Optional[str] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
-    __slots__ = ("matmul_size", "budget_s", "layer", "backend", "prompt_tokens", "kv_tokens")
+    __slots__ = ("matmul_size", "budget_s", "layer", "backend", "prompt_tokens", "kv_tokens", "shards")
     MATMUL_SIZE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     matmul_size: int
     budget_s: float
     layer: LayerShape
     backend: str
     prompt_tokens: int
     kv_tokens: int
-    def __init__(self, matmul_size: _Optional[int] = ..., budget_s: _Optional[float] = ..., layer: _Optional[_Union[LayerShape, _Mapping]] = ..., backend: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
+    shards: _containers.RepeatedCompositeFieldContainer[ShardShare]
+    def __init__(self, matmul_size: _Optional[int] = ..., budget_s: _Optional[float] = ..., layer: _Optional[_Union[LayerShape, _Mapping]] = ..., backend: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardShare, _Mapping]]] = ...) -> None: ...
+
+class ShardShare(_message.Message):
+    __slots__ = ("n_kv_heads", "mlp_columns")
+    N_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    MLP_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    n_kv_heads: int
+    mlp_columns: int
+    def __init__(self, n_kv_heads: _Optional[int] = ..., mlp_columns: _Optional[int] = ...) -> None: ...
+
+class ShardTiming(_message.Message):
+    __slots__ = ("n_kv_heads", "mlp_columns", "attn_decode_s", "mlp_decode_s")
+    N_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    MLP_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ATTN_DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    MLP_DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    n_kv_heads: int
+    mlp_columns: int
+    attn_decode_s: float
+    mlp_decode_s: float
+    def __init__(self, n_kv_heads: _Optional[int] = ..., mlp_columns: _Optional[int] = ..., attn_decode_s: _Optional[float] = ..., mlp_decode_s: _Optional[float] = ...) -> None: ...
 
 class LayerShape(_message.Message):
     __slots__ = ("hidden", "intermediate", "n_q_heads", "n_kv_heads", "head_dim", "projections", "attention_bias", "qk_norm", "float_dtype")
@@ -127,7 +149,7 @@ class ProjectionLayout(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., bits: _Optional[int] = ..., block: _Optional[int] = ..., offset: _Optional[bool] = ...) -> None: ...
 
 class ProfileReply(_message.Message):
-    __slots__ = ("matmul_gflops", "memory_bandwidth_gbps", "disk_read_mbps", "threads", "layer_decode_s", "layer_prefill_s", "prompt_tokens", "kv_tokens", "layer_file_bytes", "layer_held_bytes", "layer_kernel", "layer_runs", "layer_profile_s", "layer_attn_decode_s", "layer_mlp_decode_s", "shard_attn_decode_s", "shard_mlp_decode_s", "shard_mlp_columns", "layer_ring")
+    __slots__ = ("matmul_gflops", "memory_bandwidth_gbps", "disk_read_mbps", "threads", "layer_decode_s", "layer_prefill_s", "prompt_tokens", "kv_tokens", "layer_file_bytes", "layer_held_bytes", "layer_kernel", "layer_runs", "layer_profile_s", "layer_attn_decode_s", "layer_mlp_decode_s", "shard_attn_decode_s", "shard_mlp_decode_s", "shard_mlp_columns", "layer_ring", "shard_timings")
     MATMUL_GFLOPS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BANDWIDTH_GBPS_FIELD_NUMBER: _ClassVar[int]
     DISK_READ_MBPS_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +169,7 @@ class ProfileReply(_message.Message):
     SHARD_MLP_DECODE_S_FIELD_NUMBER: _ClassVar[int]
     SHARD_MLP_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     LAYER_RING_FIELD_NUMBER: _ClassVar[int]
+    SHARD_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     matmul_gflops: float
     memory_bandwidth_gbps: float
     disk_read_mbps: float
@@ -166,7 +189,8 @@ class ProfileReply(_message.Message):
     shard_mlp_decode_s: float
     shard_mlp_columns: int
     layer_ring: int
-    def __init__(self, matmul_gflops: _Optional[float] = ..., memory_bandwidth_gbps: _Optional[float] = ..., disk_read_mbps: _Optional[float] = ..., threads: _Optional[int] = ..., layer_decode_s: _Optional[float] = ..., layer_prefill_s: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., layer_file_bytes: _Optional[int] = ..., layer_held_bytes: _Optional[int] = ..., layer_kernel: _Optional[str] = ..., layer_runs: _Optional[int] = ..., layer_profile_s: _Optional[float] = ..., layer_attn_decode_s: _Optional[float] = ..., layer_mlp_decode_s: _Optional[float] = ..., shard_attn_decode_s: _Optional[float] = ..., shard_mlp_decode_s: _Optional[float] = ..., shard_mlp_columns: _Optional[int] = ..., layer_ring: _Optional[int] = ...) -> None: ...
+    shard_timings: _containers.RepeatedCompositeFieldContainer[ShardTiming]
+    def __init__(self, matmul_gflops: _Optional[float] = ..., memory_bandwidth_gbps: _Optional[float] = ..., disk_read_mbps: _Optional[float] = ..., threads: _Optional[int] = ..., layer_decode_s: _Optional[float] = ..., layer_prefill_s: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., layer_file_bytes: _Optional[int] = ..., layer_held_bytes: _Optional[int] = ..., layer_kernel: _Optional[str] = ..., layer_runs: _Optional[int] = ..., layer_profile_s: _Optional[float] = ..., layer_attn_decode_s: _Optional[float] = ..., layer_mlp_decode_s: _Optional[float] = ..., shard_attn_decode_s: _Optional[float] = ..., shard_mlp_decode_s: _Optional[float] = ..., shard_mlp_columns: _Optional[int] = ..., layer_ring: _Optional[int] = ..., shard_timings: _Optional[_Iterable[_Union[ShardTiming, _Mapping]]] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
     __slots__ = ("name", "sha256", "size", "offset", "data")

@@ -14,6 +14,7 @@ import torch
 
 from edgeweave.runtime.batch import Row
 from edgeweave.runtime.codec import Quantized
+from edgeweave.runtime.cpu_dilation import DeviceClock
 
 TensorLike = torch.Tensor | Quantized
 
@@ -68,17 +69,43 @@ class Executor:
         """Release memory and files; called on Unload and node shutdown."""
 
 
+#: the longest a "work" echo may keep a node busy (a probe's op is milliseconds)
+MAX_WORK_S = 1.0
+
+
 class EchoExecutor(Executor):
-    """Returns what it receives: lets the demo and tests round-trip tensors through any node."""
+    """Returns what it receives: lets the demo and tests round-trip tensors through any node.
+
+    Op "work" (tensors: [x, seconds]) first keeps this thread busy for `seconds` of the device's
+    time, then returns [x]: a stand-in for a tensor-parallel rank's compute, so that the layout
+    planner can time a whole reduction, every rank busy at once, without shipping any weights
+    (`coordinator.layout_choice.measure_reductions`). Device time is `cpu_dilation.DeviceClock`'s: the
+    wall time, or the CPU time over the emulated fraction, so a slow or co-located device spends it
+    as its real compute would."""
 
     kind = "echo"
 
     def forward(self, op, layer, position, session, tensors, rows=None):
         if rows:
             raise ExecutorInputError("the echo executor takes no batch rows")
+        if op == "work":
+            if len(tensors) != 2 or not isinstance(tensors[1], torch.Tensor) or tensors[1].numel() != 1:
+                raise ExecutorInputError("op 'work' takes two tensors: the payload and the seconds to work")
+            seconds = float(tensors[1])
+            if not 0 <= seconds <= MAX_WORK_S:  # NaN fails too
+                raise ExecutorInputError(f"op 'work' takes 0 to {MAX_WORK_S} s of work, not {seconds}")
+            busy(seconds)
+            return [tensors[0]]
         if op != "echo":
-            raise ExecutorInputError(f"the echo executor only knows op 'echo', not {op!r}")
+            raise ExecutorInputError(f"the echo executor only knows ops 'echo' and 'work', not {op!r}")
         return list(tensors)
+
+
+def busy(seconds: float) -> None:
+    """Spin on this thread until `seconds` of device time have passed (cpu_dilation.DeviceClock)."""
+    clock = DeviceClock()
+    while clock.elapsed() < seconds:
+        pass
 
 
 #: kind -> "module:Class"; imported lazily so a node only loads what its jobs use.

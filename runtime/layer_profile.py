@@ -29,7 +29,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -59,6 +59,8 @@ MAX_MEMORY_SHARE = 0.5
 BATCHES = 3
 #: the timing proper gets at least this share of the budget, however long building took
 MIN_TIMING_SHARE = 0.25
+#: shards one profile may time besides the whole layer and its floor
+MAX_SHARDS = 8
 #: MLP columns of the smallest shard timed (a quantization block, `splitting.quant_plan.CUT_ALIGNMENT`)
 FLOOR_COLUMNS = 32
 #: a ring of layer copies holds more than the last-level cache (RING_OVER_CACHE times it, or
@@ -159,6 +161,18 @@ class LayerTiming:
     shard_mlp_columns: int
     ring: int  # copies of the layer timed in turn (`ring_size`)
     threads: int = field(default_factory=torch.get_num_threads)
+    shards: tuple[ShardTiming, ...] = ()  # the shares asked for, in order
+
+
+@dataclass(frozen=True)
+class ShardTiming:
+    """The tensor-parallel ops for one token on one rank's share of the layer, timed on a ring of
+    that shard's copies (past the CPU caches, as a node's own shards run); 0 for an op it has no share of."""
+
+    n_kv_heads: int
+    mlp_columns: int
+    attn_decode_s: float
+    mlp_decode_s: float
 
 
 def sustained_seconds(run: Callable[[], None], seconds: float, batches: int = BATCHES) -> tuple[float, int]:
@@ -235,6 +249,20 @@ def check_request(shape: LayerShape, backend: str, prompt_tokens: int, kv_tokens
     if need > allowed:
         raise LayerShapeError(f"profiling a layer of this shape may take {format_bytes(need)}, more than the "
                               f"{format_bytes(allowed)} this node lets a profile use (half its available memory)")
+
+
+def shard_shape(shape: LayerShape, n_kv_heads: int, mlp_columns: int) -> LayerShape:
+    """The shard of `shape` holding `n_kv_heads` KV-head groups and `mlp_columns` MLP columns (a
+    share of 0 still builds one group or one column block, which is then not timed), or
+    LayerShapeError when the layer has no such shard."""
+    if not (0 <= n_kv_heads <= shape.n_kv_heads and 0 <= mlp_columns <= shape.intermediate
+            and n_kv_heads + mlp_columns > 0):
+        raise LayerShapeError(f"a shard of {n_kv_heads} KV heads and {mlp_columns} MLP columns is not a share of a "
+                              f"layer with {shape.n_kv_heads} KV heads and {shape.intermediate} columns")
+    floor = floor_shape(shape)
+    heads = n_kv_heads or 1
+    return replace(shape, n_kv_heads=heads, n_q_heads=shape.n_q_heads // shape.n_kv_heads * heads,
+                   intermediate=mlp_columns or floor.intermediate).check()
 
 
 def floor_shape(shape: LayerShape) -> LayerShape:
@@ -337,14 +365,20 @@ class _Bench:
 
 
 def profile_layer(shape: LayerShape, backend: str = "ort", prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
-                  kv_tokens: int | None = None, budget_s: float = 1.0, work_dir: Path | None = None) -> LayerTiming:
+                  kv_tokens: int | None = None, budget_s: float = 1.0, work_dir: Path | None = None,
+                  shards: Sequence[tuple[int, int]] = ()) -> LayerTiming:
     """Seconds of one whole layer of `shape` on this machine (module docstring), decode and
     prefill, and of the tensor-parallel ops "attn" and "mlp" for one token on the whole layer and
     on its smallest shard (`floor_shape`), within about `budget_s` (building counts against it;
     each figure gets at least one run). `kv_tokens` defaults to `prompt_tokens`: the first decode
-    step after such a prompt."""
+    step after such a prompt. `shards`: (KV heads, MLP columns) of shares whose ops to time too,
+    each on a ring of its own copies, built and freed one after another; each adds about a tenth of
+    `budget_s` of timing to its building."""
     kv = prompt_tokens if kv_tokens is None else kv_tokens
     check_request(shape, backend, prompt_tokens, kv)
+    if len(shards) > MAX_SHARDS:
+        raise LayerShapeError(f"a profile times at most {MAX_SHARDS} shards, not {len(shards)}")
+    shard_shapes = [shard_shape(shape, heads, columns) for heads, columns in shards]  # all checked before any work
     start = time.perf_counter()
     folder = Path(tempfile.mkdtemp(prefix=".layer-profile-", dir=work_dir))
     benches: list[_Bench] = []
@@ -358,9 +392,20 @@ def profile_layer(shape: LayerShape, backend: str = "ort", prompt_tokens: int = 
         prefill_s, prefill_runs = sustained_seconds(whole.prefill, left * 0.3)
         ring_s, decode_runs = sustained_seconds(whole.decode, left * 0.3)
         ops = [sustained_seconds(run, left * 0.1)[0] for run in (whole.attn, whole.mlp, floor.attn, floor.mlp)]
+        ring, threads = whole.ring, whole.executor.threads
+        for bench in benches:
+            bench.close()
+        benches.clear()
+        timed = []
+        for k, ((heads, columns), part) in enumerate(zip(shards, shard_shapes, strict=True)):
+            bench = _Bench(part, backend, kv, prompt_tokens, folder / f"shard-{k}")
+            benches.append(bench)
+            timed.append(ShardTiming(heads, columns, sustained_seconds(bench.attn, budget_s * 0.05)[0] if heads else 0.0,
+                                     sustained_seconds(bench.mlp, budget_s * 0.05)[0] if columns else 0.0))
+            benches.pop().close()
         return LayerTiming(ring_s / whole.ring, prefill_s, prompt_tokens, kv, whole.file_bytes, whole.held_bytes,
                            whole.kernel, decode_runs * whole.ring, prefill_runs, time.perf_counter() - start, *ops,
-                           floor_shape(shape).intermediate, whole.ring, whole.executor.threads)
+                           floor_shape(shape).intermediate, ring, threads, tuple(timed))
     finally:
         for bench in benches:
             bench.close()

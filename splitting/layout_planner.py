@@ -37,12 +37,22 @@ decode step, T = P for the prompt.
     one KV-head group, or a 32-column block), the line through those two points instead:
     t_r,op(1) = F_op + (s - s0) / (1 - s0) (A_op - F_op). On small models most of an op is fixed
     cost (kernel calls, RoPE and attention glue): SmolLM2's one-KV-head attention costs about what
-    all three heads do, so halving a layer's weights does not halve its time.
+    all three heads do, so halving a layer's weights does not halve its time. Where the node also
+    timed the shares the candidates give it (`profile_shares`: an equal cut over each stage size,
+    each on a ring of its own copies), the line becomes a polyline through those points: the floor
+    is timed hot (one copy), and a 1B layer's quarter ran 23-40% slower than the line said.
     Ranks compute at the same time, so t_r,op is multiplied by k_r, the node's layer time measured
     while every node computes at once over its time alone (1 on separate devices; more where
     emulated devices share a host's cores). 1-node and pipeline stages compute alone: no k_r.
     The first message of a reduction is inside rho_r; every further one costs the coordinator
-    c(T) in series. A windowed rank reads its next layer while the whole layer period runs
+    c(T) in series. Where measured, the term (|R_op| - 1) c(T) is replaced by
+    X_R,op + (|R_op| - 1)(c(T) - c(1)), with X_R,op (`ClusterCosts.reduction_extra_s`): what a real reduction over those nodes took beyond
+    the model's slowest rank, timed with every rank busy for its k_r t_r,op at once
+    (`reduction_probes` lists them; `coordinator.layout_choice` times them with the echo
+    executor's op "work"). It holds what per-message sums miss where devices share a host: the
+    nodes' message handling on a slow CPU, their wake-ups, the hub's serial sends and receives
+    while the ranks compute (4 emulated Pi-class nodes measured 7.4 ms per reduction against
+    4 ms of round trip and compute). A windowed rank reads its next layer while the whole layer period runs
     (network waits included), so its reads bound the period, not each compute.
 
   decode prediction = step(1); first-token prediction = step(P) (prefill sends the whole prompt).
@@ -130,6 +140,11 @@ class NodeCosts:
     shard_attn_decode_s: float = 0.0
     shard_mlp_decode_s: float = 0.0
     shard_mlp_columns: int = 32
+    #: (share, seconds) of the op for one token timed on shards of those shares (`profile_shares`),
+    #: each on a ring of its own copies: where measured, the line through F_op and A_op becomes a
+    #: polyline through these points
+    attn_shares_s: tuple[tuple[float, float], ...] = ()
+    mlp_shares_s: tuple[tuple[float, float], ...] = ()
     layer_file_bytes: int = 0  # measured, shown (the model takes layer bytes from the plan's cut)
     transport: str = ""  # of the measured link: "tcp" (raw data plane) or "grpc"
     #: k_r: its layer time while every node computes at once over its time alone (>= 1): what sharing
@@ -164,6 +179,9 @@ class ClusterCosts:
     prompt_tokens: int = 128  # P
     context: int = 4096  # tokens each node's KV cache is planned for
     itemsize: int = 4  # bytes per value of float layers in the shards
+    #: X_R,op: measured decode reductions, (sorted node names, op) -> seconds beyond the slowest
+    #: rank's round trip and compute (`reduction_probes`); where absent, (|R| - 1) c
+    reduction_extra_s: Mapping[tuple[tuple[str, ...], str], float] = field(default_factory=dict)
 
     def check(self) -> ClusterCosts:
         if not self.nodes:
@@ -310,7 +328,24 @@ class _Model:
         if floor_share >= 1:
             return whole
         floor = min(floor, whole)  # a noisy floor above the whole op is no floor
-        return floor + max(share - floor_share, 0.0) / (1 - floor_share) * (whole - floor)
+        measured = node.attn_shares_s if op == "attn" else node.mlp_shares_s
+        points = sorted({floor_share: floor, **{s: t for s, t in measured if floor_share < s < 1}, 1.0: whole}.items())
+        return _polyline(points, max(share, floor_share))
+
+    def op_computes(self, members: Sequence[NodeCosts], plan: TensorParallelPlan,
+                    tokens: int) -> dict[str, list[tuple[int, float]]]:
+        """Per op of a multi-node stage, (rank, t_r,op(T)) of every rank holding a share of it."""
+        out: dict[str, list[tuple[int, float]]] = {}
+        for op, fraction in (("attn", self.f_attn), ("mlp", 1.0 - self.f_attn)):
+            computes = []
+            for r, shard in enumerate(plan.shards):
+                held = shard.n_kv_heads if op == "attn" else shard.n_columns
+                if held > 0:
+                    share = held / (self.cfg.num_kv_heads if op == "attn" else self.cfg.intermediate_size)
+                    computes.append((r, self.share_compute(members[r], op, share, fraction, tokens)))
+            if computes:
+                out[op] = computes
+        return out
 
     def read(self, node: NodeCosts, plan: TensorParallelPlan, rank: int) -> float:
         return plan.layer_bytes(rank, self.costs.itemsize) / node.disk_read_Bps
@@ -327,18 +362,13 @@ class _Model:
         message = hub.message_s if tokens == 1 else hub.message_prefill_s
         reduction = hub.reduction_s if tokens == 1 else hub.reduction_prefill_s
         total = 0.0
-        for op, fraction in (("attn", self.f_attn), ("mlp", 1.0 - self.f_attn)):
-            ranks = [r for r, s in enumerate(plan.shards) if (s.n_kv_heads if op == "attn" else s.n_columns) > 0]
-            if not ranks:
-                continue
-            slowest = 0.0
-            for r in ranks:
-                shard, node = plan.shards[r], members[r]
-                share = (shard.n_kv_heads / self.cfg.num_kv_heads if op == "attn"
-                         else shard.n_columns / self.cfg.intermediate_size)
-                slowest = max(slowest, node.rtt_s + self.wire(node, tokens)
-                              + self.share_compute(node, op, share, fraction, tokens))
-            total += slowest + (len(ranks) - 1) * message + reduction
+        for op, computes in self.op_computes(members, plan, tokens).items():
+            slowest = max(members[r].rtt_s + self.wire(members[r], tokens) + t for r, t in computes)
+            further = (len(computes) - 1) * message
+            measured = self.costs.reduction_extra_s.get(reduction_key(members, computes, op))
+            if measured is not None:  # X_R,op, and for a prompt what its bigger messages cost the hub more
+                further = measured + (len(computes) - 1) * (message - hub.message_s)
+            total += slowest + further + reduction
         reads = [self.read(members[r], plan, r) for r in range(len(members)) if windows[r] is not None]
         return n_layers * max(total, max(reads, default=0.0))
 
@@ -403,17 +433,23 @@ def candidate_groups(n: int, n_layers: int) -> list[tuple[int, ...]]:
     return shapes
 
 
-def plan_layouts(costs: ClusterCosts, capacities: Sequence[float] | None = None,
-                 tie_tolerance: float = TIE_TOLERANCE) -> LayoutPlan:
-    """Every candidate with its predictions, and the choice (module docstring). `capacities` (per
-    node) replace the measured speeds 1/d_r as the rank weights and stage capacities."""
+def _model(costs: ClusterCosts, capacities: Sequence[float] | None) -> _Model:
+    """The model over checked `costs`, with `capacities` (default: the measured speeds) scaled to the top one."""
     costs.check()
     n = len(costs.nodes)
     weights = list(capacities) if capacities is not None else [node.speed for node in costs.nodes]
     if len(weights) != n or any(not (w > 0 and math.isfinite(w)) for w in weights):
         raise ValueError(f"need one positive capacity per node ({n}), got {weights}")
     top = max(weights)
-    model = _Model(costs, [w / top for w in weights])
+    return _Model(costs, [w / top for w in weights])
+
+
+def plan_layouts(costs: ClusterCosts, capacities: Sequence[float] | None = None,
+                 tie_tolerance: float = TIE_TOLERANCE) -> LayoutPlan:
+    """Every candidate with its predictions, and the choice (module docstring). `capacities` (per
+    node) replace the measured speeds 1/d_r as the rank weights and stage capacities."""
+    model = _model(costs, capacities)
+    n = len(costs.nodes)
     out = [model.candidate((i,), (1,)) for i in range(n)]
     subsets = [tuple(range(n))] if n >= 2 else []
     if n >= 3:
@@ -423,6 +459,79 @@ def plan_layouts(costs: ClusterCosts, capacities: Sequence[float] | None = None,
             if len(members) == n or groups in ((len(members),), (1,) * len(members)):
                 out.append(model.candidate(members, groups))
     return LayoutPlan(tuple(out), choose(out, tie_tolerance))
+
+
+def _polyline(points: Sequence[tuple[float, float]], x: float) -> float:
+    """The value at x of the line through `points` (sorted by x), kept flat beyond the last."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x <= x1:
+            return y0 + (x - x0) / (x1 - x0) * (y1 - y0)
+    return points[-1][1]
+
+
+def profile_shares(config: LlamaConfig, layouts: Mapping[str, TensorLayout] | None, n_nodes: int,
+                   most: int = 8, close: float = 0.05) -> list[tuple[int, int]]:
+    """(KV heads, MLP columns) of the shards whose ops a node should time for the candidates over
+    `n_nodes` nodes: every rank's share of an equal cut over each stage size the candidates use (all
+    the nodes, all but one, hybrid groups). A share within `close` (relative) of one already listed
+    in both heads and columns is left to the polyline; the whole layer and the floor are timed anyway."""
+    sizes = {g for groups in candidate_groups(n_nodes, config.num_layers) for g in groups if g > 1}
+    if n_nodes >= 3:
+        sizes.add(n_nodes - 1)  # tensor over all nodes but one
+    out: list[tuple[int, int]] = []
+    for g in sorted(sizes):
+        try:
+            plan = plan_shards(config, [1.0] * g, dict(layouts) if layouts else None)
+        except (QuantizationError, ValueError):
+            continue  # a cut the candidates cannot make either
+        for shard in plan.shards:
+            pair = (shard.n_kv_heads, shard.n_columns)
+            near = any(h == pair[0] and abs(c - pair[1]) <= close * max(c, 1) for h, c in out)
+            if not near and pair != (config.num_kv_heads, config.intermediate_size) and len(out) < most:
+                out.append(pair)
+    return out
+
+
+def reduction_key(members: Sequence[NodeCosts], computes: Sequence[tuple[int, float]],
+                  op: str) -> tuple[tuple[str, ...], str]:
+    """The key of `ClusterCosts.reduction_extra_s` for one op over these ranks of `members`."""
+    return tuple(sorted(members[r].name for r, _ in computes)), op
+
+
+@dataclass(frozen=True)
+class ReductionProbe:
+    """One decode reduction some candidate runs: its nodes (indexes into ClusterCosts.nodes), and
+    per node the compute (k_r t_r,op) and round trip the model gives it, so that a probe can keep
+    each node busy that long and report what the reduction cost beyond `slowest_s`."""
+
+    key: tuple[tuple[str, ...], str]
+    nodes: tuple[int, ...]
+    computes_s: tuple[float, ...]
+    slowest_s: float  # max over its nodes of rho_r + k_r t_r,op: the model's reduction without X
+
+
+def reduction_probes(costs: ClusterCosts, capacities: Sequence[float] | None = None) -> list[ReductionProbe]:
+    """Every distinct decode reduction (node set and op) of the fitting candidates of
+    `plan_layouts(costs, capacities)`, to measure their X_R,op (`reduction_extra_s`)."""
+    plan = plan_layouts(costs, capacities)
+    model = _model(costs, capacities)
+    probes: dict[tuple[tuple[str, ...], str], ReductionProbe] = {}
+    for cand in plan.candidates:
+        if not cand.fits:
+            continue
+        for stage in cand.layout.stages:
+            if len(stage.ranks) < 2:
+                continue
+            indexes = [cand.nodes[r] for r in stage.ranks]
+            members = [costs.nodes[i] for i in indexes]
+            stage_plan = model.plan([cand.weights[r] for r in stage.ranks])
+            for op, computes in model.op_computes(members, stage_plan, 1).items():
+                key = reduction_key(members, computes, op)
+                if key not in probes:
+                    probes[key] = ReductionProbe(
+                        key, tuple(indexes[r] for r, _ in computes), tuple(t for _, t in computes),
+                        max(members[r].rtt_s + t for r, t in computes))
+    return list(probes.values())
 
 
 def choose(candidates: Sequence[Candidate], tie_tolerance: float = TIE_TOLERANCE) -> Candidate | None:

@@ -103,3 +103,38 @@ def test_the_node_refuses_a_fraction_outside_0_1(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--emulate-cpu-fraction" in done.stderr and "(0, 1]" in done.stderr
+
+
+@pytest.mark.parametrize("dilated", [False, True])
+def test_a_work_echo_spends_its_seconds_of_device_time(dilated, request):
+    """The echo executor's op "work" (the layout planner's stand-in for a rank's compute) keeps its
+    thread busy for the device time asked: the wall time on a full-speed node, a quarter of it in
+    CPU on a quarter-speed one (whose Pacer then holds the reply for the rest)."""
+    from edgeweave.runtime.executor import EchoExecutor
+
+    if dilated:
+        request.getfixturevalue("quarter")
+    echo = EchoExecutor({}, {}, 0)
+    x = torch.randn(1, 8)
+    cpu, wall = time.thread_time(), time.perf_counter()
+    (y,) = echo.forward("work", 0, 0, "", [x, torch.tensor([0.04])])
+    cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+    assert torch.equal(y, x)
+    if dilated:
+        assert 0.009 < cpu < 0.02  # 0.25 x 40 ms, give or take a clock read
+    else:
+        assert 0.04 <= wall < 0.08
+
+
+@pytest.mark.parametrize("tensors, sentence", [
+    ([torch.zeros(1, 8)], "two tensors"),
+    ([torch.zeros(1, 8), torch.tensor([2.0])], "0 to 1.0 s"),
+    ([torch.zeros(1, 8), torch.tensor([float("nan")])], "0 to 1.0 s"),
+    ([torch.zeros(1, 8), torch.tensor([-1.0])], "0 to 1.0 s"),
+    ([torch.zeros(1, 8), torch.zeros(2)], "two tensors"),
+])
+def test_a_work_echo_refuses_bad_seconds_with_a_sentence(tensors, sentence):
+    from edgeweave.runtime.executor import EchoExecutor, ExecutorInputError
+
+    with pytest.raises(ExecutorInputError, match=sentence):
+        EchoExecutor({}, {}, 0).forward("work", 0, 0, "", tensors)

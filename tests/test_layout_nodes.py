@@ -11,7 +11,7 @@ from llm_reference import local_cluster_fixture
 
 from edgeweave.coordinator.client import NodeClient, NodeError
 from edgeweave.coordinator.layout_choice import layer_shape_message
-from edgeweave.coordinator.link_probe import probe_link
+from edgeweave.coordinator.link_probe import EchoReductions, probe_link
 from edgeweave.proto import pb
 from edgeweave.runtime.memory_budget import held_layer_bytes
 from edgeweave.splitting.llama_config import LlamaConfig
@@ -92,11 +92,47 @@ def test_a_bad_backend_or_prompt_is_refused(clients, smol_shape):
         clients[1].profile(budget_s=0.1, layer=shape, prompt_tokens=9000)
 
 
+def test_a_profile_times_the_shards_asked_in_order_on_rings(clients, smol_shape, cluster):
+    _, _, shape = smol_shape
+    reply = clients[0].profile(budget_s=0.3, layer=shape, prompt_tokens=16, shards=[(2, 768), (1, 0), (0, 32)])
+    got = [(t.n_kv_heads, t.mlp_columns) for t in reply.shard_timings]
+    assert got == [(2, 768), (1, 0), (0, 32)]
+    two, heads_only, columns_only = reply.shard_timings
+    assert 0 < two.attn_decode_s < 0.5 and 0 < two.mlp_decode_s < 0.5
+    assert heads_only.attn_decode_s > 0 and heads_only.mlp_decode_s == 0  # no columns: not timed
+    assert columns_only.attn_decode_s == 0 and columns_only.mlp_decode_s > 0
+    assert clients[0].info().jobs == [] and not list((cluster.base_dir / cluster.names[0]).rglob(".layer-profile-*"))
+
+
+@pytest.mark.parametrize(("shards", "sentence"), [
+    ([(4, 768)], "a shard of 4 KV heads and 768 MLP columns is not a share of a layer with 3 KV heads"),
+    ([(0, 0)], "a shard of 0 KV heads and 0 MLP columns"),
+    ([(1, 100)], "block 32 must be a power of two >= 16 that divides its 100 input columns"),
+    ([(1, 32)] * 9, "a profile times at most 8 shards, not 9"),
+])
+def test_a_bad_shard_to_profile_is_refused_with_a_sentence(clients, smol_shape, shards, sentence):
+    _, _, shape = smol_shape
+    with pytest.raises(NodeError) as refused:
+        clients[1].profile(budget_s=0.1, layer=shape, shards=shards)
+    assert refused.value.code.name == "INVALID_ARGUMENT" and sentence in refused.value.message
+
+
 def test_the_link_probe_times_the_data_plane_and_unloads_its_echo_job(clients):
     link = probe_link(clients[0], 576, budget_s=0.3)
     assert link.transport == "tcp" and 1e-6 < link.rtt_s < 0.05 and link.round_trips >= 5
     assert link.bandwidth_Bps > 1e6 and link.bulk_bytes >= 256 << 10
     assert clients[0].info().jobs == []
+
+
+def test_a_timed_reduction_waits_for_its_busiest_rank_and_unloads_its_echo_jobs(clients):
+    with EchoReductions(clients, 576) as echoes:
+        plain = echoes.median_s([0, 1], None, budget_s=0.1)
+        busy = echoes.median_s([0, 1], [0.03, 0.005], budget_s=0.2)
+        one = echoes.median_s([1], [0.01], budget_s=0.1)
+    assert plain < 0.03 and 0.03 <= busy < 0.03 + plain + 0.05 and 0.01 <= one < 0.06
+    assert all(c.info().jobs == [] for c in clients)
+    with EchoReductions(clients[:1], 576) as echoes, pytest.raises(NodeError, match="0 to 1.0 s"):
+        echoes.median_s([0], [5.0])
 
 
 def test_plan_json_lists_every_candidate_with_predictions_and_the_choice(cluster, tmp_path):
@@ -114,6 +150,10 @@ def test_plan_json_lists_every_candidate_with_predictions_and_the_choice(cluster
     assert [n["address"] for n in measured] == list(cluster.addresses)
     assert all(n["layer_decode_ms"] > 0 and n["rtt_ms"] > 0 and n["transport"] == "tcp" for n in measured)
     assert report["measured"]["coordinator"]["head_ms"] > 0
+    # tensor x2's two decode reductions, each timed with both ranks busy (never below the model's)
+    reductions = report["measured"]["reductions"]
+    assert sorted(r["op"] for r in reductions) == ["attn", "mlp"]
+    assert all(r["nodes"] == sorted(cluster.addresses) and r["extra_ms"] >= 0 for r in reductions)
     kinds = sorted((c["kind"], c["node_indexes"]) for c in report["candidates"])
     assert kinds == [("pipeline", [0, 1]), ("single", [0]), ("single", [1]), ("tensor", [0, 1])]
     for c in report["candidates"]:

@@ -15,6 +15,8 @@ from edgeweave.splitting.layout_planner import (
     attention_fraction,
     hybrid_band,
     plan_layouts,
+    profile_shares,
+    reduction_probes,
     with_budgets,
 )
 from edgeweave.splitting.llama_config import LlamaConfig
@@ -188,6 +190,41 @@ def test_measured_op_floors_replace_proportional_shares_in_decode():
     assert 0.8 < tensor.decode_s / single.decode_s < 0.9  # two nodes save 15%, not the ~45% shares would say
 
 
+def test_measured_shares_make_a_polyline_through_floor_and_whole():
+    ops = {"attn_decode_s": 0.4e-3, "shard_attn_decode_s": 0.1e-3, "mlp_decode_s": 1.0e-3,
+           "shard_mlp_decode_s": 0.1e-3, "shard_mlp_columns": 32}
+    line = plan_layouts(costs([node("a", rtt=0.0, **ops), node("b", rtt=0.0, **ops)]))
+    # the halves ran slower than the line through floor and whole says (the floor ran from cache)
+    shares = {"attn_shares_s": ((0.5, 0.3e-3),), "mlp_shares_s": ((0.5, 0.7e-3), (0.9, 0.95e-3))}
+    poly = plan_layouts(costs([node("a", rtt=0.0, **ops, **shares), node("b", rtt=0.0, **ops, **shares)]))
+    tensor = ("tensor x2", (0, 1))
+    mlp_line = 0.1e-3 + (0.5 - 32 / 1024) / (1 - 32 / 1024) * 0.9e-3
+    attn_line = 0.1e-3 + (0.5 - 0.25) / 0.75 * 0.3e-3
+    assert by_layout(line)[tensor].decode_s == pytest.approx(EVEN.num_layers * (attn_line + mlp_line))
+    assert by_layout(poly)[tensor].decode_s == pytest.approx(EVEN.num_layers * (0.3e-3 + 0.7e-3))
+    # between measured points: on the segment; pipeline and single stages do not use the ops
+    # 3 equal nodes: 2 + 1 + 1 KV heads, 352 / 352 / 320 columns: a 0.34375 MLP share is 2/3 of the
+    # way from the floor's (32 / 1024) to the measured half
+    three = plan_layouts(costs([node(x, rtt=0.0, **ops, **shares) for x in "abc"]))
+    mlp_third = 0.1e-3 + (352 / 1024 - 32 / 1024) / (0.5 - 32 / 1024) * 0.6e-3
+    assert mlp_third == pytest.approx(0.5e-3)
+    assert by_layout(three)[("tensor x3", (0, 1, 2))].decode_s == pytest.approx(EVEN.num_layers * (0.3e-3 + 0.5e-3))
+    assert by_layout(poly)[("single", (0,))].decode_s == pytest.approx(by_layout(line)[("single", (0,))].decode_s)
+
+
+def test_profile_shares_are_the_equal_cuts_the_candidates_make():
+    one_b = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                        num_kv_heads=4, head_dim=64)
+    q4 = {kind: TensorLayout("Q4_0", 4, 32, False) for kind in ("q", "k", "v", "o", "gate", "up", "down")}
+    # 4 nodes: tensor x4 (quarters), tensor x3 over each 3 (2 + 1 + 1 heads, 1888 / 1888 / 1856
+    # columns: the last is within 5% of the second), hybrid pairs (halves)
+    assert profile_shares(one_b, q4, 4) == [(2, 2816), (2, 1888), (1, 1888), (1, 1408)]
+    assert profile_shares(one_b, q4, 2) == [(2, 2816)]
+    assert profile_shares(one_b, q4, 1) == []
+    # SmolLM2 (3 KV heads) over 2: 2 + 1 heads, 768 columns each
+    assert profile_shares(SMOL, Q4_1, 2) == [(2, 768), (1, 768)]
+
+
 def test_a_concurrent_slowdown_scales_tensor_compute_only():
     """k_r (the node's layer time while all compute at once, over alone) multiplies what ranks
     compute side by side; 1-node and pipeline stages compute alone and keep their figures."""
@@ -202,6 +239,52 @@ def test_a_concurrent_slowdown_scales_tensor_compute_only():
     for key in (("single", (0,)), ("pipeline 0-11|12-23", (0, 1))):
         assert after[key].decode_s == pytest.approx(before[key].decode_s)
     assert alone.choice.kind == "tensor" and shared.choice.kind != "tensor"  # twice the compute each: no gain left
+
+
+def test_a_measured_reduction_replaces_the_hubs_per_message_sum():
+    """X_R,op (what a decode reduction over those nodes took beyond its slowest rank, measured with
+    every rank busy) stands in for (|R| - 1) c(1); a prompt's reduction pays X_R,op and what its
+    bigger messages cost more, (|R| - 1)(c(P) - c(1)); 1-node and pipeline stages have no
+    reductions; a reduction over other nodes keeps the sum."""
+    hub = HubCosts(message_s=5e-6, message_prefill_s=40e-6, reduction_s=2e-6)
+    nodes = [node("a", rtt=10e-6), node("b", rtt=10e-6), node("c", rtt=10e-6)]
+    before = plan_layouts(costs(nodes, hub=hub))
+    extra = {(("a", "b", "c"), "attn"): 1e-3, (("a", "b", "c"), "mlp"): 2e-3}
+    after = plan_layouts(costs(nodes, hub=hub, reduction_extra_s=extra))
+    b, a = by_layout(before), by_layout(after)
+    tensor = ("tensor x3", (0, 1, 2))
+    per_layer = 1e-3 + 2e-3 - 2 * 2 * 5e-6  # both measured extras, in place of two further messages each
+    assert a[tensor].decode_s - b[tensor].decode_s == pytest.approx(EVEN.num_layers * per_layer)
+    per_layer_prompt = 1e-3 + 2e-3 - 2 * 2 * 5e-6  # c(P) - c(1) stays on top of X for each further message
+    assert a[tensor].first_token_s - b[tensor].first_token_s == pytest.approx(EVEN.num_layers * per_layer_prompt)
+    for key, cand in b.items():
+        if key != tensor:  # singles, the pipeline, and tensor over two of the three: unmeasured, unchanged
+            assert a[key].decode_s == pytest.approx(cand.decode_s), key
+    choice = lambda plan: (plan.choice.describe(), plan.choice.nodes)  # noqa: E731
+    assert choice(before) == tensor and choice(after) != tensor
+
+
+def test_reduction_probes_list_each_reduction_once_with_the_models_compute():
+    ops = {"attn_decode_s": 0.4e-3, "shard_attn_decode_s": 0.2e-3, "mlp_decode_s": 0.6e-3,
+           "shard_mlp_decode_s": 0.1e-3}
+    nodes = [node(name, rtt=rtt, concurrent_slowdown=1.5, **ops)
+             for name, rtt in zip("abcd", (10e-6, 20e-6, 30e-6, 40e-6), strict=True)]
+    probes = reduction_probes(costs(nodes, hub=HubCosts(message_s=5e-6)))
+    keys = [p.key for p in probes]
+    assert len(keys) == len(set(keys))
+    # tensor over all 4 and over each 3 of them, and the hybrid's two pairs: attention and MLP each
+    sets = {names for names, _ in keys}
+    assert sets == {("a", "b", "c", "d"), ("b", "c", "d"), ("a", "c", "d"), ("a", "b", "d"), ("a", "b", "c"),
+                    ("a", "b"), ("c", "d")}
+    assert all((names, op) in keys for names in sets for op in ("attn", "mlp"))
+    four = {p.key[1]: p for p in probes if len(p.nodes) == 4}
+    assert four["attn"].nodes == (0, 1, 2, 3)
+    # one KV head of four each: the attention floor; a quarter of the columns: on the line to the whole op
+    assert four["attn"].computes_s == pytest.approx((1.5 * 0.2e-3,) * 4)
+    mlp = 1.5 * (0.1e-3 + (0.25 - 32 / 1024) / (1 - 32 / 1024) * 0.5e-3)
+    assert four["mlp"].computes_s == pytest.approx((mlp,) * 4)
+    assert four["mlp"].slowest_s == pytest.approx(40e-6 + mlp)
+    assert reduction_probes(costs(nodes[:1])) == []  # one node: nothing to reduce
 
 
 def test_hybrid_wins_only_inside_its_band():
