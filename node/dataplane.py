@@ -181,6 +181,7 @@ class DataPlane:
         pacer = cpu_dilation.Pacer()  # an emulated slower device (runtime/cpu_dilation.py); else a no-op
         try:
             while True:
+                pacer.idle()  # from here, a wait for a core after the frame came is not the device's
                 body = self._read_frame(conn)
                 pacer.begin()
                 try:

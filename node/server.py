@@ -282,11 +282,13 @@ class NodeServicer(pb_grpc.NodeServicer):
         context.add_callback(lease.close)  # however the stream ends (a vanished peer included)
         pacer = cpu_dilation.Pacer()  # an emulated slower device (runtime/cpu_dilation.py); else a no-op
         try:
+            pacer.idle()
             for req in request_iterator:
                 pacer.begin()
                 reply = handle(req, lease)
                 pacer.pay()
                 yield reply
+                pacer.idle()
         except Exception as exc:
             if context.is_active():
                 _abort(context, "Forward", exc)

@@ -66,6 +66,26 @@ def test_waiting_for_a_core_is_not_charged_again(quarter):
     assert all(0.039 <= w <= 0.055 for w in walls), walls
 
 
+def test_a_wait_for_a_core_after_the_message_came_is_not_charged_either(quarter):
+    """A message that arrives while another emulated device computes on the same host core waits for
+    the core before its thread can read it: the run-queue wait between idle() and begin() (the
+    thread's schedstat) is taken off the reply's start, as a real device would have begun at once."""
+    pacer = cpu_dilation.Pacer()
+    if pacer._schedstat < 0:
+        pytest.skip("no /proc/thread-self/schedstat on this system")
+    first = pacer._run_queue_s()
+    assert first is not None and pacer._run_queue_s() >= first  # a running total, in seconds
+    waits = iter([1.0, 1.004])  # 4 ms runnable but not running between idle() and begin()
+    pacer._run_queue_s = lambda: next(waits)
+    pacer.idle()
+    pacer.begin()
+    start = time.perf_counter()
+    spin(0.003)
+    pacer.pay()
+    wall = time.perf_counter() - start
+    assert 0.0075 <= wall <= 0.012, wall  # 4 x 3 ms of CPU, less the 4 ms spent waiting for the core
+
+
 def test_a_device_clock_counts_cpu_over_the_fraction_but_never_less_than_the_wall(quarter):
     clock = cpu_dilation.DeviceClock()
     spin(0.01)
