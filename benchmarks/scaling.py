@@ -5,7 +5,8 @@ Every node is a Raspberry Pi 4 class device of the emulated test bed (tests/edge
 tests/edge_profiles.py): its own network namespace and cgroup, 0.25 of one host core (so four
 of them and the coordinator fit this 2-core VM's memory bus and cores without being its limit),
 a 2 GiB memory limit, and a token-bucket link with the RTT added by a delay proxy. The
-coordinator runs unconstrained in a namespace of its own.
+coordinator runs unconstrained in a namespace of its own, real-time above the devices and their
+proxies (`COORDINATOR_PRIORITY`: on a real cluster no device's work delays the hub's sends).
 
   (1) speed-up: a random Llama at TinyLlama-1.1B's shape (22 layers, hidden 2048, 4-bit q4
       shards), tensor parallel on 1, 2 and 4 nodes over Ethernet-class links: median time per
@@ -50,6 +51,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "scaling.json"
 RTTS_MS = (0.2, 1.0, 3.0, 10.0)
 ROUNDS = 2  # the layouts section measures each layout this many times per setting (see _pooled_choice)
 PROMPT_1B = list(range(100, 132))  # 32 prompt tokens of the random model
+#: the coordinator's processes run SCHED_FIFO at this priority (tests/edge_testbed.py): it stands for
+#: a machine of its own, which the emulated devices sharing the host's 2 cores must not preempt
+COORDINATOR_PRIORITY = 20
 #: exo's reported tensor-parallel speed-ups (2 and 4 devices), the peer figure to stand next to ours
 EXO_SPEEDUP = {2: 1.8, 4: 3.2}
 PARAGRAPH = (
@@ -174,7 +178,7 @@ def _bed_run(profiles: list[tuple[Any, Any]], folder: Path, env: dict[str, str],
              cpu: str = "quota") -> dict:
     from edge_testbed import EdgeTestbed
 
-    with EdgeTestbed(profiles, cpu=cpu) as bed:
+    with EdgeTestbed(profiles, cpu=cpu, coordinator_priority=COORDINATOR_PRIORITY) as bed:
         (folder / "nodes").mkdir(parents=True, exist_ok=True)
         spec = {**spec, "peers": bed.start_nodes(folder / "nodes", args=["--no-advertise"], env=env,
                                                  names={i: f"pi4-{i}" for i in bed.nodes})}
@@ -185,6 +189,7 @@ def _bed_run(profiles: list[tuple[Any, Any]], folder: Path, env: dict[str, str],
         result = json.loads(done.stdout.strip().splitlines()[-1])
         result["wall_s"] = time.perf_counter() - start
         result["cpu_emulation"] = cpu
+        result["coordinator_priority"] = COORDINATOR_PRIORITY
         result["devices"] = {str(i): {"device": bed.devices[i].name, "cpu_fraction": bed.devices[i].cpu_fraction,
                                       "memory": bed.devices[i].memory, "link": bed.links[i].name,
                                       "rate_mbit": bed.links[i].rate_mbit, "rtt_ms": bed.links[i].rtt_ms}
@@ -386,6 +391,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8, help="decode tokens per measured run")
     parser.add_argument("--spec-tokens", type=int, default=48, help="tokens of the speculation runs")
     parser.add_argument("--quick", action="store_true", help="only 1 and 10 ms RTT")
+    parser.add_argument("--rtts", type=lambda text: tuple(float(x) for x in text.split(",")),
+                        help="the layouts section's link RTTs in ms, comma-separated (default: 0.2,1,3,10)")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="where to write the JSON; the sections skipped are carried over from the file there")
     parser.add_argument("--skip", action="append", default=[], choices=["speedup", "layouts", "speculative"])
     parser.add_argument("--cpu", default="dilation", choices=["quota", "dilation"],
                         help="how the layouts and speculation sections emulate the devices' CPUs (the speed-up "
@@ -424,7 +433,7 @@ def main() -> None:
                 by_n = {len(r["nodes"]): r for r in report[key]["summary"]}
                 report["speedup_2" + suffix], report["speedup_4" + suffix] = by_n[2]["speedup"], by_n[4]["speedup"]
         if "layouts" not in args.skip:
-            rtts = (1.0, 10.0) if args.quick else RTTS_MS
+            rtts = args.rtts or ((1.0, 10.0) if args.quick else RTTS_MS)
             report["layouts"] = layouts_section(model, nodes, env, args.tokens, rtts, args.cpu)
             report["planner_worst_ratio"] = max(s["choice_ratio"] for s in report["layouts"])
             report["planner_worst_ratio_one_run"] = max(s["choice_ratio_one_run"] for s in report["layouts"])
@@ -438,11 +447,38 @@ def main() -> None:
             report["speculative_identical"] = all(r["identical_tokens"] for s in report["speculative"].values()
                                                   for r in s["runs"] if "identical_tokens" in r)
         report["meta"]["loadavg_at_end"] = os.getloadavg()
+    _carry_over(report, args.out, args.skip)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    _print(report)
+
+
+#: what each section writes at the JSON's top level
+SECTION_KEYS = {
+    "speedup": ("speedup", "speedup_dilation", "speedup_2", "speedup_4", "speedup_2_dilation", "speedup_4_dilation"),
+    "layouts": ("layouts", "planner_worst_ratio", "planner_worst_ratio_one_run", "prediction_error_median",
+                "prediction_error_max"),
+    "speculative": ("speculative", "speculative_gain", "speculative_identical"),
+}
+
+
+def _carry_over(report: dict[str, Any], path: Path, skipped: list[str]) -> None:
+    """The skipped sections' figures from the JSON already at `path` (a section rerun alone keeps the
+    others' last figures, and says when each was measured in meta.sections_started); None where none."""
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    started = dict(previous.get("meta", {}).get("sections_started", {}))
+    for section, keys in SECTION_KEYS.items():
+        if section in skipped:
+            for key in keys:
+                if key in previous:
+                    report[key] = previous[key]
+            if section in started or "meta" in previous:
+                started[section] = started.get(section, previous.get("meta", {}).get("started"))
+        else:
+            started[section] = report["meta"]["started"]
+    report["meta"]["sections_started"] = started
     for key in ("speedup_2", "speedup_4", "planner_worst_ratio", "speculative_gain"):
         report.setdefault(key, None)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1))
-    _print(report)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import edge_cgroups
 import netns
+from delay_proxy import REALTIME_PRIORITY
 from edge_profiles import DeviceProfile, LinkProfile, device, link
 from netns import Testbed
 
@@ -96,13 +97,23 @@ class EdgeTestbed(Testbed):
     """`EdgeTestbed([(device, link), ...])`: host 0 the coordinator, hosts 1..N the devices (`bed.nodes`).
 
     `extra_ports` are relayed by the proxies too (a test's own servers in a node's namespace); `cpu`
-    is how the devices' CPU fractions are emulated (CPU_MODES)."""
+    is how the devices' CPU fractions are emulated (CPU_MODES). `coordinator_priority`: run the
+    coordinator's processes (run_coordinator, popen_coordinator, run_python) SCHED_FIFO at this
+    priority (above the delay proxies' REALTIME_PRIORITY), None = as any process. Why: the
+    coordinator stands for a machine of its own, which no device's work ever delays; on the bed it
+    shares the host's cores with every emulated device, and a woken node's thread preempting it
+    between its sends is an artefact of the bed (traced: ~0.9 ms of a 4-node reduction's sends)."""
 
-    def __init__(self, nodes: Sequence[NodeSpec], extra_ports: Sequence[int] = (), cpu: str = "quota") -> None:
+    def __init__(self, nodes: Sequence[NodeSpec], extra_ports: Sequence[int] = (), cpu: str = "quota",
+                 coordinator_priority: int | None = None) -> None:
         if cpu not in CPU_MODES:
             raise ValueError(f"cpu must be one of {', '.join(CPU_MODES)}, not {cpu!r}")
+        if coordinator_priority is not None and not REALTIME_PRIORITY < coordinator_priority < 50:
+            raise ValueError(f"coordinator_priority must be above the proxies' {REALTIME_PRIORITY} and below the "
+                             f"kernel threads' 50, not {coordinator_priority}")
         super().__init__(len(nodes) + 1)
         self.cpu = cpu
+        self.coordinator_priority = coordinator_priority
         self.nodes = range(1, len(nodes) + 1)
         resolved = [_resolve(spec) for spec in nodes]
         self.devices = {i: d for i, (d, _) in zip(self.nodes, resolved, strict=True)}
@@ -248,18 +259,23 @@ class EdgeTestbed(Testbed):
             return []
         return [f"--emulate-cpu-fraction={min(1.0, self.devices[i].cpu_fraction):g}"]  # its one torch thread
 
+    def _coordinator(self, argv: Sequence[str]) -> list[str]:
+        """argv as the coordinator runs (under `chrt -f` with coordinator_priority)."""
+        prefix = [] if self.coordinator_priority is None else ["chrt", "-f", str(self.coordinator_priority)]
+        return [*prefix, *argv]
+
     def run_coordinator(self, argv: Sequence[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
         """`edgeweave <argv>` in the coordinator's namespace (output captured as text)."""
-        return self.python(0, ["-m", "edgeweave", *argv], timeout=timeout, **kwargs)
+        return self.run(0, self._coordinator([sys.executable, "-m", "edgeweave", *argv]), timeout=timeout, **kwargs)
 
     def popen_coordinator(self, argv: Sequence[str], **kwargs) -> subprocess.Popen:
-        return self.popen(0, [sys.executable, "-m", "edgeweave", *argv], **kwargs)
+        return self.popen(0, self._coordinator([sys.executable, "-m", "edgeweave", *argv]), **kwargs)
 
     def run_python(self, script: str | Path, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
         """Python in the coordinator's namespace: `script` is a Path to a file, or a str of code; `args`
         its argv. The way for a benchmark to run its own driver against `address(i)` peers."""
         code = [str(script)] if isinstance(script, Path) else ["-c", script]
-        return self.python(0, [*code, *args], timeout=timeout, **kwargs)
+        return self.run(0, self._coordinator([sys.executable, *code, *args]), timeout=timeout, **kwargs)
 
     # -- teardown -----------------------------------------------------------------------------------
     def close(self) -> None:

@@ -376,3 +376,17 @@ def test_sigterm_of_the_process_running_the_bed_cleans_up():
     assert child.wait(30) == 128 + signal.SIGTERM
     assert _leftovers(left["prefix"]) == {"namespaces": [], "cgroups": []}
     assert not _alive(left["extra"]) and not _alive(left["proxy"])
+
+
+def test_a_coordinator_priority_runs_the_coordinators_processes_realtime():
+    """The coordinator stands for a machine of its own: with coordinator_priority its processes run
+    SCHED_FIFO above the delay proxies (no emulated device's work preempts it); without, as any process."""
+    show = "import os; print(os.sched_getscheduler(0) == os.SCHED_FIFO, os.sched_getparam(0).sched_priority)"
+    with EdgeTestbed([], coordinator_priority=20) as bed:
+        assert bed.run_python(show).stdout.split() == ["True", "20"]
+        assert "version" in bed.run_coordinator(["--help"]).stdout
+    with EdgeTestbed([]) as bed:
+        assert bed.run_python(show).stdout.split() == ["False", "0"]
+    for bad in (5, 10, 50):
+        with pytest.raises(ValueError, match="coordinator_priority must be above the proxies' 10"):
+            EdgeTestbed([], coordinator_priority=bad)
