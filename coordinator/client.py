@@ -529,6 +529,13 @@ def connect_data_plane(address: str, port: int, cluster: identity.Identity | Non
         raise
 
 
+def _set_timeout(sock: socket.socket, timeout: float | None) -> None:
+    """settimeout only when it changes: each call is a syscall, and a stream's send and recv
+    almost always ask for the same reply timeout, message after message."""
+    if sock.gettimeout() != timeout:
+        sock.settimeout(timeout)
+
+
 class RawForwardStream(ForwardCalls):
     """ForwardStream's interface over the node's raw-TCP data plane (node/dataplane.py): `send` is
     one sendall of a length-prefixed ForwardRequest, `recv` reads one reply in the caller's thread
@@ -612,7 +619,7 @@ class RawForwardStream(ForwardCalls):
             seq, body = request.seq, request.SerializeToString()
         self._reopen_if_closed()
         try:
-            self._sock.settimeout(self.reply_timeout)
+            _set_timeout(self._sock, self.reply_timeout)
             send_frame(self._sock, body)
         except TimeoutError:
             raise self._fail(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -628,7 +635,7 @@ class RawForwardStream(ForwardCalls):
             raise NodeError(self.address, grpc.StatusCode.CANCELLED, "this Forward stream is closed")
         timeout = timeout if timeout is not None else self.reply_timeout
         try:
-            self._sock.settimeout(timeout)
+            _set_timeout(self._sock, timeout)
             reply = pb.ForwardReply.FromString(read_exact(self._sock, read_length(self._sock)))
         except TimeoutError:
             raise self._fail(grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -238,7 +238,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         if req.op == "hold":
             return pb.ForwardReply(seq=req.seq)
         tensors = [decode_quantized(t) if t.quantized else decode(t) for t in req.tensors]
-        rows = [Row(r.session, r.position, r.length) for r in req.rows] or None
+        # `if req.rows` first: iterating even an empty protobuf list costs a formatted IndexError
+        rows = [Row(r.session, r.position, r.length) for r in req.rows] if req.rows else None
         executor = job.executor
         with job.lock:
             clock = cpu_dilation.DeviceClock()  # the wall time, or the emulated device's
@@ -256,9 +257,11 @@ class NodeServicer(pb_grpc.NodeServicer):
         if changed is not None:
             raise self._drop_changed_shard(job, changed)
         if req.op in _SESSION_OPS and req.layer == 0:  # after success: the lease holds real caches only
-            lease.touch(req.lease, req.job_id, req.op, [r.session for r in req.rows] or [req.session])
-        return pb.ForwardReply(seq=req.seq, tensors=[pb.Tensor(**encode(t)) for t in outputs],
-                               compute_s=compute_s, stall_s=stall_s)
+            lease.touch(req.lease, req.job_id, req.op, [r.session for r in req.rows] if req.rows else [req.session])
+        reply = pb.ForwardReply(seq=req.seq, compute_s=compute_s, stall_s=stall_s)
+        for t in outputs:  # built in place: a finished pb.Tensor passed in would be copied once more
+            reply.tensors.add(**encode(t))
+        return reply
 
     def _drop_changed_shard(self, job: Job, exc: ShardChangedOnDisk) -> ShardChangedOnDisk:
         """A layer file's bytes changed under a loaded job: never compute with them. Delete the

@@ -71,7 +71,9 @@ def read_exact(sock: socket.socket, n: int, deadline: float | None = None) -> by
                 raise FrameTimeout(got, n)
             sock.settimeout(left)
         try:
-            k = sock.recv_into(memoryview(buf)[got:])  # the temporary view is released at once
+            # the first recv fills the buffer itself (a small frame is usually all there); later ones
+            # go through a temporary view of what is missing, released at once (the buffer may grow)
+            k = sock.recv_into(memoryview(buf)[got:]) if got else sock.recv_into(buf)
         except TimeoutError:
             if deadline is None:
                 raise

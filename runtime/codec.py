@@ -95,68 +95,84 @@ def encode(tensor: torch.Tensor | Quantized) -> dict[str, Any]:
     wire = TORCH_TO_WIRE.get(tensor.dtype)
     if wire is None:
         raise TypeError(f"cannot send a {tensor.dtype} tensor; supported: {', '.join(WIRE_DTYPES)}")
-    t = tensor.detach()
-    if t.device.type != "cpu":
+    # Every message of a decode step comes through here: only the torch calls a tensor needs (each
+    # costs microseconds on a node whose caches went cold while it waited for the message).
+    t = tensor.detach() if tensor.requires_grad else tensor
+    if not t.is_cpu:
         t = t.cpu()
-    t = t.contiguous()
     if wire == "bfloat16":
         t = t.view(torch.int16)
-    data = t.numpy().tobytes()
-    return {"dtype": wire, "shape": list(tensor.shape), "data": data}
+    # numpy's tobytes() writes C order from any strides: no separate contiguous() copy needed
+    return {"dtype": wire, "shape": list(tensor.shape), "data": t.numpy().tobytes()}
 
 
-def _check_shape(msg: TensorMessage) -> tuple[str, list[int], int]:
+def _checked(msg: TensorMessage) -> tuple[str, list[int], bytes]:
+    """(dtype, shape, data) of a message whose byte count matches its shape and dtype.
+
+    A handful of Python calls whatever the rank or size (this runs for every tensor of every
+    Forward), and `data` is read once: each read of a protobuf bytes field is a fresh copy.
+    """
     dtype = msg.dtype
-    if dtype not in WIRE_DTYPES:
+    itemsize = ITEMSIZE.get(dtype)
+    if itemsize is None:
         raise TensorDecodeError(
             f"unknown tensor dtype {dtype!r}; expected one of {', '.join(WIRE_DTYPES)}"
         )
-    shape = [int(d) for d in msg.shape]
-    if any(d < 0 for d in shape):
+    shape = list(map(int, msg.shape))
+    if shape and min(shape) < 0:
         raise TensorDecodeError(f"tensor shape {shape} has a negative dimension")
-    expected = math.prod(shape) * ITEMSIZE[dtype]
-    if len(msg.data) != expected:
+    data = msg.data
+    expected = math.prod(shape) * itemsize
+    if len(data) != expected:
         raise TensorDecodeError(
             f"tensor of dtype {dtype} and shape {shape} needs {expected} bytes but the message "
-            f"carries {len(msg.data)}"
+            f"carries {len(data)}"
         )
-    return dtype, shape, expected
+    return dtype, shape, data
 
 
 def decode_raw(msg: TensorMessage) -> torch.Tensor:
     """The tensor exactly as sent (still uint8 if quantized). Raises TensorDecodeError."""
-    dtype, shape, _ = _check_shape(msg)
-    if math.prod(shape) == 0:
+    dtype, shape, data = _checked(msg)
+    if not data:  # no elements (np.frombuffer refuses an empty buffer on older numpy)
         return torch.empty(shape, dtype=WIRE_DTYPES[dtype])
-    if _LITTLE_ENDIAN_HOST:
-        # One copy into a writable bytearray that the tensor then owns: the hot path of every
-        # Forward reply, ~3x fewer Python-level steps than going through numpy.
-        return torch.frombuffer(bytearray(msg.data), dtype=WIRE_DTYPES[dtype]).reshape(shape)
-    # big-endian host: numpy's explicit little-endian views convert while copying.
-    array = np.frombuffer(msg.data, dtype=_NUMPY_VIEW[dtype]).astype(_NUMPY_VIEW[dtype].newbyteorder("="))
-    return torch.from_numpy(array).view(WIRE_DTYPES[dtype]).reshape(shape)
+    # One copy into a writable bytearray that the tensor then owns, viewed through numpy (cheaper
+    # calls than torch.frombuffer + reshape). The wire is little-endian: a big-endian host converts.
+    view = _NUMPY_VIEW[dtype]
+    array = np.frombuffer(bytearray(data), dtype=view).reshape(shape)
+    if not _LITTLE_ENDIAN_HOST:
+        array = array.astype(view.newbyteorder("="))
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
-def decode(msg: TensorMessage) -> torch.Tensor:
-    """The tensor a message holds, dequantized if it was quantized. Raises TensorDecodeError."""
-    tensor = decode_raw(msg)
-    if not getattr(msg, "quantized", False):
-        return tensor
+def _quantized(msg: TensorMessage) -> Quantized:
+    """A quantized message as uint8 plus its parameters, every one checked. Raises TensorDecodeError."""
+    q = decode_raw(msg)
     if msg.dtype != "uint8":
         raise TensorDecodeError(f"a quantized tensor must travel as uint8, not {msg.dtype}")
     orig = msg.orig_dtype or "float32"
     if orig not in WIRE_DTYPES or not WIRE_DTYPES[orig].is_floating_point:
         raise TensorDecodeError(f"a quantized tensor must restore to a float dtype, not {orig!r}")
-    if not math.isfinite(msg.scale) or msg.scale <= 0:
-        raise TensorDecodeError(f"quantization scale must be a positive finite number, not {msg.scale}")
-    if not 0 <= msg.zero_point <= 255:
-        raise TensorDecodeError(f"quantization zero point must be in 0..255, not {msg.zero_point}")
-    return Quantized(tensor, float(msg.scale), int(msg.zero_point), WIRE_DTYPES[orig]).dequantize()
+    scale = msg.scale
+    if not math.isfinite(scale) or scale <= 0:
+        raise TensorDecodeError(f"quantization scale must be a positive finite number, not {scale}")
+    zero_point = msg.zero_point
+    if not 0 <= zero_point <= 255:
+        raise TensorDecodeError(f"quantization zero point must be in 0..255, not {zero_point}")
+    return Quantized(q, float(scale), int(zero_point), WIRE_DTYPES[orig])
+
+
+def decode(msg: TensorMessage) -> torch.Tensor:
+    """The tensor a message holds, dequantized if it was quantized. Raises TensorDecodeError."""
+    if getattr(msg, "quantized", False):
+        return _quantized(msg).dequantize()
+    return decode_raw(msg)
 
 
 def decode_quantized(msg: TensorMessage) -> Quantized:
-    """Keep a quantized message as uint8 plus its parameters (for executors that dequantize late)."""
+    """Keep a quantized message as uint8 plus its parameters (for executors that dequantize late).
+    Checked exactly as `decode` checks it, without decoding or dequantizing it a second time."""
     if not getattr(msg, "quantized", False):
         raise TensorDecodeError("expected a quantized tensor")
-    decode(msg)  # validation only; cheap next to any model
-    return Quantized(decode_raw(msg), float(msg.scale), int(msg.zero_point), WIRE_DTYPES[msg.orig_dtype])
+    return _quantized(msg)

@@ -112,7 +112,7 @@ def test_unknown_job_and_bad_op_have_clear_statuses(client):
     assert info.value.code is grpc.StatusCode.NOT_FOUND and "no-such-job" in info.value.message
     with client.open_stream(reply_timeout=30) as s, pytest.raises(NodeError) as info:
         s.call(JOB, "attn", [torch.ones(1)])
-    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT and "only knows op 'echo'" in info.value.message
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT and "only knows ops 'echo' and 'work'" in info.value.message
     with pytest.raises(NodeError) as info:
         client.load("j", "no-such-kind", {}, {})
     assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT and "unknown job kind" in info.value.message
