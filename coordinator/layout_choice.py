@@ -21,6 +21,8 @@ coordinator's cores).
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -102,6 +104,9 @@ def measure_node(client: NodeClient, shape: pb.LayerShape, hidden: int, *, backe
                                         for t in reply.shard_timings if t.mlp_columns))
 
 
+#: the reductions' timing: passes over every probe (at least MIN, at most MAX, more while
+#: REDUCTIONS_BUDGET x budget_s lasts), REDUCTIONS_PER_PASS reductions of each probe per pass
+MIN_PASSES, MAX_PASSES, REDUCTIONS_PER_PASS, REDUCTIONS_BUDGET = 3, 20, 3, 1.5
 #: a concurrent timing is taken as at most this many times the node's own (a stall, not sharing)
 MAX_SLOWDOWN = 4.0
 
@@ -129,7 +134,7 @@ def measure_cluster(
 ) -> ClusterCosts:
     """Everything `splitting.layout_planner` needs for these nodes and this model, measured now
     (about 1.5 x `budget_s` per node, a few tenths of a second more per shard share it times,
-    plus about 1.5 x `budget_s` here). `quantize` and `dtype` as the driver's
+    plus about 2.5 x `budget_s` here). `quantize` and `dtype` as the driver's
     (the shards' layouts); `budgets` override what the nodes announce (0 = unlimited)."""
     config = checkpoint.config
     layouts = quantized_layouts(checkpoint, quantize, dtype)
@@ -163,7 +168,8 @@ def measure_cluster(
     return replace(measured, reduction_extra_s=measure_reductions(clients, measured, budget_s=budget_s))
 
 
-def measure_reductions(clients: Sequence[NodeClient], costs: ClusterCosts, *, budget_s: float) -> dict:
+def measure_reductions(clients: Sequence[NodeClient], costs: ClusterCosts, *,
+                       budget_s: float) -> dict[tuple[tuple[str, ...], str], float]:
     """X_R,op of `splitting.layout_planner` for every decode reduction a candidate would run: each
     timed as the hub runs it, every rank busy at once for the compute the model gives it (the echo
     executor's op "work"), less the model's slowest rank (never below 0). With the default rank
@@ -171,11 +177,18 @@ def measure_reductions(clients: Sequence[NodeClient], costs: ClusterCosts, *, bu
     probes = reduction_probes(costs, grid_weights([n.speed for n in costs.nodes]))
     if not probes:
         return {}
-    extra: dict = {}
+    samples: dict[tuple[tuple[str, ...], str], list[float]] = {probe.key: [] for probe in probes}
     with EchoReductions(clients, costs.config.hidden_size, reply_timeout=max(10.0, 4 * budget_s)) as echoes:
         for probe in probes:
-            took = echoes.median_s(probe.nodes, probe.computes_s, budget_s=budget_s / len(probes))
-            extra[probe.key] = max(0.0, took - probe.slowest_s)
+            echoes.time_s(probe.nodes, probe.computes_s, 2)  # warm
+        # passes over every probe in turn, so that the host's drift (the same setting's messages cost
+        # up to 1.5x more ten minutes later on the 2-core bed) weighs on every reduction alike
+        deadline, passes = time.perf_counter() + REDUCTIONS_BUDGET * budget_s, 0
+        while passes < MIN_PASSES or (passes < MAX_PASSES and time.perf_counter() < deadline):
+            for probe in probes:
+                samples[probe.key] += echoes.time_s(probe.nodes, probe.computes_s, REDUCTIONS_PER_PASS)
+            passes += 1
+    extra = {probe.key: max(0.0, statistics.median(samples[probe.key]) - probe.slowest_s) for probe in probes}
     log.info("decode reductions beyond their slowest rank's round trip and compute: %s",
              ", ".join(f"{'+'.join(names)} {op} {x * 1e3:.2f} ms" for (names, op), x in extra.items()))
     return extra

@@ -144,27 +144,29 @@ class EchoReductions:
         """Median seconds of one reduction over the nodes `members` (indexes into the clients),
         each first busy for its `works_s` of device time (op "work" of the echo executor; None:
         plain echoes). At least 5 timed reductions after 2 warm ones, more while `budget_s` lasts."""
+        start = time.perf_counter()
+        self.time_s(members, works_s, 2)  # warm
+        samples = self.time_s(members, works_s)
+        while len(samples) < round_trips and (len(samples) < 5 or time.perf_counter() - start < budget_s):
+            samples += self.time_s(members, works_s)
+        return statistics.median(samples)
+
+    def time_s(self, members: Sequence[int], works_s: Sequence[float] | None = None, count: int = 1) -> list[float]:
+        """Seconds of each of `count` reductions over `members` back to back (as `median_s`)."""
         streams = [self.streams[i] for i in members]
         if works_s is None:
             messages = [("echo", [self.small])] * len(streams)
         else:
             messages = [("work", [self.small, torch.tensor([w], dtype=torch.float32)]) for w in works_s]
-
-        def reduction() -> float:
+        out = []
+        for _ in range(count):
             t0 = time.perf_counter()
             for stream, (op, tensors) in zip(streams, messages, strict=True):
                 stream.send(self.job, op, tensors)
             for stream in streams:
                 stream.recv()
-            return time.perf_counter() - t0
-
-        start = time.perf_counter()
-        for _ in range(2):
-            reduction()
-        samples = [reduction()]
-        while len(samples) < round_trips and (len(samples) < 5 or time.perf_counter() - start < budget_s):
-            samples.append(reduction())
-        return statistics.median(samples)
+            out.append(time.perf_counter() - t0)
+        return out
 
 
 def probe_fanout(clients: Sequence[NodeClient], hidden: int, round_trips: int = 3 * ROUND_TRIPS,
