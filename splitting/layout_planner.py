@@ -39,8 +39,9 @@ decode step, T = P for the prompt.
     cost (kernel calls, RoPE and attention glue): SmolLM2's one-KV-head attention costs about what
     all three heads do, so halving a layer's weights does not halve its time. Where the node also
     timed the shares the candidates give it (`profile_shares`: an equal cut over each stage size,
-    each on a ring of its own copies), the line becomes a polyline through those points: the floor
-    is timed hot (one copy), and a 1B layer's quarter ran 23-40% slower than the line said.
+    each on a ring of its own copies), the line becomes a polyline through those points: what the
+    candidates run is timed, not inferred (`benchmarks/shard_profile.py`: on a quiet host the line
+    said a 1B layer's half and quarter within 0.87-1.06x of their timings, in either direction).
     Ranks compute at the same time, so t_r,op is multiplied by k_r, the node's layer time measured
     while every node computes at once over its time alone (1 on separate devices; more where
     emulated devices share a host's cores). 1-node and pipeline stages compute alone: no k_r.
