@@ -47,14 +47,15 @@ decode step, T = P for the prompt.
     emulated devices share a host's cores). 1-node and pipeline stages compute alone: no k_r.
     The first message of a reduction is inside rho_r; every further one costs the coordinator
     c(T) in series. Where measured, the term (|R_op| - 1) c(T) is replaced by
-    X_R,op + (|R_op| - 1)(c(T) - c(1)), with X_R,op (`ClusterCosts.reduction_extra_s`): what a real reduction over those nodes took beyond
-    the model's slowest rank, timed with every rank busy for its k_r t_r,op at once
+    X_R,op + (|R_op| - 1)(c(T) - c(1)), with X_R,op (`ClusterCosts.reduction_extra_s`) what a
+    real reduction over those nodes took beyond the model's slowest rank, timed with every rank
+    busy for its k_r t_r,op at once
     (`reduction_probes` lists them; `coordinator.layout_choice` times them with the echo
     executor's op "work"). It holds what per-message sums miss where devices share a host: the
     nodes' message handling on a slow CPU, their wake-ups, the hub's serial sends and receives
     while the ranks compute (4 emulated Pi-class nodes measured 7.4 ms per reduction against
-    4 ms of round trip and compute). A windowed rank reads its next layer while the whole layer period runs
-    (network waits included), so its reads bound the period, not each compute.
+    4 ms of round trip and compute). A windowed rank reads its next layer while the whole layer
+    period runs (network waits included), so its reads bound the period, not each compute.
 
   decode prediction = step(1); first-token prediction = step(P) (prefill sends the whole prompt).
 
@@ -449,7 +450,12 @@ def plan_layouts(costs: ClusterCosts, capacities: Sequence[float] | None = None,
                  tie_tolerance: float = TIE_TOLERANCE) -> LayoutPlan:
     """Every candidate with its predictions, and the choice (module docstring). `capacities` (per
     node) replace the measured speeds 1/d_r as the rank weights and stage capacities."""
-    model = _model(costs, capacities)
+    return _plan(_model(costs, capacities), tie_tolerance)
+
+
+def _plan(model: _Model, tie_tolerance: float = TIE_TOLERANCE) -> LayoutPlan:
+    """`plan_layouts` over an already built model."""
+    costs = model.costs
     n = len(costs.nodes)
     out = [model.candidate((i,), (1,)) for i in range(n)]
     subsets = [tuple(range(n))] if n >= 2 else []
@@ -514,8 +520,8 @@ class ReductionProbe:
 def reduction_probes(costs: ClusterCosts, capacities: Sequence[float] | None = None) -> list[ReductionProbe]:
     """Every distinct decode reduction (node set and op) of the fitting candidates of
     `plan_layouts(costs, capacities)`, to measure their X_R,op (`reduction_extra_s`)."""
-    plan = plan_layouts(costs, capacities)
     model = _model(costs, capacities)
+    plan = _plan(model)
     probes: dict[tuple[tuple[str, ...], str], ReductionProbe] = {}
     for cand in plan.candidates:
         if not cand.fits:
